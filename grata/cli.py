@@ -1,0 +1,221 @@
+"""The `grata` command line. Every subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, defaults
+from .errors import GrataError
+
+EPILOG_ADAPT = """\
+examples:
+  grata adapt --out runs/demo
+      the embedded default: a synthetic multi-centre benchmark (made on first use),
+      the shipped edge model, methods source,bn,tent,grata; a few minutes on 2 cores
+  grata adapt --data /data/fundus --source REFUGE --targets ORIGA,Drishti_GS \\
+      --checkpoint refuge_resnet34.pt --arch resnet34 --size 512 --out runs/refuge
+      real data in the GraTa CSV layout (or the DoFE folder layout)
+
+outputs: DIR/report.json (per method and target: Dice OD/OC/mean, vCDR error,
+surface distance, skipped files with reasons, per-image rows); --overlays writes
+DIR/overlays/<method>/<target>/*.png, --plot writes DIR/dice_stream.png.
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="grata", description="Test-time adaptation (GraTa) of optic disc/cup "
+        "segmentation on the device. Run 'grata COMMAND --help' for each command.")
+    p.add_argument("--version", action="version", version=f"grata-edge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write the synthetic multi-centre fundus benchmark",
+                       description="Write a deterministic synthetic fundus benchmark in the "
+                       "GraTa CSV layout: one source domain and several target domains "
+                       "with camera/centre shifts. The same seed gives identical files.")
+    s.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+    s.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+
+    t = sub.add_parser("train-source", help="train a source model on one domain",
+                       description="Train a ResUnet on the train split of one domain "
+                       "(SGD Nesterov, momentum 0.99, poly decay, Dice + BCE). "
+                       "Interrupted runs resume from OUT.state.pt.")
+    t.add_argument("--data", type=Path, help="data root (default: the synthetic benchmark)")
+    t.add_argument("--domain", help="source domain (default: the synthetic source)")
+    t.add_argument("--arch", default=defaults.DEFAULT_ARCH,
+                   help="resnet18, resnet34 or edge (default edge)")
+    t.add_argument("--size", type=int, default=defaults.DEFAULT_SIZE,
+                   help="input size S, divisible by 32 (default 256)")
+    t.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
+    t.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (1e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if a state exists")
+    t.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
+
+    a = sub.add_parser("adapt", help="adapt on target domains and score every image",
+                       description="Stream each target domain image by image through each "
+                       "method (batch 1, one step per image, prediction after the step) and "
+                       "report Dice of optic disc (OD) and cup (OC) per domain.",
+                       epilog=EPILOG_ADAPT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--data", type=Path, help="data root (default: the synthetic benchmark, "
+                   "generated on first use)")
+    a.add_argument("--source", help="the source domain (excluded from the default targets)")
+    a.add_argument("--targets", type=_csv, help="comma-separated target domains "
+                   "(default: every domain but the source)")
+    a.add_argument("--checkpoint", type=Path, help="source checkpoint (default: the shipped "
+                   "edge model, which implies --arch edge)")
+    a.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
+                   "checkpoint, else resnet34)")
+    a.add_argument("--size", type=int, help="input size S (default 256 for the shipped "
+                   "model, else 512)")
+    a.add_argument("--methods", type=_csv, default=["source", "bn", "tent", "grata"],
+                   help="comma-separated: source, bn, tent, grata, grata-noalign, "
+                   "grata-fixedlr (default source,bn,tent,grata)")
+    a.add_argument("--protocol", default="domain", choices=["domain", "episodic", "continual"],
+                   help="reset per target domain (default), per image, or never")
+    a.add_argument("--backend", default="torch", choices=["torch"],
+                   help="torch: the PyTorch reference")
+    a.add_argument("--seed", type=int, default=0, help="seed of the strong augmentation")
+    a.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    a.add_argument("--overlays", action="store_true", help="write PNG overlays per image")
+    a.add_argument("--plot", action="store_true", help="write a Dice-over-stream PNG")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--out", required=True, type=Path, help="output folder")
+    return p
+
+
+def cmd_synth(args) -> int:
+    from .synth import generate
+    summary = generate(args.out, seed=args.seed, progress=True)
+    print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+def _data_root(data: Path | None, progress: bool) -> Path:
+    if data is not None:
+        return data
+    return defaults.synthetic_root(progress=progress)
+
+
+def cmd_train(args) -> int:
+    from .synth import SOURCE_DOMAIN
+    from .train import train_source
+    root = _data_root(args.data, True)
+    domain = args.domain or (SOURCE_DOMAIN if args.data is None else None)
+    if domain is None:
+        raise GrataError("--domain is required with --data")
+    if args.size % 32:
+        raise GrataError(f"--size must be divisible by 32, not {args.size}")
+    info = train_source(root, domain, args.arch, args.size, args.epochs, args.out,
+                        batch=args.batch, lr=args.lr, seed=args.seed,
+                        resume=not args.no_resume)
+    print(f"wrote {info['checkpoint']} ({info['n_images']} images, {info['epochs']} epochs, "
+          f"final loss {info['final_loss']:.4f})\nsha256 {info['sha256']}")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from .adapt import check_names, run
+    from .data import list_domains
+    from .report import build_report, format_table, overlay, plot_stream, save_png_atomic, \
+        write_json_atomic
+    check_names(args.methods, args.protocol)
+    embedded = args.checkpoint is None
+    checkpoint = defaults.checkpoint() if embedded else args.checkpoint
+    arch = args.arch or (defaults.DEFAULT_ARCH if embedded else "resnet34")
+    size = args.size or (defaults.DEFAULT_SIZE if embedded else 512)
+    if size % 32:
+        raise GrataError(f"--size must be divisible by 32, not {size}")
+    root = _data_root(args.data, not args.quiet)
+    source = args.source
+    if source is None and args.data is None:
+        from .synth import SOURCE_DOMAIN
+        source = SOURCE_DOMAIN
+    domains = list_domains(root)
+    targets = args.targets or [d for d in domains if d != source]
+    missing = [t for t in targets if t not in domains]
+    if missing:
+        raise GrataError(f"target domain {missing[0]!r} not in {root}; "
+                         f"available: {', '.join(domains)}")
+    if not targets:
+        raise GrataError(f"no target domains in {root} besides the source {source!r}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+
+    engine_factory = _torch_factory(checkpoint, arch)
+    engine_factory()  # fail early on a bad checkpoint, before any work
+    config = {"backend": args.backend, "data": str(root), "source": source, "targets": targets,
+              "checkpoint": str(checkpoint), "arch": arch, "size": size,
+              "methods": args.methods, "protocol": args.protocol, "seed": args.seed,
+              "grata_version": __version__}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    def on_image(method, target, row, pred, sample):
+        if args.overlays:
+            stem = Path(sample.name).stem
+            save_png_atomic(overlay(sample.image, pred, sample.target),
+                            out / "overlays" / method / target / f"{row['index']:04d}_{stem}.png")
+
+    def on_domain(results):
+        write_json_atomic(out / "report.json", build_report(results, config, complete=False))
+
+    start = time.perf_counter()
+    results = run(engine_factory, root, targets, size, args.methods, args.protocol,
+                  args.seed, on_image=on_image, on_domain=on_domain, progress=not args.quiet)
+    report = build_report(results, config, complete=True)
+    report["elapsed_s"] = time.perf_counter() - start
+    write_json_atomic(out / "report.json", report)
+    if args.plot:
+        plot_stream(report, out / "dice_stream.png")
+    print(f"\nDice (%) on {len(targets)} target domain(s), protocol {args.protocol}, "
+          f"backend {args.backend}:")
+    print(format_table(report))
+    print(f"\nreport: {out / 'report.json'}  ({report['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _torch_factory(checkpoint: Path, arch: str):
+    from .models import load_checkpoint
+    from .torch_engine import TorchEngine
+
+    def make():
+        return TorchEngine(load_checkpoint(checkpoint, arch))
+    return make
+
+
+COMMANDS = {"synth": cmd_synth, "train-source": cmd_train, "adapt": cmd_adapt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="grata: %(levelname)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except GrataError as exc:
+        print(f"grata {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"grata {args.command}: interrupted; finished domains are in the report",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

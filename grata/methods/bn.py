@@ -1,0 +1,7 @@
+"""BN: current-image statistics instead of the stored ones, no parameter update."""
+
+from .base import Method
+
+
+class BatchNormAdapt(Method):
+    name = "bn"
