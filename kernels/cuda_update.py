@@ -46,10 +46,13 @@ __all__ = [
 
 BLOCK = 256  # threads per block of the multi-block kernels (GRATA_BLOCK)
 SINGLE_BLOCK = 1024  # threads of the one-block kernel (GRATA_SINGLE_BLOCK)
-# Up to this length the single-block kernel is used (8 float4 per thread and phase).
-SINGLE_BLOCK_MAX_N = SINGLE_BLOCK * 4 * 8
-# Multi-block shapes: at least this many elements per block (4 float4 per thread).
-MIN_ELEMS_PER_BLOCK = BLOCK * 4 * 4
+# Shape choice (tunable from the GPU check's sweep through the environment):
+# up to SINGLE_BLOCK_MAX_N elements one block of SINGLE_BLOCK threads (2 float4 per thread
+# and phase) does everything with no grid barrier; above, a cooperative grid with at least
+# MIN_ELEMS_PER_BLOCK elements per block (2 float4 per thread and phase), capped at the
+# number of co-resident blocks.
+SINGLE_BLOCK_MAX_N = int(os.environ.get("GRATA_KERNEL_SINGLE_MAX", SINGLE_BLOCK * 4 * 2))
+MIN_ELEMS_PER_BLOCK = int(os.environ.get("GRATA_KERNEL_MIN_PER_BLOCK", BLOCK * 4 * 2))
 KERNEL_NAMES = ("grata_fused_single", "grata_fused", "grata_reduce", "grata_apply", "adam_step")
 MODES = ("auto", "single", "cooperative", "two")
 
@@ -178,7 +181,7 @@ class _Log:
 
 @dataclass
 class _DeviceState:
-    device: object
+    device_id: int
     arch: str
     kernels: dict
     sm_count: int
@@ -194,15 +197,22 @@ _LOCK = threading.Lock()
 _WS_PARTIALS_OFFSET = 64  # scal: 2 doubles at 0, sync: 2 uint32 at 16, partials from 64
 
 
+def _device(device_id: int):
+    """cuda.core's Device (a per-thread object), made current on the calling thread."""
+    dev = _core().Device(device_id)
+    dev.set_current()
+    return dev
+
+
 def _state(device_id: int) -> _DeviceState:
     st = _STATES.get(device_id)
     if st is not None:
-        st.device.set_current()
+        _device(device_id)
         return st
     with _LOCK:
         st = _STATES.get(device_id)
         if st is not None:
-            st.device.set_current()
+            _device(device_id)
             return st
         core = _core()
         try:
@@ -222,7 +232,7 @@ def _state(device_id: int) -> _DeviceState:
             return max(1, int(per_sm)) * sms
 
         st = _DeviceState(
-            device=dev,
+            device_id=device_id,
             arch=arch,
             kernels=kernels,
             sm_count=sms,
@@ -268,7 +278,7 @@ def _core_stream(st: _DeviceState, handle: int):
         elif handle == 2 and hasattr(core, "PER_THREAD_DEFAULT_STREAM"):
             s = core.PER_THREAD_DEFAULT_STREAM
         else:
-            s = st.device.create_stream(_StreamHandle(handle))
+            s = _core().Device(st.device_id).create_stream(_StreamHandle(handle))
         st.streams[handle] = s
     return s
 
@@ -280,7 +290,7 @@ def _workspace(st: _DeviceState, handle: int, stream) -> int:
     ws = st.workspaces.get(handle)
     if ws is None:
         size = _WS_PARTIALS_OFFSET + 3 * 8 * max(st.max_coop_blocks, 1)
-        buf = st.device.allocate(size, stream=stream)
+        buf = _core().Device(st.device_id).allocate(size, stream=stream)
         ptr = int(buf.handle)
         _check_cu(_driver().cuMemsetD8Async(ptr, 0, size, handle))
         ws = (buf, ptr)
@@ -327,12 +337,21 @@ def _is_torch(x) -> bool:
 
 
 def _describe(name: str, x) -> _Arr:
-    torch_device = None
     if _is_torch(x):
+        # Fast path (a few attribute reads instead of building the interface dict).
         if not x.is_cuda:
             raise ValueError(f"{name} is a CPU tensor; the CUDA path needs device arrays")
-        torch_device = x.device
-        x = x.detach()
+        if x.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (the flat parameter vector), got shape "
+                             f"{tuple(x.shape)}")
+        if str(x.dtype) != "torch.float32":
+            raise ValueError(f"{name} must be float32 on the CUDA path, got {x.dtype}")
+        if x.numel() > 1 and x.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous, got stride {x.stride(0)}")
+        ptr = x.data_ptr()
+        if ptr % 4:
+            raise ValueError(f"{name} is not 4-byte aligned")
+        return _Arr(name, ptr, x.numel(), False, x.device.index, x.device, None)
     try:
         cai = x.__cuda_array_interface__
     except (AttributeError, RuntimeError, TypeError) as e:
@@ -350,9 +369,11 @@ def _describe(name: str, x) -> _Arr:
     ptr = int(ptr or 0)
     if ptr % 4:
         raise ValueError(f"{name} is not 4-byte aligned")
-    dev = torch_device.index if torch_device is not None else getattr(x, "device_id", None)
+    dev = getattr(x, "device_id", None)
+    if dev is None and hasattr(x, "device") and hasattr(x.device, "id"):  # CuPy
+        dev = int(x.device.id)
     cai_stream = cai.get("stream") if cai.get("version", 0) >= 3 else None
-    return _Arr(name, ptr, shape[0], bool(readonly), dev, torch_device, cai_stream)
+    return _Arr(name, ptr, shape[0], bool(readonly), dev, None, cai_stream)
 
 
 def _pointer_device(ptr: int) -> int:
@@ -458,6 +479,8 @@ def grata_update(theta, m, v, g_p, g_a, step, beta, betas=(0.9, 0.999), eps=1e-8
     if cos_arr is not None and cos_arr.n < 1:
         raise ValueError("cos_out must hold at least one float32")
     n, device_id = _check_device_arrays(outs, ins)
+    if cos_arr is not None and cos_arr.device not in (None, device_id):
+        raise ValueError(f"cos_out is on device {cos_arr.device}, the arrays on {device_id}")
     bc1, scal = _adam_scalars(step, betas, eps)
     st = _state(device_id)
     handle = _pick_stream(outs + ins, device_id, stream)
@@ -491,9 +514,10 @@ def grata_update(theta, m, v, g_p, g_a, step, beta, betas=(0.9, 0.999), eps=1e-8
     last_launch.update(kernels=launched, grid=grid, shape=shape, stream=handle, n=n)
     if cos_arr is not None:
         return None
-    cstream.sync()
     host = np.zeros(1, dtype=np.float64)
-    _check_cu(_driver().cuMemcpyDtoH(host.ctypes.data, scal_ptr, 8))
+    # Ordered after the kernel on its stream (a copy to pageable memory returns when done).
+    _check_cu(_driver().cuMemcpyDtoHAsync(host.ctypes.data, scal_ptr, 8, handle))
+    cstream.sync()
     return float(host[0])
 
 

@@ -16,25 +16,29 @@
 // Design
 // ------
 // The update of every element needs eta, and eta needs a reduction over the whole vector:
-// a grid-wide dependency. Three launch shapes, all sharing the same code:
+// a grid-wide dependency. Three launch shapes, all sharing the same code (the host picks
+// one by length; the GPU check script sweeps them):
 //
-//  * grata_fused, one block (small n, the 19,136-parameter ResNet-34 case): the block reads
-//    g_p and g_a once to form the three sums, reduces them, computes eta, and updates.
-//    One ordinary launch, no atomics, no workspace traffic beyond the scalars.
+//  * grata_fused_single, one block of 1024 threads (a few thousand elements): the block
+//    reads g_p and g_a to form the three sums, reduces them, computes eta, and updates.
+//    One ordinary launch, no atomics, no grid barrier. One SM's bandwidth bounds it, which
+//    is why it is not the default at the 19,136 parameters of ResNet-34.
 //
-//  * grata_fused, several blocks, COOPERATIVE launch (large n): phase 1 accumulates
-//    per-block partial sums, each block writes its partial to a workspace slot and takes a
-//    ticket on an atomic counter (release/acquire at gpu scope). The block that takes the
-//    last ticket reduces the partials in block-index order, computes cos and eta, publishes
-//    them, resets the counter and bumps a generation word with a release store. The other
-//    blocks wait for the generation to change (acquire loads, __nanosleep back-off) and
-//    then run phase 2. A last-block pattern alone cannot make the other blocks wait; the
-//    wait is only safe because a cooperative launch guarantees that every block of the
-//    grid is resident at once (the host sizes the grid from the occupancy calculator and
-//    the driver refuses a cooperative grid that does not fit). The barrier state is
-//    self-resetting, so the kernel can be replayed (CUDA graphs) without host work.
-//    A hand-written barrier is used instead of cooperative_groups::grid_group::sync() so
-//    that NVRTC needs no CUDA include directory (Jetson images often ship without one).
+//  * grata_fused, several blocks, COOPERATIVE launch (19,136 and up; one launch): the
+//    grid is a few blocks at 19,136 (latency: about one batch of loads per thread and
+//    phase, plus the barrier) and every resident block at 10^7 (bandwidth). Phase 1
+//    accumulates per-block partial sums, each block writes its partial to a workspace slot
+//    and takes a ticket on an atomic counter (release/acquire at gpu scope). The block that
+//    takes the last ticket reduces the partials in block-index order, computes cos and eta,
+//    publishes them, resets the counter and bumps a generation word with a release store.
+//    The other blocks wait for the generation to change (acquire loads, __nanosleep
+//    back-off) and then run phase 2. A last-block pattern alone cannot make the other
+//    blocks wait; the wait is only safe because a cooperative launch guarantees that every
+//    block of the grid is resident at once (the host sizes the grid from the occupancy
+//    calculator and the driver refuses a cooperative grid that does not fit). The barrier
+//    state is self-resetting, so the kernel can be replayed (CUDA graphs) without host
+//    work. A hand-written barrier is used instead of cooperative_groups::grid_group::sync()
+//    so that NVRTC needs no CUDA include directory (Jetson images often ship without one).
 //
 //  * grata_reduce + grata_apply, TWO ordinary launches (devices or contexts without
 //    cooperative launch, e.g. under MPS): the same last-block reduction publishes eta to
@@ -47,6 +51,9 @@
 // out. Loads and stores are float4 where the pointers allow it: the body is vectorised when
 // all arrays of a phase are congruent modulo 16 bytes (a scalar head aligns them), else the
 // phase falls back to coalesced scalar accesses. Any length, any 4-byte alignment.
+//
+// Latency: a thread issues the loads of several grid-stride iterations (GRATA_UNROLL_*)
+// before using any, so even the small grids keep enough bytes in flight.
 //
 // Reductions: products are formed in fp32 and summed in fp32 over one float4 (4 terms),
 // then folded into per-thread fp64 accumulators; block and grid reductions are fp64 in a

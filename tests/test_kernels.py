@@ -540,3 +540,173 @@ def test_ort_device_state_updates_without_host_copies():
     cos = kernels.grata_update(theta, m, v, gp, ga, 1, BETA)
     assert state.read_cos() == pytest.approx(cos, abs=1e-5)
     assert np.all(np.abs(state.theta() - theta) <= 8 * U32 * np.abs(theta0))
+
+
+# ---------------------------------------------------------------- launch plumbing (no GPU)
+
+
+def _kernel_signatures():
+    """name -> list of numpy scalar types of the parameters, read from the .cu source."""
+    import re
+
+    with open(KERNEL_SOURCE) as f:
+        src = f.read()
+    sigs = {}
+    for name, params in re.findall(
+            r'extern "C" __global__ void __launch_bounds__\([^)]*\)\s*(\w+)\(([^)]*)\)', src):
+        types = []
+        for p in params.split(","):
+            decl = " ".join(p.split()[:-1])
+            if "*" in decl:
+                types.append(np.uint64)
+            elif decl == "long long":
+                types.append(np.int64)
+            elif decl == "double":
+                types.append(np.float64)
+            elif decl == "float":
+                types.append(np.float32)
+            else:
+                raise AssertionError(f"unexpected parameter type {decl!r} in {name}")
+        sigs[name] = types
+    return sigs
+
+
+class _FakeCore:
+    """Just enough of cuda.core to run cuda_update's host code: records launches."""
+
+    def __init__(self, cooperative=True):
+        import types
+
+        self.launches = []
+        core = self
+
+        class Kernel:
+            def __init__(self, name):
+                self.name = name
+                self.occupancy = types.SimpleNamespace(
+                    max_active_blocks_per_multiprocessor=lambda block, smem: 2)
+
+        class Obj:
+            def get_kernel(self, name):
+                return Kernel(name)
+
+        class Stream:
+            def sync(self):
+                pass
+
+        class Device:
+            def __init__(self, i):
+                self.compute_capability = types.SimpleNamespace(major=9, minor=0)
+                self.properties = types.SimpleNamespace(multiprocessor_count=4,
+                                                        cooperative_launch=cooperative)
+
+            def set_current(self):
+                pass
+
+            def allocate(self, size, stream):
+                return types.SimpleNamespace(handle=1 << 20, size=size)
+
+            def create_stream(self, obj):
+                return Stream()
+
+        class LaunchConfig:
+            def __init__(self, grid, block, is_cooperative):
+                self.grid, self.block, self.cooperative = grid, block, is_cooperative
+
+        self.Device, self.LaunchConfig = Device, LaunchConfig
+        self.ObjectCode = types.SimpleNamespace(from_cubin=lambda b: Obj())
+        self.LEGACY_DEFAULT_STREAM = Stream()
+        self.launch = lambda stream, config, kernel, *args: core.launches.append(
+            (kernel.name, config, args))
+
+
+class _FakeDriver:
+    def cuMemsetD8Async(self, ptr, value, size, stream):
+        return (0,)
+
+    def cuMemcpyDtoHAsync(self, dst, src, nbytes, stream):
+        return self.cuMemcpyDtoH(dst, src, nbytes)
+
+    def cuMemcpyDtoH(self, dst, src, nbytes):
+        import ctypes
+
+        value = np.array([0.25], dtype=np.float64 if nbytes == 8 else np.float32)
+        ctypes.memmove(dst, value.ctypes.data, nbytes)
+        return (0,)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    from grata.kernels import cuda_update
+
+    fake = _FakeCore()
+    monkeypatch.setattr(cuda_update, "_core", lambda: fake)
+    monkeypatch.setattr(cuda_update, "_driver", lambda: _FakeDriver())
+    monkeypatch.setattr(cuda_update, "compile_cubin", lambda arch: b"")
+    monkeypatch.setattr(cuda_update, "_STATES", {})
+    return fake
+
+
+@pytest.mark.parametrize("mode, n, expect", [
+    ("auto", 5000, ["grata_fused_single"]),
+    ("auto", 19136, ["grata_fused"]),
+    ("auto", 10**6, ["grata_fused"]),
+    ("single", 10**6, ["grata_fused_single"]),
+    ("cooperative", 10**5, ["grata_fused"]),
+    ("two", 10**5, ["grata_reduce", "grata_apply"]),
+])
+def test_launch_arguments_match_kernel_signatures(fake_cuda, mode, n, expect):
+    from grata.kernels.cuda_update import BLOCK, SINGLE_BLOCK, DeviceArray
+
+    sigs = _kernel_signatures()
+    assert set(sigs) == {"grata_fused_single", "grata_fused", "grata_reduce", "grata_apply",
+                         "adam_step"}
+    arrays = [DeviceArray(4096 * (k + 1) * n, n) for k in range(5)]
+    cos = kernels.grata_update(*arrays, 7, BETA, mode=mode)
+    assert cos == 0.25  # read back from the published scalar
+    kernels.adam_update(*arrays[:4], 7, 1e-3)
+    launched = fake_cuda.launches
+    assert [name for name, _, _ in launched] == [*expect, "adam_step"]
+    for name, config, args in launched:
+        assert [type(a) for a in args] == sigs[name], name
+        block = SINGLE_BLOCK if name == "grata_fused_single" else BLOCK
+        assert config.block == block
+        assert config.cooperative == (name == "grata_fused" and config.grid > 1)
+        if name == "grata_fused":
+            assert 1 < config.grid <= 8  # 4 SMs x 2 resident blocks (the fake occupancy)
+    first = launched[0][2]
+    assert first[5 if expect[0] != "grata_reduce" else 2] == n  # the length argument
+
+
+def test_launch_falls_back_to_two_kernels_without_cooperative_launch(monkeypatch):
+    from grata.kernels import cuda_update
+    from grata.kernels.cuda_update import DeviceArray
+
+    fake = _FakeCore(cooperative=False)
+    monkeypatch.setattr(cuda_update, "_core", lambda: fake)
+    monkeypatch.setattr(cuda_update, "_driver", lambda: _FakeDriver())
+    monkeypatch.setattr(cuda_update, "compile_cubin", lambda arch: b"")
+    monkeypatch.setattr(cuda_update, "_STATES", {})
+    arrays = [DeviceArray(1 << (30 + k), 10**6) for k in range(5)]
+    cos_out = DeviceArray(1 << 36, 1)
+    assert kernels.grata_update(*arrays, 1, BETA, cos_out=cos_out) is None
+    assert [name for name, _, _ in fake.launches] == ["grata_reduce", "grata_apply"]
+    with pytest.raises(cuda_update.KernelUnavailable, match="cooperative"):
+        kernels.grata_update(*arrays, 1, BETA, mode="cooperative")
+
+
+def test_device_arrays_validated(fake_cuda):
+    from grata.kernels.cuda_update import DeviceArray
+
+    a = [DeviceArray(1 << (30 + k), 100) for k in range(5)]
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.grata_update(a[0], DeviceArray(a[0].ptr + 40, 100), *a[2:], 1, BETA)
+    with pytest.raises(ValueError, match="same length"):
+        kernels.grata_update(*a[:4], DeviceArray(1 << 40, 99), 1, BETA)
+    with pytest.raises(ValueError, match="writeable"):
+        kernels.grata_update(DeviceArray(1 << 41, 100, readonly=True), *a[1:], 1, BETA)
+    with pytest.raises(ValueError, match="aligned"):
+        kernels.grata_update(DeviceArray((1 << 42) + 2, 100), *a[1:], 1, BETA)
+    with pytest.raises(ValueError, match="step"):
+        kernels.grata_update(*a, 0, BETA)
+    assert fake_cuda.launches == []
