@@ -102,7 +102,8 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
 def _score(method, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
     engine = method.engine
     start = time.perf_counter()
-    logits = engine.to_numpy(method.adapt(engine.to_input(sample.image)))[0]
+    x = engine.to_input(sample.image)
+    logits = engine.to_numpy(method.adapt(x, image=sample.image))[0]
     elapsed = time.perf_counter() - start
     pred = metrics.binarize(metrics.probs_from_logits(logits))
     row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, sample.target),

@@ -55,7 +55,14 @@ class TorchEngine:
             dst.copy_(torch.as_tensor(src, dtype=dst.dtype, device=dst.device))
 
     def all_finite(self, *arrays) -> bool:
-        return all(bool(torch.isfinite(torch.as_tensor(a)).all()) for a in arrays)
+        """One check (one device sync) over every array and scalar given."""
+        flags = [torch.isfinite(torch.as_tensor(a, device=self.device)).all() for a in arrays]
+        return bool(torch.stack(flags).all())
+
+    def scalar(self):
+        """A device scalar for results the host reads later (None on the CPU)."""
+        return torch.zeros(1, dtype=torch.float32, device=self.device) \
+            if self.device.type == "cuda" else None
 
     # the three questions
     @torch.no_grad()

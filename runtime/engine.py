@@ -86,6 +86,10 @@ class OrtEngine:
     def all_finite(*arrays) -> bool:
         return all(bool(np.isfinite(a).all()) for a in arrays)
 
+    @staticmethod
+    def scalar():
+        return None
+
     # the three questions
     def infer(self, x: np.ndarray, norm: str = "sample") -> np.ndarray:
         role = "infer" if norm == "sample" else "infer_source"

@@ -37,6 +37,10 @@ class FakeEngine:
     def assign(self, dst, src):
         dst[...] = src
 
+    @staticmethod
+    def scalar():
+        return None
+
     def all_finite(self, *arrays):
         return all(np.isfinite(a).all() for a in arrays)
 
@@ -99,7 +103,11 @@ def test_non_finite_gradient_skips_update_and_is_recorded():
     method = create("grata", eng)
     method.adapt(X, strong=X)
     assert np.array_equal(eng.theta, eng.theta0)
+    assert not method.m.any() and not method.v.any() and method.t == 0
     assert method.events and method.events[0]["event"] == "non-finite"
+    eng.g_p = np.array([1.0, 0, 0, 0])  # the stream goes on from the restored state
+    method.adapt(X, strong=X)
+    assert method.t == 1 and eng.theta[0] < eng.theta0[0]
 
 
 def test_teacher_views_are_the_stated_transforms_and_invert_exactly():
@@ -246,12 +254,12 @@ def test_reset_returns_to_source_and_strong_views_are_seeded():
     method = create("grata", ResUnet("edge"), seed=5)
     theta0 = method.engine.theta.clone()
     x = torch.rand(1, 3, 64, 64)
-    first = method.strong_view(x)
+    first = method.draw_strong(x[0].numpy())
     method.adapt(x)
     assert not torch.equal(method.engine.theta, theta0)
     method.reset()
     assert torch.equal(method.engine.theta, theta0) and method.t == 0
-    assert torch.equal(method.strong_view(x), first)
+    assert torch.equal(method.draw_strong(x[0].numpy()), first)
 
 
 def test_every_named_method_exists():

@@ -35,31 +35,44 @@ class Method:
         e = self.engine
         e.assign(e.theta, e.theta0)
         self.m, self.v, self.t = e.zeros(), e.zeros(), 0
-        self.good = e.copy(e.theta)
+        self.good = None
         self.rng = np.random.default_rng(self.seed)
         self.n_seen = 0
 
-    def strong_view(self, x):
-        """Draw the strong style view of x from this method's seeded generator."""
-        img = self.engine.to_numpy(x)
-        return self.engine.to_input(strong_augment(img.reshape(img.shape[-3:]), self.rng))
+    def draw_strong(self, image: np.ndarray):
+        """The strong style view of a [3,S,S] numpy image, from this method's generator."""
+        return self.engine.to_input(strong_augment(image, self.rng))
 
-    def adapt(self, x, strong=None):
-        """One adaptation step on image x ([1,3,S,S]), then the prediction's logits."""
+    def adapt(self, x, strong=None, image: np.ndarray | None = None):
+        """One adaptation step on image x ([1,3,S,S]), then the prediction's logits.
+
+        `strong` supplies the strong view instead of drawing one; `image` (the same
+        image as a host [3,S,S] array) spares a device-to-host copy when drawing it.
+        """
         self.n_seen += 1
         if self.updates:
-            if self.needs_strong and strong is None:
-                strong = self.strong_view(x)
-            ok = self.step(x, strong)
             e = self.engine
-            if ok and e.all_finite(e.theta):
-                self.good = e.copy(e.theta)
+            if self.needs_strong and strong is None:
+                host = image if image is not None else e.to_numpy(x).reshape(x.shape[-3:])
+                strong = self.draw_strong(host)
+            if self.good is None:
+                self.good = (e.copy(e.theta), e.copy(self.m), e.copy(self.v), self.t)
+            self.step(x, strong)
+            # One check after the update (one device sync on a GPU): a non-finite loss or
+            # gradient shows up in theta or the moments, and the last good state returns.
+            if e.all_finite(e.theta, self.m, self.v, *self.last.values()):
+                for dst, src in zip((self.good[0], self.good[1], self.good[2]),
+                                    (e.theta, self.m, self.v)):
+                    e.assign(dst, src)
+                self.good = (*self.good[:3], self.t)
             else:
-                e.assign(e.theta, self.good)
+                for dst, src in zip((e.theta, self.m, self.v), self.good[:3]):
+                    e.assign(dst, src)
+                self.t = self.good[3]
                 self.events.append({"image": self.n_seen, "event": "non-finite",
-                                    "action": "restored last good theta"})
+                                    "action": "restored last good theta and moments"})
         return self.engine.infer(x, norm=self.norm)
 
-    def step(self, x, strong) -> bool:
-        """Update theta from x; return False when a loss or gradient was not finite."""
+    def step(self, x, strong) -> None:
+        """Update theta (and the moments) from x. Losses go to `self.last`, unsynced."""
         raise NotImplementedError

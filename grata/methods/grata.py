@@ -20,7 +20,7 @@ class GraTa(Method):
         self.beta, self.betas, self.eps = beta, tuple(betas), eps
         super().__init__(engine, **kw)
 
-    def step(self, x, strong) -> bool:
+    def step(self, x, strong) -> None:
         e = self.engine
         loss_a, g_a = e.entropy_grad(x)
         if self.align:
@@ -30,22 +30,18 @@ class GraTa(Method):
             e.assign(e.theta, saved)
         else:
             loss_p, g_p = e.consistency_grad(x, strong)
-        self.last = {"loss_ent": float(loss_a), "loss_con": float(loss_p)}
-        if not e.all_finite(loss_a, loss_p, g_a, g_p):
-            return False
         self.t += 1
         if self.dynamic_lr:
+            # On a GPU cos lands in a device scalar, so nothing waits for it here.
+            out = e.scalar()
             cos = grata_update(e.theta, self.m, self.v, g_p, g_a, self.t, self.beta,
-                               self.betas, self.eps)
+                               self.betas, self.eps, **({} if out is None else {"cos_out": out}))
+            cos = out if out is not None else cos
         else:
-            cos = float((g_p * g_a).sum() / (_norm(g_p) * _norm(g_a) + 1e-12))
+            cos = (g_p * g_a).sum() / ((g_p * g_p).sum() ** 0.5 * (g_a * g_a).sum() ** 0.5
+                                       + 1e-12)
             adam_update(e.theta, self.m, self.v, g_p, self.t, self.beta, self.betas, self.eps)
-        self.last["cos"] = float(cos)
-        return True
-
-
-def _norm(a):
-    return float((a * a).sum()) ** 0.5
+        self.last = {"loss_ent": loss_a, "loss_con": loss_p, "cos": cos}
 
 
 class GraTaNoAlign(GraTa):

@@ -12,12 +12,9 @@ class Tent(Method):
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         super().__init__(engine, **kw)
 
-    def step(self, x, strong) -> bool:
+    def step(self, x, strong) -> None:
         e = self.engine
         loss, g = e.entropy_grad(x)
-        self.last = {"loss_ent": float(loss)}
-        if not e.all_finite(loss, g):
-            return False
+        self.last = {"loss_ent": loss}
         self.t += 1
         adam_update(e.theta, self.m, self.v, g, self.t, self.lr, self.betas, self.eps)
-        return True
