@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over even if a state exists")
     t.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
 
+    e = sub.add_parser("export", help="export ONNX training artifacts for the device runtime",
+                       description="Write the artifact folder the onnx runtime adapts with: "
+                       "infer, entropy_grad and consistency_grad graphs (standard ONNX, theta "
+                       "= every BN gamma/beta as one flat input), shared weights, theta0 and "
+                       "manifest.json with SHA-256 of every file.")
+    e.add_argument("--checkpoint", type=Path, help="source checkpoint (default: the shipped "
+                   "edge model)")
+    e.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
+                   "checkpoint, else resnet34)")
+    e.add_argument("--size", type=int, help="input size S, divisible by 32 (default 256 for "
+                   "the shipped model, else 512)")
+    e.add_argument("--out", required=True, type=Path, help="artifact folder (replaced)")
+
     a = sub.add_parser("adapt", help="adapt on target domains and score every image",
                        description="Stream each target domain image by image through each "
                        "method (batch 1, one step per image, prediction after the step) and "
@@ -83,8 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "grata-fixedlr (default source,bn,tent,grata)")
     a.add_argument("--protocol", default="domain", choices=["domain", "episodic", "continual"],
                    help="reset per target domain (default), per image, or never")
-    a.add_argument("--backend", default="torch", choices=["torch"],
-                   help="torch: the PyTorch reference")
+    a.add_argument("--backend", default="onnx", choices=["onnx", "torch"],
+                   help="onnx: ONNX graphs on onnxruntime, numpy updates, no torch (default); "
+                   "torch: the PyTorch reference")
+    a.add_argument("--artifacts", type=Path, help="exported artifact folder for --backend onnx "
+                   "(default: export the checkpoint on first use into the cache)")
+    a.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where to adapt (cuda: torch on the GPU with the fused kernel, or "
+                   "onnxruntime's CUDA provider)")
     a.add_argument("--seed", type=int, default=0, help="seed of the strong augmentation")
     a.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     a.add_argument("--overlays", action="store_true", help="write PNG overlays per image")
@@ -98,6 +119,31 @@ def cmd_synth(args) -> int:
     from .synth import generate
     summary = generate(args.out, seed=args.seed, progress=True)
     print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+def _model_choice(args) -> tuple[Path, str, int]:
+    embedded = args.checkpoint is None
+    checkpoint = defaults.checkpoint() if embedded else args.checkpoint
+    arch = args.arch or (defaults.DEFAULT_ARCH if embedded else "resnet34")
+    size = args.size or (defaults.DEFAULT_SIZE if embedded else 512)
+    if size % 32 or size < 32:
+        raise GrataError(f"--size must be a positive multiple of 32, not {size}")
+    return checkpoint, arch, size
+
+
+def cmd_export(args) -> int:
+    checkpoint, arch, size = _model_choice(args)
+    try:
+        from .export import export_artifacts
+        from .models import load_checkpoint
+    except ImportError:
+        raise GrataError("export needs torch and onnx: pip install 'grata-edge[export]'") \
+            from None
+    manifest = export_artifacts(load_checkpoint(checkpoint, arch), arch, size, args.out)
+    total = sum((args.out / f).stat().st_size for f in manifest["sha256"])
+    print(f"wrote {args.out}: {', '.join(manifest['graphs'])}; theta {manifest['n_theta']} "
+          f"values; {total / 1e6:.1f} MB")
     return 0
 
 
@@ -130,12 +176,7 @@ def cmd_adapt(args) -> int:
     from .report import build_report, format_table, overlay, plot_stream, save_png_atomic, \
         write_json_atomic
     check_names(args.methods, args.protocol)
-    embedded = args.checkpoint is None
-    checkpoint = defaults.checkpoint() if embedded else args.checkpoint
-    arch = args.arch or (defaults.DEFAULT_ARCH if embedded else "resnet34")
-    size = args.size or (defaults.DEFAULT_SIZE if embedded else 512)
-    if size % 32:
-        raise GrataError(f"--size must be divisible by 32, not {size}")
+    checkpoint, arch, size = _model_choice(args)
     root = _data_root(args.data, not args.quiet)
     source = args.source
     if source is None and args.data is None:
@@ -149,13 +190,24 @@ def cmd_adapt(args) -> int:
                          f"available: {', '.join(domains)}")
     if not targets:
         raise GrataError(f"no target domains in {root} besides the source {source!r}")
-    if args.threads:
+    if args.threads and args.backend == "torch":
         import torch
         torch.set_num_threads(args.threads)
 
-    engine_factory = _torch_factory(checkpoint, arch)
-    engine_factory()  # fail early on a bad checkpoint, before any work
-    config = {"backend": args.backend, "data": str(root), "source": source, "targets": targets,
+    if args.backend == "onnx":
+        artifacts = args.artifacts or _cached_artifacts(checkpoint, arch, size, args.quiet)
+        engine_factory = _onnx_factory(artifacts, args.device, args.threads)
+        probe = engine_factory()  # fail early on bad artifacts, before any work
+        if probe.size != size:
+            raise GrataError(f"artifacts {artifacts} were exported at size {probe.size}, "
+                             f"not {size}; pass --size {probe.size} or export again")
+        checkpoint = artifacts
+    else:
+        if args.artifacts is not None:
+            raise GrataError("--artifacts goes with --backend onnx")
+        engine_factory = _torch_factory(checkpoint, arch, args.device)
+        engine_factory()  # fail early on a bad checkpoint, before any work
+    config = {"backend": args.backend, "device": args.device, "data": str(root), "source": source, "targets": targets,
               "checkpoint": str(checkpoint), "arch": arch, "size": size,
               "methods": args.methods, "protocol": args.protocol, "seed": args.seed,
               "grata_version": __version__}
@@ -186,16 +238,56 @@ def cmd_adapt(args) -> int:
     return 0
 
 
-def _torch_factory(checkpoint: Path, arch: str):
+def _torch_factory(checkpoint: Path, arch: str, device: str = "cpu"):
     from .models import load_checkpoint
     from .torch_engine import TorchEngine
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise GrataError("--device cuda: this torch sees no CUDA device")
 
     def make():
-        return TorchEngine(load_checkpoint(checkpoint, arch))
+        return TorchEngine(load_checkpoint(checkpoint, arch), device=device)
     return make
 
 
-COMMANDS = {"synth": cmd_synth, "train-source": cmd_train, "adapt": cmd_adapt}
+def _onnx_factory(artifacts: Path, device: str, threads: int | None):
+    from .runtime import OrtEngine
+
+    def make():
+        return OrtEngine(artifacts, device=device, threads=threads)
+    return make
+
+
+def _cached_artifacts(checkpoint: Path, arch: str, size: int, quiet: bool) -> Path:
+    """Artifacts of a checkpoint, exported once into the cache (keyed by its SHA-256)."""
+    from .export.manifest import file_sha256
+    if not Path(checkpoint).is_file():
+        raise GrataError(f"{checkpoint}: checkpoint not found")
+    key = f"{file_sha256(checkpoint)[:16]}-{arch}-{size}"
+    folder = defaults.cache_dir() / "artifacts" / key
+    if (folder / "manifest.json").exists():
+        return folder
+    try:
+        from .export import export_artifacts
+        import torch  # noqa: F401  (exporting needs the reference)
+    except ImportError:
+        raise GrataError("exporting the checkpoint needs torch: pip install "
+                         "'grata-edge[export]', or pass --artifacts DIR") from None
+    if not quiet:
+        print(f"exporting {checkpoint} ({arch}, {size}x{size}) to {folder} (once)",
+              file=sys.stderr)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    export_artifacts(checkpoint, arch, size, tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # exported concurrently: keep the first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+COMMANDS = {"synth": cmd_synth, "train-source": cmd_train, "export": cmd_export,
+            "adapt": cmd_adapt}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 def adapt_args(tiny, out, *extra):
     return ["adapt", "--data", str(tiny / "data"), "--source", SOURCE_DOMAIN,
             "--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64",
-            "--quiet", "--out", str(out), *extra]
+            "--backend", "torch", "--quiet", "--out", str(out), *extra]
 
 
 def test_adapt_writes_the_report_schema_and_table(tiny, tmp_path, capsys):
@@ -60,7 +60,7 @@ def test_bad_image_in_stream_is_skipped_and_reported(tiny, tmp_path, capsys):
     images[0].write_bytes(images[0].read_bytes()[:100])  # truncated file
     rc = main(["adapt", "--data", str(data), "--source", SOURCE_DOMAIN, "--targets", target,
                "--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64",
-               "--methods", "bn,grata", "--quiet", "--out", str(tmp_path / "run")])
+               "--methods", "bn,grata", "--backend", "torch", "--quiet", "--out", str(tmp_path / "run")])
     assert rc == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     for r in report["results"]:
@@ -72,7 +72,7 @@ def test_bad_image_in_stream_is_skipped_and_reported(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("change, words", [
     (["--targets", "Nowhere"], "Nowhere"),
     (["--methods", "source,magic"], "unknown method 'magic'"),
-    (["--size", "100"], "divisible by 32"),
+    (["--size", "100"], "multiple of 32"),
 ])
 def test_user_mistakes_are_one_line_errors(tiny, tmp_path, capsys, change, words):
     rc = main(adapt_args(tiny, tmp_path / "run", *change))
@@ -117,7 +117,7 @@ def test_grey_and_rgba_images_run_through_the_stream(tiny, tmp_path):
     Image.fromarray(rgba, "RGBA").save(data / paths[1])                      # RGBA
     rc = main(["adapt", "--data", str(data), "--source", SOURCE_DOMAIN, "--targets", target,
                "--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64",
-               "--methods", "bn", "--quiet", "--out", str(tmp_path / "run")])
+               "--methods", "bn", "--backend", "torch", "--quiet", "--out", str(tmp_path / "run")])
     assert rc == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["results"][0]["n_images"] == 3 and not report["results"][0]["skipped"]
