@@ -1,0 +1,28 @@
+"""Export of the GraTa graphs to ONNX, and the artifact folder the device runtime reads.
+
+`export_artifacts` needs torch (imported when called); `load_manifest` and
+`session_options` do not, so the runtime can import this package without torch.
+"""
+
+from __future__ import annotations
+
+from .manifest import FORMAT_VERSION, load_manifest
+from .session import session_options
+
+__all__ = ["FORMAT_VERSION", "export_artifacts", "load_manifest", "session_options"]
+
+
+def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
+                     opset: int = 17) -> dict:
+    """Export `model_or_checkpoint` (a `ResUnet` or a checkpoint path) of `arch` at
+    `size` x `size` (batch 1) to the artifact folder `out_dir`; return the manifest.
+
+    Graphs (BN with the statistics of the current image, theta = every BN gamma/beta as
+    one flat float32 vector in `grata.models.theta_layout` order):
+    ``infer`` (image, theta) -> logits; ``entropy_grad`` (image, theta) -> (loss, grad);
+    ``consistency_grad`` (image, strong_image, theta) -> (loss, grad), the six teacher
+    views in one batch without gradient. An existing artifact folder is replaced.
+    """
+    from .exporter import export_artifacts as _export
+
+    return _export(model_or_checkpoint, arch, size, out_dir, opset=opset)

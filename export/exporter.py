@@ -1,0 +1,186 @@
+"""Export a ResUnet to the GraTa artifact folder (imports torch; load it lazily).
+
+Folder layout::
+
+    manifest.json          see `grata.export.manifest`
+    infer.onnx             (image, theta) -> logits
+    entropy_grad.onnx      (image, theta) -> (loss, grad)
+    consistency_grad.onnx  (image, strong_image, theta) -> (loss, grad)
+    weights.bin            frozen weights (convolutions), shared by the three graphs
+    theta0.npy             the source theta (float32, theta's layout)
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+from torch import nn
+
+import grata
+from grata.errors import GrataError
+from grata.models import ResUnet, bn_parameters, load_checkpoint, set_norm_mode, theta_layout
+
+from .builder import GraphBuilder
+from .manifest import MANIFEST, ROLES, write_manifest
+from .trace import INPUTS, trace
+
+MIN_OPSET = 17
+MAX_OPSET = 21
+WEIGHTS = "weights.bin"
+THETA0 = "theta0.npy"
+GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
+_NAMES = ("image", "strong_image", "theta", "logits", "loss", "grad")
+_PAGE = 4096           # tensors of 1 MiB and more start on a page (memory-mappable)
+_ALIGN = 64
+
+
+def max_opset() -> int:
+    """The highest opset offered: the ops used here are checked up to MAX_OPSET."""
+    return min(MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
+def _resolve_model(model_or_checkpoint, arch: str) -> ResUnet:
+    if isinstance(model_or_checkpoint, nn.Module):
+        if getattr(model_or_checkpoint, "arch", arch) != arch:
+            raise GrataError(f"export: the model is {model_or_checkpoint.arch!r}, "
+                             f"not {arch!r}")
+        model = copy.deepcopy(model_or_checkpoint)
+    else:
+        model = load_checkpoint(model_or_checkpoint, arch)
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+    set_norm_mode(model, "sample")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _external(name: str, array: np.ndarray, offset: int) -> TensorProto:
+    t = TensorProto()
+    t.name = name
+    t.data_type = TensorProto.FLOAT
+    t.dims.extend(array.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", WEIGHTS), ("offset", str(offset)),
+                       ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _build_role(model: ResUnet, role: str, size: int, opset: int, layout: list[dict]):
+    from .lower import Lowering
+
+    n_theta = sum(e["shape"][0] for e in layout)
+    gm = trace(model, role, size)
+    b = GraphBuilder(opset)
+    b.reserve(*_NAMES)
+    low = Lowering(gm, b, layout, grad=role != "infer")
+    out = low.run()
+    inputs = [(n, [1, 3, size, size]) for n in INPUTS[role]] + [("theta", [n_theta])]
+    if role == "infer":
+        out_shape = list(low.shape(next(n for n in gm.graph.nodes if n.op == "output")
+                                   .args[0]))
+        b.op("Identity", [out], outputs=["logits"])
+        outputs = [("logits", out_shape)]
+    else:
+        b.op("Identity", [out], outputs=["loss"])
+        b.op("Identity", [low.theta_grad()], outputs=["grad"])
+        outputs = [("loss", []), ("grad", [n_theta])]
+    return b, inputs, outputs
+
+
+def _versions() -> dict:
+    try:
+        grata_version = metadata.version("grata-edge")
+    except metadata.PackageNotFoundError:
+        grata_version = grata.__version__
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "grata": grata_version}
+
+
+def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
+                     opset: int = MIN_OPSET) -> dict:
+    """Write the artifact folder for `arch` at `size` x `size` into `out_dir`; return
+    its manifest. See `grata.export.export_artifacts`."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 32:
+        # at 32 the bottleneck is 1x1 and per-sample BN statistics are undefined
+        raise GrataError(f"export: size must be a multiple of 32, at least 64 "
+                         f"(got {size!r})")
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise GrataError(f"export: opset must be between {MIN_OPSET} and {top} "
+                         f"(got {opset!r})")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                              and not (out / MANIFEST).is_file())):
+        raise GrataError(f"export: {out} exists and is not an artifact folder")
+    model = _resolve_model(model_or_checkpoint, arch)
+    layout = theta_layout(model)
+    theta0 = torch.cat([p.detach().reshape(-1) for p in bn_parameters(model)]).numpy()
+    theta0 = theta0.astype(np.float32)
+
+    built = {role: _build_role(model, role, size, opset, layout) for role in ROLES}
+
+    # One weights file: every frozen tensor once, in state-dict order.
+    weights: dict[str, np.ndarray] = {}
+    for b, _, _ in built.values():
+        for name, arr in b.weights.items():
+            if name in weights and not np.array_equal(weights[name], arr):
+                raise GrataError(f"export: two different tensors named {name}")
+            weights[name] = arr
+    order = {k: i for i, k in enumerate(model.state_dict())}
+    names = sorted(weights, key=lambda k: (order.get(k, len(order)), k))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        offsets, pos = {}, 0
+        with open(tmp / WEIGHTS, "wb") as f:
+            for name in names:
+                arr = weights[name]
+                align = _PAGE if arr.nbytes >= (1 << 20) else _ALIGN
+                pad = -pos % align
+                f.write(b"\0" * pad)
+                pos += pad
+                offsets[name] = pos
+                f.write(arr.tobytes())
+                pos += arr.nbytes
+        io = {}
+        for role, (b, inputs, outputs) in built.items():
+            proto = b.build(f"grata_{role}", inputs, outputs,
+                            doc=f"GraTa {role} of ResUnet-{arch} at {size}x{size}",
+                            weight_proto=lambda n, a: _external(n, a, offsets[n]))
+            path = tmp / GRAPH_FILES[role]
+            path.write_bytes(proto.SerializeToString())
+            try:
+                onnx.checker.check_model(str(path), full_check=True)
+            except (onnx.checker.ValidationError,
+                    onnx.shape_inference.InferenceError) as exc:  # an exporter bug
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise GrataError(f"export: {role} graph fails the ONNX checker: "
+                                 f"{type(exc).__name__}: {first}") from None
+            io[role] = {"inputs": {n: list(s) for n, s in inputs},
+                        "outputs": {n: list(s) for n, s in outputs}}
+        np.save(tmp / THETA0, theta0)
+        manifest = write_manifest(tmp, {
+            "arch": arch, "size": size, "opset": opset, "batch": 1, "norm": "sample",
+            "graphs": dict(GRAPH_FILES), "io": io, "weights": WEIGHTS,
+            "params": [{"name": e["name"], "offset": e["offset"], "shape": list(e["shape"])}
+                       for e in layout],
+            "theta0": THETA0, "n_theta": int(theta0.size), "versions": _versions(),
+        })
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
