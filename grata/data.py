@@ -254,9 +254,9 @@ def _entry(root: Path, name: str, rel_img: str, rel_mask: str, where: str) -> En
     return Entry(name, paths[0], paths[1])
 
 
-def _dofe_listing(root: Path, domain: str) -> list[Entry | Skipped]:
+def _dofe_listing(root: Path, domain: str, splits=_SPLITS) -> list[Entry | Skipped]:
     items: list[Entry | Skipped] = []
-    for split in _SPLITS:
+    for split in splits:
         rois = root / domain / split / "ROIs"
         if not (rois / "image").is_dir():
             continue
@@ -272,13 +272,20 @@ def _dofe_listing(root: Path, domain: str) -> list[Entry | Skipped]:
     return items
 
 
-def _listing(root, domain: str) -> list[Entry | Skipped]:
+def _split_files(files: list[Path], splits) -> list[Path]:
+    """The CSVs of the given splits; a domain with one CSV keeps it whatever the split."""
+    if len(files) == 1 and not any(files[0].stem.endswith("_" + s) for s in _SPLITS):
+        return files
+    return [f for f in files if any(f.stem.endswith("_" + s) for s in splits)]
+
+
+def _listing(root, domain: str, splits=_SPLITS) -> list[Entry | Skipped]:
     root = _root(root)
     csvs = _csv_domains(root)
     if domain in csvs:
-        items = _csv_listing(root, csvs[domain])
+        items = _csv_listing(root, _split_files(csvs[domain], splits))
     elif domain in _dofe_domains(root):
-        items = _dofe_listing(root, domain)
+        items = _dofe_listing(root, domain, splits)
     else:
         raise GrataError(f"unknown domain {domain!r} in {root}; available: "
                          f"{', '.join(list_domains(root)) or 'none'}")
@@ -289,17 +296,19 @@ def _listing(root, domain: str) -> list[Entry | Skipped]:
     return items
 
 
-def domain_entries(root, domain: str) -> tuple[list[Entry], list[tuple[str, str]]]:
+def domain_entries(root, domain: str, splits=_SPLITS
+                   ) -> tuple[list[Entry], list[tuple[str, str]]]:
     """(entries in streaming order, [(name, reason)] of rows that cannot be used)."""
-    items = _listing(root, domain)
+    items = _listing(root, domain, splits)
     return ([i for i in items if isinstance(i, Entry)],
             [(i.name, i.reason) for i in items if isinstance(i, Skipped)])
 
 
-def stream_domain(root, domain: str, size: int) -> Iterator[Sample | Skipped]:
+def stream_domain(root, domain: str, size: int, splits=_SPLITS
+                  ) -> Iterator[Sample | Skipped]:
     """Samples of a target domain in streaming order; a file that cannot be listed or
     read becomes a Skipped in its place instead of stopping the stream."""
-    for item in _listing(root, domain):
+    for item in _listing(root, domain, splits):
         if isinstance(item, Skipped):
             yield item
             continue

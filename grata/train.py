@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def load_split(root, domain: str, size: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """All usable images and targets of a domain, stacked; plus the skipped entries."""
+    """The usable images and targets of a domain's train split, stacked; plus skips."""
     images, targets, skipped = [], [], []
-    for item in stream_domain(root, domain, size):
+    for item in stream_domain(root, domain, size, splits=("train",)):
         if isinstance(item, Sample):
             images.append(item.image)
             targets.append(item.target)
@@ -117,7 +117,7 @@ def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         history.append(total / max(1, (len(order) // batch) * batch))
         if progress:
             bar.set_postfix(loss=f"{history[-1]:.4f}")
