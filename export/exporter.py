@@ -6,7 +6,9 @@ Folder layout::
     infer.onnx             (image, theta) -> logits
     entropy_grad.onnx      (image, theta) -> (loss, grad)
     consistency_grad.onnx  (image, strong_image, theta) -> (loss, grad)
-    weights.bin            frozen weights (convolutions), shared by the three graphs
+    infer_source.onnx      (image, theta) -> logits with the stored BN statistics
+    weights.bin            frozen weights (convolutions, BN running statistics), once
+                           for all graphs
     theta0.npy             the source theta (float32, theta's layout)
 """
 
@@ -29,8 +31,8 @@ from grata.errors import GrataError
 from grata.models import ResUnet, bn_parameters, load_checkpoint, set_norm_mode, theta_layout
 
 from .builder import GraphBuilder
-from .manifest import MANIFEST, ROLES, write_manifest
-from .trace import INPUTS, trace
+from .manifest import MANIFEST, write_manifest
+from .trace import INPUTS, ROLES, trace
 
 MIN_OPSET = 17
 MAX_OPSET = 21
@@ -82,10 +84,12 @@ def _build_role(model: ResUnet, role: str, size: int, opset: int, layout: list[d
     gm = trace(model, role, size)
     b = GraphBuilder(opset)
     b.reserve(*_NAMES)
-    low = Lowering(gm, b, layout, grad=role != "infer")
+    forward = role in ("infer", "infer_source")
+    low = Lowering(gm, b, layout, grad=not forward,
+                   norm="running" if role == "infer_source" else "sample")
     out = low.run()
     inputs = [(n, [1, 3, size, size]) for n in INPUTS[role]] + [("theta", [n_theta])]
-    if role == "infer":
+    if forward:
         out_shape = list(low.shape(next(n for n in gm.graph.nodes if n.op == "output")
                                    .args[0]))
         b.op("Identity", [out], outputs=["logits"])

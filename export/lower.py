@@ -12,11 +12,12 @@ teacher). Choices made for CPU speed with exact results:
   in/out-swapped weights (computed from the stored weights inside the graph, folded to a
   constant when the session loads); strided: a transposed convolution;
 - transposed convolution: a convolution with the same weights;
-- ReLU: multiply by sign(out) (out >= 0);
+- ReLU: multiply by the 0/1 mask (out > 0);
 - max-pool: first-max masks per window offset (torch's tie rule), scattered back by
   padding and interleaving, no ScatterElements;
 - BN (instance norm) backward exact: dbeta = sum dy, dgamma = sum dy * xhat,
-  dx = gamma * rstd * (dy - mean dy - xhat * mean(dy * xhat)).
+  dx = gamma * rstd * (dy - mean dy - xhat * mean(dy * xhat)); per-channel sums run
+  row by row, then across rows (see `hw_sum`).
 Frozen weights are registered with the builder under their state-dict names.
 """
 
@@ -63,12 +64,16 @@ class Lowering:
     """Emit the ONNX graph of one traced function into `builder`.
 
     `layout` is theta's layout (`grata.models.theta_layout`); with `grad=True` the graph
-    also computes d(output)/d(theta) (the output must be a scalar).
+    also computes d(output)/d(theta) (the output must be a scalar). `norm` is
+    ``sample`` (statistics of each sample) or ``running`` (the stored statistics, forward
+    only).
     """
 
     def __init__(self, gm: fx.GraphModule, builder: GraphBuilder, layout: list[dict],
-                 grad: bool):
-        self.gm, self.b, self.grad = gm, builder, grad
+                 grad: bool, norm: str = "sample"):
+        if norm not in ("sample", "running") or (grad and norm != "sample"):
+            raise GrataError(f"export: unsupported BN statistics {norm!r}")
+        self.gm, self.b, self.grad, self.norm = gm, builder, grad, norm
         self.layout = layout
         self.entries = {e["name"]: e for e in layout}
         self.n_theta = sum(int(np.prod(e["shape"])) for e in layout)
@@ -291,6 +296,13 @@ class Lowering:
         name = self.modname(n)
         gamma, beta = self.theta_slice(name + ".weight"), self.theta_slice(name + ".bias")
         x = self.v(n.args[0])
+        if self.norm == "running":
+            if m.running_mean is None or m.running_var is None:
+                raise GrataError(f"export: {n.target} keeps no running statistics")
+            stats = [self.b.weight(name + ".running_mean", _numpy(m.running_mean)),
+                     self.b.weight(name + ".running_var", _numpy(m.running_var))]
+            return self.b.op("BatchNormalization", [x, gamma, beta, *stats], n.name,
+                             epsilon=float(m.eps))
         if n not in self.needs:
             return self.b.op("InstanceNormalization", [x, gamma, beta], n.name,
                              epsilon=float(m.eps))
@@ -305,8 +317,10 @@ class Lowering:
         var = self.b.op("Mul", [ss, inv_hw], n.name + "_var")
         std = self.b.op("Sqrt", [self.b.op("Add", [var, self.b.scalar(float(m.eps))])])
         rstd = self.b.op("Reciprocal", [std], n.name + "_rstd")
+        # (keeping xc instead of xhat saves a pass but measured up to 3x less exact)
         xhat = self.b.op("Mul", [xc, rstd], n.name + "_xhat")
-        self.saved[n] = {"xhat": xhat, "rstd": rstd, "g4": g4, "hw": hw}
+        self.saved[n] = {"xhat": xhat, "a": self.b.op("Mul", [g4, rstd], n.name + "_a"),
+                         "hw": hw}
         return self.b.op("Add", [self.b.op("Mul", [xhat, g4]), b4], n.name)
 
     def hw_sum(self, x: str, hint: str, square: bool = False) -> str:
@@ -320,23 +334,24 @@ class Lowering:
         return self.b.reduce("ReduceSum", first, [2], hint=hint)
 
     def b_norm(self, n, dy):
-        sv, name = self.saved[n], self.modname(n)
+        # dbeta = sum dy, dgamma = sum dy * xhat,
+        # dx = a * (dy - mean dy - xhat * mean(dy * xhat)), a = gamma * rstd
+        sv, name, b = self.saved[n], self.modname(n), self.b
         s1 = self.hw_sum(dy, n.name + "_s1")
-        s2 = self.hw_sum(self.b.op("Mul", [dy, sv["xhat"]]), n.name + "_s2")
+        s2 = self.hw_sum(b.op("Mul", [dy, sv["xhat"]]), n.name + "_s2")
         self.theta_grads.setdefault(name + ".bias", []).append(
-            self.b.reduce("ReduceSum", s1, [0, 2, 3], keepdims=False, hint="d_" + name))
+            b.reduce("ReduceSum", s1, [0, 2, 3], keepdims=False, hint="d_" + name))
         self.theta_grads.setdefault(name + ".weight", []).append(
-            self.b.reduce("ReduceSum", s2, [0, 2, 3], keepdims=False, hint="d_" + name))
+            b.reduce("ReduceSum", s2, [0, 2, 3], keepdims=False, hint="d_" + name))
         x = n.args[0]
         if x not in self.needs:
             return
-        # dx = a * dy + c2 * xhat + c1, with a = gamma * rstd, c_k = -a * s_k / HW
-        a = self.b.op("Mul", [sv["g4"], sv["rstd"]], n.name + "_a")
-        na = self.b.op("Mul", [a, self.b.scalar(-1.0 / sv["hw"])])
-        c1 = self.b.op("Mul", [na, s1])
-        c2 = self.b.op("Mul", [na, s2])
-        dx = self.b.op("Add", [self.b.op("Mul", [dy, a]), self.b.op("Mul", [sv["xhat"], c2])])
-        self.acc(x, self.b.op("Add", [dx, c1], "d_" + n.name))
+        # dx = a * dy + k2 * xhat + k1, k_i = -a * s_i / HW
+        na = b.op("Mul", [sv["a"], b.scalar(-1.0 / sv["hw"])])
+        k1 = b.op("Mul", [na, s1])
+        k2 = b.op("Mul", [na, s2])
+        dx = b.op("Add", [b.op("Mul", [dy, sv["a"]]), b.op("Mul", [sv["xhat"], k2])])
+        self.acc(x, b.op("Add", [dx, k1], "d_" + n.name))
 
     # -- activations and pooling ---------------------------------------------------------
     def f_relu(self, n):
@@ -345,9 +360,11 @@ class Lowering:
         return self.b.op("Relu", [self.v(n.args[0])], n.name)
 
     def b_relu(self, n, dy):
-        # out >= 0, so sign(out) is the 0/1 mask of the active units
-        self.acc(n.args[0], self.b.op("Mul", [dy, self.b.op("Sign", [self.env[n]])],
-                                      "d_" + n.name))
+        # dy * (out > 0); Greater + Cast + Mul runs ~4x faster in onnxruntime than
+        # Sign or Where on these sizes
+        active = self.b.op("Greater", [self.env[n], self.b.scalar(0.0)])
+        mask = self.b.op("Cast", [active], to=FLOAT)
+        self.acc(n.args[0], self.b.op("Mul", [dy, mask], "d_" + n.name))
 
     _POOL = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
              "return_indices")

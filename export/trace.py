@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from grata.losses import consistency_loss, entropy_loss, teacher_batch, teacher_target
 from grata.models import Norm2d
 
-ROLES = ("infer", "entropy_grad", "consistency_grad")
+ROLES = ("infer", "entropy_grad", "consistency_grad", "infer_source")
 
 
 class _Infer(nn.Module):
@@ -40,9 +40,10 @@ class _Consistency(_Infer):
         return consistency_loss(self.model(strong_image), target)
 
 
-WRAPPERS = {"infer": _Infer, "entropy_grad": _Entropy, "consistency_grad": _Consistency}
+WRAPPERS = {"infer": _Infer, "entropy_grad": _Entropy, "consistency_grad": _Consistency,
+            "infer_source": _Infer}
 INPUTS = {"infer": ("image",), "entropy_grad": ("image",),
-          "consistency_grad": ("image", "strong_image")}
+          "consistency_grad": ("image", "strong_image"), "infer_source": ("image",)}
 
 
 class _Tracer(fx.Tracer):
@@ -51,8 +52,9 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module, role: str, size: int) -> fx.GraphModule:
-    """FX graph of `role` for `model` (its BN layers must be in ``sample`` mode), with
-    shapes recorded at batch 1, size x size. The submodule prefix is ``model.``."""
+    """FX graph of `role` for `model`, with shapes recorded at batch 1, size x size.
+    The submodule prefix is ``model.``. (Which statistics the BN layers use is decided
+    when lowering, not here.)"""
     wrapper = WRAPPERS[role](model)
     graph = _Tracer().trace(wrapper)
     gm = fx.GraphModule(wrapper, graph, class_name=f"Traced_{role}")

@@ -43,13 +43,18 @@ from grata.models import (
 
 ort = pytest.importorskip("onnxruntime")
 
-ROLES = ("infer", "entropy_grad", "consistency_grad")
+ROLES = ("infer", "entropy_grad", "consistency_grad", "infer_source")
 FLOOR = 2.0 ** -22          # 4 float32 ulps, relative: the floor for exact-looking errors
 
 
 def _model(arch: str, seed: int = 0) -> ResUnet:
     torch.manual_seed(seed)
-    return ResUnet(arch)
+    model = ResUnet(arch)
+    with torch.no_grad():  # running statistics that differ from the defaults
+        for _, m in gmodels.norm_layers(model):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +94,7 @@ def test_io_names_and_shapes(art64):
     n, s = manifest["n_theta"], 64
     want = {
         "infer": ({"image": [1, 3, s, s], "theta": [n]}, {"logits": [1, 2, s, s]}),
+        "infer_source": ({"image": [1, 3, s, s], "theta": [n]}, {"logits": [1, 2, s, s]}),
         "entropy_grad": ({"image": [1, 3, s, s], "theta": [n]}, {"loss": [], "grad": [n]}),
         "consistency_grad": ({"image": [1, 3, s, s], "strong_image": [1, 3, s, s],
                               "theta": [n]}, {"loss": [], "grad": [n]}),
@@ -142,9 +148,11 @@ def test_weights_stored_once(art64, edge):
             assert info["location"] == manifest["weights"]
             key = (int(info["offset"]), int(info["length"]))
             assert where.setdefault(t.name, key) == key, f"{t.name} stored twice"
-    # every conv weight/bias of the segmentation path, exactly once, with its value
-    assert set(where) == {k for k in state if k.endswith(("weight", "bias"))
-                          and "bn" not in k and "downsample.1" not in k}
+    # every conv weight/bias of the segmentation path and the BN running statistics
+    # (for infer_source), exactly once, with its value; no BN gamma/beta (theta)
+    bn = {n for n, _ in gmodels.norm_layers(edge)}
+    assert set(where) == {k for k in state if k.rsplit(".", 1)[0] not in bn
+                          or k.endswith(("running_mean", "running_var"))}
     spans = sorted(where.values())
     assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(spans))
     for name, (offset, length) in where.items():
@@ -326,6 +334,13 @@ class TorchRef:
             self.flat.copy_(torch.from_numpy(theta).to(self.dtype))
         x = torch.from_numpy(image).to(self.dtype)
         with _branch(branch):
+            if role == "infer_source":
+                set_norm_mode(self.model, "running")
+                try:
+                    with torch.no_grad():
+                        return {"logits": self.model(x).double().numpy()}
+                finally:
+                    set_norm_mode(self.model, "sample")
             if role == "infer":
                 with torch.no_grad():
                     return {"logits": self.model(x).double().numpy()}
@@ -406,9 +421,9 @@ def _parity(model, arch, size, tmp_path, seed=0):
             e_onnx, e_torch = _rel(value, ref[key]), _rel(t32[key], ref[key])
             report[f"{role}.{key}"] = (e_onnx, e_torch)
     bad = {k: v for k, v in report.items() if not v[0] <= 3 * v[1] + FLOOR}
-    lines = "\n".join(f"{k}: onnx {a:.2e} torch {b:.2e}" for k, (a, b) in report.items())
+    lines = "; ".join(f"{k}: onnx {a:.2e} torch {b:.2e}" for k, (a, b) in report.items())
     assert not bad, f"ONNX error above 3x torch float32's: {lines}"
-    assert len(report) == 5
+    assert len(report) == 6
     return report
 
 
