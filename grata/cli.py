@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import shutil
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--plot", action="store_true", help="write a Dice-over-stream PNG")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--out", required=True, type=Path, help="output folder")
+    for name in EXTRA_COMMANDS:
+        COMMANDS.update(importlib.import_module(name).register(sub))
     return p
 
 
@@ -288,6 +291,9 @@ def _cached_artifacts(checkpoint: Path, arch: str, size: int, quiet: bool) -> Pa
 
 COMMANDS = {"synth": cmd_synth, "train-source": cmd_train, "export": cmd_export,
             "adapt": cmd_adapt}
+# Modules that add subcommands: each has register(subparsers) -> {name: handler(args)}.
+# They import their heavy dependencies inside the handlers, so --help stays fast.
+EXTRA_COMMANDS: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
