@@ -21,7 +21,10 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     one flat float32 vector in `grata.models.theta_layout` order):
     ``infer`` (image, theta) -> logits; ``entropy_grad`` (image, theta) -> (loss, grad);
     ``consistency_grad`` (image, strong_image, theta) -> (loss, grad), the six teacher
-    views in one batch without gradient. An existing artifact folder is replaced.
+    views in one batch without gradient; and ``infer_source`` (image, theta) -> logits
+    with the stored BN statistics (the source-only baseline). `size` is a multiple of 32,
+    at least 64; `opset` 17..21. An existing artifact folder is replaced. The folder
+    layout and manifest are described in this package's README.
     """
     from .exporter import export_artifacts as _export
 

@@ -48,6 +48,13 @@ def write_manifest(folder, fields: dict) -> dict:
     return manifest
 
 
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def _plain_name(name) -> bool:
     return (isinstance(name, str) and name not in ("", ".", "..")
             and "/" not in name and "\\" not in name)
@@ -79,10 +86,24 @@ def load_manifest(folder, verify: bool = True) -> dict:
     for key, typ in _REQUIRED.items():
         if key not in manifest:
             raise GrataError(f"{where}: {MANIFEST} lacks the field {key!r}")
-        if not isinstance(manifest[key], typ) or (typ is int and isinstance(manifest[key], bool)):
+        value = manifest[key]
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise GrataError(f"{where}: field {key!r} should be a {typ.__name__}")
     if verify and manifest["manifest_sha256"] != _content_digest(manifest):
         raise GrataError(f"{where}: {MANIFEST} was modified (its digest does not match)")
+    offset = 0
+    for entry in manifest["params"]:  # theta's layout: consecutive, in order
+        try:
+            ok = entry["offset"] == offset and isinstance(entry["name"], str)
+            size = _count(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise GrataError(f"{where}: malformed params entry {entry!r:.80} in {MANIFEST}")
+        offset += size
+    if offset != manifest["n_theta"]:
+        raise GrataError(f"{where}: params cover {offset} values, n_theta says "
+                         f"{manifest['n_theta']}")
     missing_roles = [r for r in ROLES if r not in manifest["graphs"]]
     if missing_roles:
         raise GrataError(f"{where}: no graph for role {missing_roles[0]!r}")

@@ -230,44 +230,46 @@ def _expect_refusal(folder, what):
     return msg
 
 
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
 def test_load_manifest_refuses_changes(art64, tmp_path):
     src, _ = art64
-    names = sorted(p.name for p in src.iterdir())
-    for name in names:
+    names = sorted(p.name for p in src.iterdir() if p.name != "manifest.json")
+    for name in names:  # one changed byte anywhere in any listed file
         size = (src / name).stat().st_size
         for pos in (0, size // 2, size - 1):
-            d = tmp_path / f"{name}_{pos}"
-            shutil.copytree(src, d)
+            d = _copy(src, tmp_path / f"{name}_{pos}")
             data = bytearray((d / name).read_bytes())
-            data[pos] ^= 0x01 if name != "manifest.json" else 0x00
-            if name == "manifest.json":
-                # change a value byte, keeping the JSON valid
-                text = data.decode()
-                at = text.index('"edge"') + 2
-                data = bytearray(text[:at] + "E" + text[at + 1:], "utf-8")
+            data[pos] ^= 0x01
             (d / name).write_bytes(bytes(data))
-            _expect_refusal(d, f"{name}@{pos}")
-            if name == "manifest.json":
-                break
-    d = tmp_path / "version"
-    shutil.copytree(src, d)
+            assert name in _expect_refusal(d, f"{name}@{pos}")
+    # one changed byte in the manifest's content (the JSON stays valid)
+    text = (src / "manifest.json").read_text()
+    edits = (('"edge"', '"edgE"'), ('"size": 64', '"size": 65'),
+             ('"offset": 16', '"offset": 17'))
+    for i, (old, new) in enumerate(edits):
+        assert old in text
+        d = _copy(src, tmp_path / f"manifest_{i}")
+        (d / "manifest.json").write_text(text.replace(old, new, 1))
+        assert "manifest.json" in _expect_refusal(d, new)
+    d = _copy(src, tmp_path / "version")
     m = json.loads((d / "manifest.json").read_text())
     m["format_version"] = 2
     (d / "manifest.json").write_text(json.dumps(m))
     assert "format_version" in _expect_refusal(d, "version")
-    for name in names:
-        d = tmp_path / f"missing_{name}"
-        shutil.copytree(src, d)
+    for name in [*names, "manifest.json"]:
+        d = _copy(src, tmp_path / f"missing_{name}")
         (d / name).unlink()
         msg = _expect_refusal(d, f"missing {name}")
         assert name in msg or "manifest.json" in msg
-    d = tmp_path / "badjson"
-    shutil.copytree(src, d)
+    d = _copy(src, tmp_path / "badjson")
     (d / "manifest.json").write_text("{not json")
     _expect_refusal(d, "bad json")
     # verify=False skips the hashes but still notices a missing file
-    d = tmp_path / "noverify"
-    shutil.copytree(src, d)
+    d = _copy(src, tmp_path / "noverify")
     (d / "weights.bin").write_bytes(b"\0" * 8)
     assert load_manifest(d, verify=False)["arch"] == "edge"
     (d / "weights.bin").unlink()
@@ -276,6 +278,43 @@ def test_load_manifest_refuses_changes(art64, tmp_path):
 
 
 # -- parity with torch autograd -------------------------------------------------------------
+class _TiedPool(torch.nn.Module):
+    """BN, then max-pool over many exactly tied windows (integer-valued input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = gmodels.Norm2d(2)
+
+    def forward(self, x):
+        return F.max_pool2d(self.bn(x[:, :2]), 3, 2, 1)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_only():
+    from grata.export.exporter import _build_role
+
+    tiny = _TiedPool()
+    set_norm_mode(tiny, "sample")
+    layout = theta_layout(tiny)
+    b, inputs, outputs = _build_role(tiny, "entropy_grad", 16, 17, layout)
+    proto = b.build("tied", inputs, outputs)
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), session_options(1),
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 3, (1, 3, 16, 16)).astype(np.float32)
+    theta = np.array([1.5, 0.7, 0.2, -0.3], np.float32)
+    loss, grad = sess.run(None, {"image": image, "theta": theta})
+    ref = copy.deepcopy(tiny).double()
+    with torch.no_grad():
+        flat = flatten_theta(ref)
+        flat.copy_(torch.from_numpy(theta).double())
+    ref_loss = entropy_loss(ref(torch.from_numpy(image).double()))
+    ref_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss,
+                                                                      bn_parameters(ref))])
+    np.testing.assert_allclose(loss, ref_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 class _BranchF:
     """Stands in for `torch.nn.functional` inside `grata.models`: records the ReLU masks
     and max-pool choices of a run, or replays given ones (the reference on a branch)."""
