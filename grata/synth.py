@@ -1,0 +1,363 @@
+"""A deterministic synthetic fundus optic disc/cup benchmark, in the CSV layout.
+
+Each image is a region of interest around the optic disc (as the benchmark's 800x800
+crops, resized): an orange-red textured retina darkening toward the edges, a bright
+yellow-orange disc with a slightly irregular soft edge, a paler cup whose visible
+pallor fades into the rim (its edge is not a threshold, and the pallor does not
+exactly follow the annotated cup), branching vessels leaving the cup and crossing the
+rim, and in some images a pale peripapillary atrophy crescent beside the disc.
+Masks: 255 background, 128 disc rim, 0 cup.
+
+One source domain and target domains that differ as centres/cameras do:
+
+============  ==========================================================================
+domain        shift (beyond each domain's per-image jitter)
+============  ==========================================================================
+Clinic        source: desktop camera, clean; mild jitter of exposure, white balance,
+              gamma, vignetting and focus; disc 28-42 % of the ROI, vCDR 0.3-0.85
+Handheld      defocus blur, uneven illumination (off-axis light, strong vignetting),
+              sensor noise, green LED cast; disc a little larger (30-46 %)
+Widefield     scanning-laser pseudo-colour: little blue, green-heavy, lower contrast,
+              slight blur; wider field of view, so the disc is small (20-30 %)
+LowLight      under-exposed non-mydriatic shots: dark, high gamma, strong signal-
+              dependent noise, heavy vignetting, cool (blue) white balance
+Legacy        scanned film / old archive: yellow faded colours with a raised black level,
+              low contrast, stored as JPEG (quality 25); tighter crop (disc 36-50 %) and a
+              glaucoma-clinic population (more large cups, vCDR 0.45-0.85)
+============  ==========================================================================
+
+Determinism: every image is drawn from its own PCG64 generator seeded by (seed,
+domain, split, index), so changing counts does not change the other images; the same
+seed writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+SOURCE_DOMAIN = "Clinic"
+TARGET_DOMAINS = ("Handheld", "Widefield", "LowLight", "Legacy")
+VERSION = 1
+JPEG_QUALITY = 25
+
+_SPLIT_IDS = {"train": 0, "test": 1}
+
+
+@dataclass(frozen=True)
+class _Domain:
+    """Scene statistics and camera model of one domain (pixel sizes are at S=320)."""
+    disc: tuple[float, float]          # vertical disc diameter, fraction of the ROI
+    cdr: tuple[float, float, float]    # vCDR: low, high, share of large (glaucomatous) cups
+    gains: tuple[float, float, float]  # white balance (R, G, B)
+    exposure: tuple[float, float]
+    gamma: tuple[float, float]
+    contrast: tuple[float, float]
+    black: float = 0.0                 # raised black level (faded film)
+    vignette: tuple[float, float] = (0.1, 0.25)
+    gradient: tuple[float, float] = (0.0, 0.1)  # off-axis illumination slope
+    blur: tuple[float, float] = (0.0, 0.4)      # Gaussian sigma, px
+    noise: tuple[float, float] = (0.003, 0.008)  # noise sigma at full signal
+    blue_keep: float = 1.0             # scanning-laser images carry almost no blue
+    haze: tuple[float, float] = (0.0, 0.0)  # veiling glare (stray light) strength
+    ppa: float = 0.4                   # share of images with peripapillary atrophy
+    jpeg: bool = False
+    shift: str = ""
+
+
+DOMAINS: dict[str, _Domain] = {
+    "Clinic": _Domain(
+        disc=(0.28, 0.42), cdr=(0.3, 0.65, 0.2), gains=(1.0, 1.0, 1.0), exposure=(0.8, 1.0),
+        gamma=(0.85, 1.15), contrast=(0.9, 1.05), vignette=(0.1, 0.3), blur=(0.0, 0.6),
+        shift="source: clean desktop camera"),
+    "Handheld": _Domain(
+        disc=(0.30, 0.46), cdr=(0.3, 0.65, 0.2), gains=(0.88, 1.12, 0.8),
+        exposure=(0.8, 1.05), gamma=(0.9, 1.2), contrast=(0.85, 1.0), vignette=(0.35, 0.55),
+        gradient=(0.25, 0.45), blur=(1.6, 2.6), noise=(0.02, 0.035), haze=(0.06, 0.18),
+        shift="defocus blur, uneven illumination and glare, sensor noise, green LED cast"),
+    "Widefield": _Domain(
+        disc=(0.22, 0.32), cdr=(0.3, 0.65, 0.2), gains=(0.92, 1.1, 1.0), exposure=(0.8, 1.0),
+        gamma=(0.8, 0.95), contrast=(0.8, 0.9), blur=(0.5, 0.9), blue_keep=0.65,
+        shift="laser pseudo-colour (little blue, green-heavy), low contrast, small disc"),
+    "LowLight": _Domain(
+        disc=(0.28, 0.42), cdr=(0.3, 0.65, 0.2), gains=(0.8, 1.0, 1.5),
+        exposure=(0.3, 0.45), gamma=(1.3, 1.6), contrast=(0.95, 1.05), vignette=(0.45, 0.65),
+        noise=(0.03, 0.05),
+        shift="under-exposed, high gamma, strong noise, heavy vignetting, blue cast"),
+    "Legacy": _Domain(
+        disc=(0.34, 0.46), cdr=(0.45, 0.75, 0.4), gains=(1.05, 0.92, 0.6),
+        exposure=(0.85, 1.0), gamma=(0.9, 1.0), contrast=(0.65, 0.8), black=0.1,
+        blur=(0.4, 0.8), jpeg=True,
+        shift="yellow faded film, raised black level, low contrast, JPEG q25, large disc "
+              "and cups"),
+}
+assert set(DOMAINS) == {SOURCE_DOMAIN, *TARGET_DOMAINS}
+
+# Scene colours (linear RGB, before the camera).
+_BG = np.array([0.72, 0.30, 0.12], np.float32)
+_RIM = np.array([0.92, 0.52, 0.30], np.float32)
+_CUP = np.array([1.00, 0.92, 0.74], np.float32)
+_PPA = np.array([0.88, 0.70, 0.50], np.float32)
+_VEIN = np.array([0.40, 0.07, 0.05], np.float32)
+_ARTERY = np.array([0.55, 0.13, 0.07], np.float32)
+
+
+def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
+    key = [int(seed), zlib.crc32(domain.encode()), _SPLIT_IDS[split], int(index)]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Zero-mean, unit-std low-frequency noise: a coarse grid, Gaussian-smoothed (so
+    the grid does not show) and spline-upsampled."""
+    coarse = ndimage.gaussian_filter(rng.standard_normal((cells, cells)), 0.7, mode="wrap")
+    up = ndimage.zoom(coarse, size / cells, order=3, mode="grid-wrap", grid_mode=True)
+    up = up[:size, :size]
+    return ((up - up.mean()) / (up.std() + 1e-6)).astype(np.float32)
+
+
+def _radius(xx, yy, cx, cy, rx, ry, tilt, wobble) -> np.ndarray:
+    """Normalised elliptic radius (1 on the boundary) of a shape with a wavy outline."""
+    dx, dy = xx - np.float32(cx), yy - np.float32(cy)
+    c, s = np.float32(np.cos(tilt)), np.float32(np.sin(tilt))
+    u, v = (c * dx + s * dy) / np.float32(rx), (-s * dx + c * dy) / np.float32(ry)
+    r = np.sqrt(u * u + v * v)
+    z = (u + 1j * v).astype(np.complex64) / np.maximum(r, 1e-6)  # e^(i theta)
+    edge, zk = np.ones_like(r), z * z
+    for k, a, p in wobble:  # sum of a cos(k theta + p), k = 2, 3, ...
+        edge += np.float32(a) * (zk * np.complex64(np.exp(1j * p))).real
+        zk = zk * z
+    return r / edge
+
+
+def _wobble(rng, amount: float):
+    return [(k, amount * rng.uniform(0.3, 1.0) / k, rng.uniform(0, 2 * np.pi))
+            for k in range(2, 6)]
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+def _vessels(rng, size: int, origin, side: float, cup_r: float):
+    """Vessel opacity maps (veins, arteries) [S, S] in [0, 1], drawn at 2x for smooth
+    edges: arcades leaving the cup up and down and bending temporally, smaller nasal
+    and temporal vessels, random branching, tapering width."""
+    k = 2  # supersampling
+    canv = {"vein": Image.new("L", (size * k, size * k)),
+            "artery": Image.new("L", (size * k, size * k))}
+    draws = {n: ImageDraw.Draw(c) for n, c in canv.items()}
+    temporal = 0.0 if side > 0 else np.pi
+    nasal = np.pi - temporal
+    step = size / 70.0
+    w_main = rng.uniform(0.018, 0.024) * size
+
+    trunks = []
+    for up in (-1.0, 1.0):  # superior and inferior arcades: a vein and an artery each
+        for kind, wf in (("vein", 1.0), ("artery", 0.75)):
+            h = up * np.pi / 2 + rng.uniform(-0.3, 0.3)
+            trunks.append((kind, h, w_main * wf * rng.uniform(0.85, 1.1), 0.035, 110))
+    for _ in range(rng.integers(2, 5)):  # nasal
+        trunks.append((("vein", "artery")[rng.integers(2)], nasal + rng.uniform(-0.9, 0.9),
+                       w_main * rng.uniform(0.35, 0.6), 0.0, 60))
+    for _ in range(rng.integers(1, 4)):  # small temporal (macular) branches
+        trunks.append((("vein", "artery")[rng.integers(2)],
+                       temporal + rng.uniform(-0.7, 0.7), w_main * rng.uniform(0.3, 0.45),
+                       0.0, 50))
+
+    stack = []
+    for kind, h, w, bend, steps in trunks:
+        a = rng.uniform(0, 2 * np.pi)
+        r = cup_r * rng.uniform(0.0, 0.35)
+        stack.append((kind, origin[0] + r * np.cos(a), origin[1] + r * np.sin(a), h, w, bend,
+                      steps, 0))
+    while stack:
+        kind, x, y, h, w, bend, steps, depth = stack.pop()
+        draw = draws[kind]
+        for i in range(steps):
+            if bend:  # turn toward the temporal side, as the arcades do
+                h += bend * np.sin(temporal - h)
+            h += rng.normal(0, 0.07)
+            nx, ny = x + step * np.cos(h), y + step * np.sin(h)
+            wd = max(w * k, 1.0)
+            # Thin vessels are fainter; veins darker than arteries.
+            fill = int((255 if kind == "vein" else 215) * min(1.0, 0.35 + w / w_main))
+            draw.line([(x * k, y * k), (nx * k, ny * k)], fill=fill, width=round(wd))
+            if wd >= 4:  # round joints; on thin lines they would look beaded
+                draw.ellipse([nx * k - wd / 2, ny * k - wd / 2, nx * k + wd / 2,
+                              ny * k + wd / 2], fill=fill)
+            x, y, w = nx, ny, w * 0.993
+            if not (-0.1 * size < x < 1.1 * size and -0.1 * size < y < 1.1 * size):
+                break
+            if depth < 2 and i > 4 and w > 1.2 and rng.random() < 0.05:
+                stack.append((kind, x, y, h + rng.choice([-1, 1]) * rng.uniform(0.45, 1.0),
+                              w * rng.uniform(0.5, 0.75), 0.0, int(steps * 0.5), depth + 1))
+    out = []
+    for n in ("vein", "artery"):
+        small = canv[n].resize((size, size), Image.BOX)
+        out.append(ndimage.gaussian_filter(np.asarray(small, np.float32) / 255.0, 0.5))
+    return out
+
+
+def render(rng: np.random.Generator, domain: str, size: int):
+    """One (image uint8 [S,S,3], mask uint8 [S,S]) of the domain."""
+    d = DOMAINS[domain]
+    S = size
+    px = S / 320.0  # pixel sizes of the camera model are given at S = 320
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
+    side = rng.choice([-1.0, 1.0])  # eye laterality: which side is temporal
+
+    # Geometry: disc, cup (offset temporally), optional atrophy crescent.
+    dv = rng.uniform(*d.disc) * S
+    ry = dv / 2
+    rx = ry * rng.uniform(0.85, 1.0)
+    cx, cy = (S / 2 + np.clip(rng.normal(0, 0.05 * S, 2), -0.1 * S, 0.1 * S))
+    tilt = rng.normal(0, 0.15)
+    lo, hi, large = d.cdr
+    cdr = rng.uniform(hi, min(hi + 0.2, 0.85)) if rng.random() < large else rng.uniform(lo, hi)
+    cry = cdr * ry
+    crx = min(cry * rng.uniform(0.85, 1.1), 0.9 * rx)
+    ccx = cx + side * rng.uniform(0.0, 0.35) * (rx - crx)
+    ccy = cy + rng.uniform(-0.15, 0.15) * (ry - cry)
+    rho_d = _radius(xx, yy, cx, cy, rx, ry, tilt, _wobble(rng, 0.05))
+    rho_c = _radius(xx, yy, ccx, ccy, crx, cry, tilt, _wobble(rng, 0.08))
+    disc = rho_d < 1.0
+    cup = (rho_c < 1.0) & disc
+    mask = np.full((S, S), 255, np.uint8)
+    mask[disc] = 128
+    mask[cup] = 0
+
+    # Retina: pigmentation, low-frequency texture, darker toward the ROI edges.
+    tex = _smooth_noise(rng, S, 4) * 0.08 + _smooth_noise(rng, S, 16) * 0.035
+    pig = rng.uniform(0.8, 1.1)
+    bg = _BG[:, None, None] * pig * np.stack([np.ones_like(xx),
+                                              np.full_like(xx, rng.uniform(0.85, 1.15)),
+                                              np.full_like(xx, rng.uniform(0.8, 1.2))])
+    r2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / (0.75 * S) ** 2
+    img = bg * (1.0 + tex) * (1.0 - 0.35 * np.clip(r2, 0, 1.5))[None]
+
+    # Peripapillary atrophy: pale mottled crescent on the temporal side of the disc.
+    if rng.random() < d.ppa:
+        grow = rng.uniform(1.12, 1.35)
+        shift = side * (grow - 1.0) * rx * rng.uniform(0.6, 1.0)
+        rho_p = _radius(xx, yy, cx + shift, cy, rx * grow, ry * rng.uniform(1.0, 1.1), tilt,
+                        _wobble(rng, 0.08))
+        a = _sigmoid((1.0 - rho_p) / 0.05) * _sigmoid((rho_d - 1.0) / 0.04)
+        a = a * np.clip(0.75 + 0.5 * _smooth_noise(rng, S, 24), 0, 1) * rng.uniform(0.5, 0.9)
+        img = img * (1 - a) + _PPA[:, None, None] * a
+
+    # Disc with a blurred edge; its rim is orange-pink, brightening toward the cup.
+    a_d = _sigmoid((1.0 - rho_d) / rng.uniform(0.03, 0.07))[None]
+    rim = _RIM[:, None, None] * rng.uniform(0.85, 1.05) * (
+        1.0 + 0.06 * np.clip(1.0 - rho_d, 0, 1)[None] + 0.03 * tex[None])
+    img = img * (1 - a_d) + rim * a_d
+    # Cup pallor: yellow-white, fading into the rim over a wide band; its extent only
+    # roughly follows the annotated cup, as in real photographs.
+    pal = rng.uniform(0.85, 1.1)
+    rho_p = _radius(xx, yy, ccx, ccy, crx * pal, cry * pal, tilt, _wobble(rng, 0.04))
+    a_c = (_sigmoid((1.0 - rho_p) / rng.uniform(0.1, 0.22)) * rng.uniform(0.6, 1.0))[None]
+    cupc = _CUP[:, None, None] * (1.0 + 0.05 * np.clip(1.0 - rho_p, 0, 1)[None])
+    img = img * (1 - a_c) + cupc * a_c
+
+    # Vessels over everything (they occlude the rim).
+    vein, artery = _vessels(rng, S, (ccx, ccy), side, min(crx, cry))
+    for v, col, op in ((artery, _ARTERY, 0.7), (vein, _VEIN, 0.8)):
+        a = (v * op * rng.uniform(0.85, 1.0))[None]
+        img = img * (1 - a) + col[:, None, None] * a
+
+    return _camera(rng, d, img, xx, yy, px), mask
+
+
+def _camera(rng, d: _Domain, img, xx, yy, px):
+    """Illumination, white balance, exposure, tone curve, blur, noise, 8-bit."""
+    S = img.shape[-1]
+    ang = rng.uniform(0, 2 * np.pi)
+    slope = rng.uniform(*d.gradient)
+    ox, oy = (xx / S - 0.5), (yy / S - 0.5)
+    r2 = (ox ** 2 + oy ** 2) / 0.5
+    illum = (1.0 - rng.uniform(*d.vignette) * r2) * (1.0 + slope * (np.cos(ang) * ox
+                                                                  + np.sin(ang) * oy) * 2)
+    gains = np.array(d.gains, np.float32) * rng.uniform(0.92, 1.08, 3).astype(np.float32)
+    gains[2] *= d.blue_keep
+    img = img * illum[None] * gains[:, None, None] * rng.uniform(*d.exposure)
+    haze = rng.uniform(*d.haze)
+    if haze > 0:  # stray light: a whitish veil, strongest off-centre
+        hx, hy = rng.uniform(-0.4, 0.4, 2)
+        img = img + haze * np.exp(-((ox - hx) ** 2 + (oy - hy) ** 2) / 0.18)[None]
+    mean = img.mean(axis=(1, 2), keepdims=True)
+    img = mean + rng.uniform(*d.contrast) * (img - mean)
+    img = d.black + (1.0 - d.black) * np.clip(img, 0.0, 1.0) ** rng.uniform(*d.gamma)
+    sigma = rng.uniform(*d.blur) * px
+    if sigma > 0.3:
+        img = ndimage.gaussian_filter(img, (0, sigma, sigma))
+    level = rng.uniform(*d.noise)
+    # Signal-dependent (shot) plus a floor of read noise.
+    std = level * np.sqrt(0.8 * np.clip(img, 0, 1) + 0.2)
+    img = img + std * rng.standard_normal(img.shape, dtype=np.float32)
+    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out.transpose(1, 2, 0))
+
+
+def _save(image: np.ndarray, path: Path, jpeg: bool) -> None:
+    """Write deterministically (no timestamps or other metadata)."""
+    buf = io.BytesIO()
+    if jpeg:
+        Image.fromarray(image, "RGB").save(buf, "JPEG", quality=JPEG_QUALITY, optimize=False)
+    else:
+        Image.fromarray(image).save(buf, "PNG", compress_level=6)
+    path.write_bytes(buf.getvalue())
+
+
+def generate(root, seed: int = 0, n_source: tuple[int, int] = (80, 20),
+             n_target: tuple[int, int] = (18, 12), size: int = 320,
+             progress: bool = True) -> dict:
+    """Write the benchmark under root: ``<Domain>/<split>/{image,mask}/`` files,
+    ``<Domain>_train.csv`` and ``<Domain>_test.csv`` (columns image,mask, paths relative
+    to root) and ``synth.json``. Returns the summary (also in synth.json)."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    counts = {SOURCE_DOMAIN: tuple(n_source), **{t: tuple(n_target) for t in TARGET_DOMAINS}}
+    total = sum(sum(c) for c in counts.values())
+    bar = tqdm(total=total, desc="synthetic fundus", unit="img", disable=not progress)
+    for domain, (n_train, n_test) in counts.items():
+        ext = ".jpg" if DOMAINS[domain].jpeg else ".png"
+        for split, n in (("train", n_train), ("test", n_test)):
+            rows = []
+            for sub in ("image", "mask"):
+                (root / domain / split / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image, mask = render(_rng(seed, domain, split, i), domain, size)
+                stem = f"{domain}_{split}_{i:04d}"
+                rel_img = f"{domain}/{split}/image/{stem}{ext}"
+                rel_mask = f"{domain}/{split}/mask/{stem}.png"
+                _save(image, root / rel_img, DOMAINS[domain].jpeg)
+                _save(mask, root / rel_mask, False)
+                rows.append((rel_img, rel_mask))
+                bar.update()
+            with open(root / f"{domain}_{split}.csv", "w", newline="") as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(["image", "mask"])
+                w.writerows(rows)
+    bar.close()
+    summary = {
+        "generator": "grata.synth", "version": VERSION, "seed": int(seed), "size": int(size),
+        "source": SOURCE_DOMAIN, "targets": list(TARGET_DOMAINS),
+        "domains": {name: {"train": c[0], "test": c[1],
+                           "format": "jpg" if DOMAINS[name].jpeg else "png",
+                           "shift": DOMAINS[name].shift} for name, c in counts.items()},
+    }
+    (root / "synth.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "root": str(root), "images": total,
+            "seconds": round(time.perf_counter() - t0, 2)}
