@@ -44,10 +44,10 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _bind(node: fx.Node, names, defaults=None, skip: int = 0) -> dict:
+def _bind(node: fx.Node, names, defaults=None) -> dict:
     """Map a call's positional and keyword arguments to parameter names."""
     out = dict(defaults or {})
-    out.update(zip(names, node.args[skip:]))
+    out.update(zip(names, node.args))
     out.update(node.kwargs)
     unknown = set(out) - set(names)
     if unknown:
@@ -88,9 +88,10 @@ class Lowering:
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
 
-    def modname(self, node: fx.Node) -> str:
-        t = str(node.target)
-        return t.removeprefix(PREFIX)
+    @staticmethod
+    def modname(node: fx.Node) -> str:
+        """The module's name in the model's state dict."""
+        return str(node.target).removeprefix(PREFIX)
 
     @staticmethod
     def shape(node: fx.Node) -> tuple[int, ...]:
@@ -195,10 +196,12 @@ class Lowering:
     def _key(self, n: fx.Node):
         if n.op == "call_module":
             m = self.module(n)
-            for cls, key in ((Norm2d, "norm"), (nn.Conv2d, "conv"),
-                             (nn.ConvTranspose2d, "convt")):
-                if type(m) is cls or (cls is Norm2d and isinstance(m, Norm2d)):
-                    return key
+            if isinstance(m, Norm2d):
+                return "norm"
+            if type(m) is nn.Conv2d:
+                return "conv"
+            if type(m) is nn.ConvTranspose2d:
+                return "convt"
             raise GrataError(f"export: unsupported module {type(m).__name__} ({n.target})")
         if n.op == "call_method":
             if n.target in ("flip", "sum", "mean", "detach", "sigmoid", "log", "neg"):
