@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default=defaults.DEFAULT_ARCH,
                    help="resnet18, resnet34 or edge (default edge)")
     t.add_argument("--size", type=int, default=defaults.DEFAULT_SIZE,
-                   help="input size S, divisible by 32 (default 128)")
+                   help="input size S, divisible by 32 (default 256)")
     t.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
     t.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (1e-3)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "edge model)")
     e.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
                    "checkpoint, else resnet34)")
-    e.add_argument("--size", type=int, help="input size S, divisible by 32 (default 128 for "
+    e.add_argument("--size", type=int, help="input size S, divisible by 32 (default 256 for "
                    "the shipped model, else 512)")
     e.add_argument("--out", required=True, type=Path, help="artifact folder (replaced)")
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "edge model, which implies --arch edge)")
     a.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
                    "checkpoint, else resnet34)")
-    a.add_argument("--size", type=int, help="input size S (default 128 for the shipped "
+    a.add_argument("--size", type=int, help="input size S (default 256 for the shipped "
                    "model, else 512)")
     a.add_argument("--methods", type=_csv, default=["source", "bn", "tent", "grata"],
                    help="comma-separated: source, bn, tent, grata, grata-noalign, "
@@ -293,7 +293,7 @@ COMMANDS = {"synth": cmd_synth, "train-source": cmd_train, "export": cmd_export,
             "adapt": cmd_adapt}
 # Modules that add subcommands: each has register(subparsers) -> {name: handler(args)}.
 # They import their heavy dependencies inside the handlers, so --help stays fast.
-EXTRA_COMMANDS: tuple[str, ...] = ()
+EXTRA_COMMANDS: tuple[str, ...] = ("grata.serve",)
 
 
 def main(argv: list[str] | None = None) -> int:
