@@ -77,6 +77,11 @@ def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GrataError(f"{out.parent}: cannot create the output folder ({exc.strerror})") \
+            from None
     state_path = out.with_name(out.name + ".state.pt")
     images, targets, skipped = load_split(data_root, domain, size)
     for s in skipped:
