@@ -15,20 +15,22 @@ domain        shift (beyond each domain's per-image jitter)
 ============  ==========================================================================
 Clinic        source: desktop camera, clean; mild jitter of exposure, white balance,
               gamma, vignetting and focus; disc 28-42 % of the ROI, vCDR 0.3-0.85
-Handheld      defocus blur, uneven illumination (off-axis light, strong vignetting),
-              sensor noise, green LED cast; disc a little larger (30-46 %)
-Widefield     scanning-laser pseudo-colour: little blue, green-heavy, lower contrast,
-              slight blur; wider field of view, so the disc is small (20-30 %)
+Handheld      defocus blur, uneven illumination (off-axis light, strong vignetting) and
+              veiling glare, sensor noise, green LED cast; disc a little larger (30-46 %)
+Widefield     scanning-laser pseudo-colour: reduced blue, green-heavy, lower contrast,
+              slight blur; wider field of view, so the disc is small (22-32 %)
 LowLight      under-exposed non-mydriatic shots: dark, high gamma, strong signal-
               dependent noise, heavy vignetting, cool (blue) white balance
 Legacy        scanned film / old archive: yellow faded colours with a raised black level,
-              low contrast, stored as JPEG (quality 25); tighter crop (disc 36-50 %) and a
+              low contrast, stored as JPEG (quality 25); tighter crop (disc 34-46 %) and a
               glaucoma-clinic population (more large cups, vCDR 0.45-0.85)
 ============  ==========================================================================
 
+Pixel sizes (blur) are given at S=320 and scale with the size.
+
 Determinism: every image is drawn from its own PCG64 generator seeded by (seed,
 domain, split, index), so changing counts does not change the other images; the same
-seed writes byte-identical files.
+seed writes byte-identical files (with the same numpy, scipy, Pillow/zlib/libjpeg).
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .errors import GrataError
+
 SOURCE_DOMAIN = "Clinic"
 TARGET_DOMAINS = ("Handheld", "Widefield", "LowLight", "Legacy")
-VERSION = 1
+VERSION = 2  # bump whenever the same seed would give different files
 JPEG_QUALITY = 25
 
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -67,7 +71,7 @@ class _Domain:
     gradient: tuple[float, float] = (0.0, 0.1)  # off-axis illumination slope
     blur: tuple[float, float] = (0.0, 0.4)      # Gaussian sigma, px
     noise: tuple[float, float] = (0.003, 0.008)  # noise sigma at full signal
-    blue_keep: float = 1.0             # scanning-laser images carry almost no blue
+    blue_keep: float = 1.0             # scanning-laser images carry little blue
     haze: tuple[float, float] = (0.0, 0.0)  # veiling glare (stray light) strength
     ppa: float = 0.4                   # share of images with peripapillary atrophy
     jpeg: bool = False
@@ -80,22 +84,22 @@ DOMAINS: dict[str, _Domain] = {
         gamma=(0.85, 1.15), contrast=(0.9, 1.05), vignette=(0.1, 0.3), blur=(0.0, 0.6),
         shift="source: clean desktop camera"),
     "Handheld": _Domain(
-        disc=(0.30, 0.46), cdr=(0.3, 0.65, 0.2), gains=(0.88, 1.12, 0.8),
+        disc=(0.30, 0.46), cdr=(0.3, 0.65, 0.2), gains=(0.85, 1.15, 0.72),
         exposure=(0.8, 1.05), gamma=(0.9, 1.2), contrast=(0.85, 1.0), vignette=(0.35, 0.55),
-        gradient=(0.25, 0.45), blur=(1.6, 2.6), noise=(0.02, 0.035), haze=(0.06, 0.18),
+        gradient=(0.25, 0.45), blur=(2.2, 3.5), noise=(0.02, 0.035), haze=(0.06, 0.18),
         shift="defocus blur, uneven illumination and glare, sensor noise, green LED cast"),
     "Widefield": _Domain(
         disc=(0.22, 0.32), cdr=(0.3, 0.65, 0.2), gains=(0.92, 1.1, 1.0), exposure=(0.8, 1.0),
-        gamma=(0.8, 0.95), contrast=(0.8, 0.9), blur=(0.5, 0.9), blue_keep=0.65,
-        shift="laser pseudo-colour (little blue, green-heavy), low contrast, small disc"),
+        gamma=(0.8, 0.95), contrast=(0.8, 0.9), blur=(0.5, 0.9), blue_keep=0.8,
+        shift="laser pseudo-colour (less blue, green-heavy), low contrast, small disc"),
     "LowLight": _Domain(
         disc=(0.28, 0.42), cdr=(0.3, 0.65, 0.2), gains=(0.8, 1.0, 1.5),
         exposure=(0.3, 0.45), gamma=(1.3, 1.6), contrast=(0.95, 1.05), vignette=(0.45, 0.65),
         noise=(0.03, 0.05),
         shift="under-exposed, high gamma, strong noise, heavy vignetting, blue cast"),
     "Legacy": _Domain(
-        disc=(0.34, 0.46), cdr=(0.45, 0.75, 0.4), gains=(1.05, 0.92, 0.6),
-        exposure=(0.85, 1.0), gamma=(0.9, 1.0), contrast=(0.65, 0.8), black=0.1,
+        disc=(0.34, 0.46), cdr=(0.45, 0.75, 0.4), gains=(1.04, 0.95, 0.72),
+        exposure=(0.85, 1.0), gamma=(0.9, 1.0), contrast=(0.75, 0.88), black=0.07,
         blur=(0.4, 0.8), jpeg=True,
         shift="yellow faded film, raised black level, low contrast, JPEG q25, large disc "
               "and cups"),
@@ -325,10 +329,13 @@ def generate(root, seed: int = 0, n_source: tuple[int, int] = (80, 20),
     to root) and ``synth.json``. Returns the summary (also in synth.json)."""
     from tqdm import tqdm
 
+    counts = {SOURCE_DOMAIN: tuple(n_source), **{t: tuple(n_target) for t in TARGET_DOMAINS}}
+    if size < 32 or any(len(c) != 2 or min(c) < 0 for c in counts.values()):
+        raise GrataError(f"synthetic benchmark: need size >= 32 and (train, test) counts >= 0, "
+                         f"got size {size}, source {n_source}, target {n_target}")
     t0 = time.perf_counter()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    counts = {SOURCE_DOMAIN: tuple(n_source), **{t: tuple(n_target) for t in TARGET_DOMAINS}}
     total = sum(sum(c) for c in counts.values())
     bar = tqdm(total=total, desc="synthetic fundus", unit="img", disable=not progress)
     for domain, (n_train, n_test) in counts.items():

@@ -67,6 +67,7 @@ def test_layout_readable_by_data(bench):
     root, summary, _ = bench
     meta = json.loads((root / "synth.json").read_text())
     assert meta["seed"] == 3 and meta["source"] == synth.SOURCE_DOMAIN
+    assert meta["version"] == synth.VERSION
     assert meta["domains"][synth.SOURCE_DOMAIN]["train"] == 3
     assert summary["domains"] == meta["domains"]
     assert data.list_domains(root) == sorted([synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS])
@@ -126,3 +127,11 @@ def test_generation_is_fast(bench):
     # the default benchmark (220 images at 320) must stay well under half a minute
     assert time.perf_counter() - t0 < 0.5
     assert image.shape == (320, 320, 3) and image.dtype == np.uint8 and mask.shape == (320, 320)
+
+
+def test_bad_arguments_are_user_errors(tmp_path):
+    from grata.errors import GrataError
+    with pytest.raises(GrataError, match="size"):
+        synth.generate(tmp_path / "x", size=8, progress=False)
+    with pytest.raises(GrataError, match="counts"):
+        synth.generate(tmp_path / "x", n_source=(-1, 2), progress=False)
