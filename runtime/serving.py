@@ -1,0 +1,175 @@
+"""Serving backends behind one small interface: ``predict(image, theta) -> logits``.
+
+A serving backend answers one question: the logits of an image at a given theta (the
+flat BN gamma/beta vector the methods adapt). It never adapts; the gradient graphs stay
+with `OrtEngine`. Backends:
+
+- ``onnxruntime``: the artifact folder's ``infer`` graph on onnxruntime (CPU; the CUDA
+  and TensorRT execution providers where this onnxruntime has them). The default where
+  TensorRT is absent.
+- ``tensorrt``: a TensorRT engine built once from the same graph with theta as an input
+  tensor (``grata.runtime.tensorrt_backend``); needs the ``tensorrt`` package and a GPU.
+- ``auto``: ``tensorrt`` where the ``tensorrt`` package is installed and an engine can be
+  made, else ``onnxruntime`` (the reason is kept in ``fallback``).
+
+Asking for a backend that cannot run here is a one-line `GrataError` naming what is
+missing, never an import traceback. Importing this module imports neither onnxruntime nor
+tensorrt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import GrataError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp16", "fp32", "int8")
+ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+# graph role per normalisation of the method: current-image statistics or stored ones
+GRAPHS = {"sample": "infer", "running": "infer_source"}
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What serving needs: logits [1, 2, S, S] float32 of image [1, 3, S, S] at theta."""
+
+    name: str         # "onnxruntime" or "tensorrt"
+    precision: str    # "fp32", "fp16" or "int8"
+    size: int         # S
+    n_theta: int      # length of theta
+
+    def predict(self, image: np.ndarray, theta: np.ndarray) -> np.ndarray: ...
+
+
+def _check_inputs(image, theta, size: int, n_theta: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(image, dtype=np.float32)
+    t = np.ascontiguousarray(theta, dtype=np.float32)
+    if x.shape != (1, 3, size, size):
+        raise GrataError(f"predict takes an image of 1x3x{size}x{size}, not "
+                         f"{'x'.join(map(str, x.shape))}")
+    if t.shape != (n_theta,):
+        raise GrataError(f"predict takes theta of {n_theta} values, not shape {t.shape}")
+    return x, t
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise GrataError("backend 'onnxruntime' needs the onnxruntime package, which is not "
+                         "installed: pip install 'grata-edge[device]'") from None
+    return ort
+
+
+def resolve_ort_device(device: str) -> str:
+    """'auto' -> 'cuda' where onnxruntime has its CUDA provider, else 'cpu'."""
+    if device not in ORT_DEVICES:
+        raise GrataError(f"unknown device {device!r}; choose from {', '.join(ORT_DEVICES)}")
+    if device != "auto":
+        return device
+    ort = _onnxruntime()
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+class OrtPredictor:
+    """The ``infer`` graph (or ``infer_source``) on onnxruntime.
+
+    Give either an artifact folder (a session is made for the graph, on `device`'s
+    execution providers) or an existing `session` with inputs ``image``, ``theta`` and
+    output ``logits`` (e.g. ``OrtEngine.sessions["infer"]``, so nothing loads twice).
+    """
+
+    name = "onnxruntime"
+    precision = "fp32"
+    fallback: str | None = None  # why ``auto`` did not pick tensorrt, if it did not
+
+    def __init__(self, artifacts=None, *, session=None, graph: str = "infer",
+                 device: str = "cpu", threads: int | None = None, verify: bool = True):
+        if session is None:
+            if artifacts is None:
+                raise GrataError("OrtPredictor needs an artifact folder or a session")
+            from ..export.manifest import load_manifest
+            from ..export.session import session_options
+            from .engine import PROVIDERS
+            ort = _onnxruntime()
+            device = resolve_ort_device(device)
+            wanted = PROVIDERS[device]
+            if wanted[0] not in ort.get_available_providers():
+                raise GrataError(f"device {device!r} needs onnxruntime's {wanted[0]}, which "
+                                 f"this onnxruntime lacks")
+            folder = Path(artifacts)
+            manifest = load_manifest(folder, verify=verify)
+            if graph not in manifest["graphs"]:
+                raise GrataError(f"artifact {folder} has no {graph!r} graph; export again")
+            session = ort.InferenceSession(str(folder / manifest["graphs"][graph]),
+                                           sess_options=session_options(threads),
+                                           providers=wanted)
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        if set(shapes) != {"image", "theta"} or "logits" not in outputs:
+            raise GrataError(f"the {graph!r} graph has inputs {sorted(shapes)} and outputs "
+                             f"{outputs}; expected image, theta -> logits")
+        self.session = session
+        self.size = int(shapes["image"][-1])
+        self.n_theta = int(shapes["theta"][0])
+        self.providers = list(session.get_providers())
+        self.detail = f"onnxruntime {self.providers[0]}"
+
+    def predict(self, image: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        x, t = _check_inputs(image, theta, self.size, self.n_theta)
+        return self.session.run(["logits"], {"image": x, "theta": t})[0]
+
+
+def tensorrt_installed() -> bool:
+    """Whether the ``tensorrt`` package can be found (without importing it)."""
+    try:
+        return importlib.util.find_spec("tensorrt") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def make_predictor(backend: str = "auto", artifacts=None, *, graph: str = "infer",
+                   device: str = "cpu", threads: int | None = None,
+                   precision: str | None = None, session=None, cache_dir=None,
+                   calibration=None, verify: bool = True) -> Predictor:
+    """A serving backend by name (see the module docstring).
+
+    `device`, `threads` and `session` concern onnxruntime; `precision` (default fp16),
+    `cache_dir` (default ``$GRATA_CACHE/trt``) and `calibration` (images [3,S,S] for
+    int8) concern TensorRT. onnxruntime serves in fp32 only.
+    """
+    if backend not in BACKENDS:
+        raise GrataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise GrataError(f"unknown precision {precision!r}; choose from "
+                         f"{', '.join(PRECISIONS)}")
+    fallback = None
+    if backend in ("auto", "tensorrt"):
+        if backend == "auto" and not tensorrt_installed():
+            fallback = "the tensorrt package is not installed"
+        else:
+            from .tensorrt_backend import TensorRTPredictor
+            try:
+                return TensorRTPredictor(artifacts, precision=precision or "fp16", graph=graph,
+                                         cache_dir=cache_dir, calibration=calibration,
+                                         verify=verify)
+            except GrataError as exc:
+                if backend == "tensorrt":
+                    raise
+                fallback = str(exc)
+    if precision not in (None, "fp32"):
+        raise GrataError(f"precision {precision!r} needs the tensorrt backend; onnxruntime "
+                         f"serves in fp32" + (f" (tensorrt: {fallback})" if fallback else ""))
+    predictor = OrtPredictor(artifacts, session=session, graph=graph, device=device,
+                             threads=threads, verify=verify)
+    predictor.fallback = fallback
+    return predictor
+
+
+__all__ = ["BACKENDS", "GRAPHS", "PRECISIONS", "OrtPredictor", "Predictor", "make_predictor",
+           "resolve_ort_device", "tensorrt_installed"]
