@@ -1,0 +1,384 @@
+"""Point-of-care serving: grata serve end to end on onnxruntime, crash safety (kill -9 at
+random moments), guards of the adapted model, refusals."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grata.cli import main
+from grata.errors import DataError, GrataError
+from grata.export import export_artifacts
+from grata.models import ResUnet
+from grata.runtime import OrtEngine
+from grata.runtime.serving import OrtPredictor, make_predictor, tensorrt_installed
+from grata.serve import STATE_FILE, Session, _Watcher, result_key, serve, theta_digest
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    model = ResUnet("edge")
+    with torch.no_grad():  # some structure in the statistics and affines
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.6, 1.4)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    export_artifacts(model, "edge", SIZE, root / "art")
+    return root / "art"
+
+
+def fundus(rng, size=96) -> np.ndarray:
+    """A small fundus-like RGB picture: reddish retina, bright disc, paler cup, noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cx, cy = rng.uniform(0.4, 0.6, 2)
+    r = np.hypot(xx - cx, yy - cy)
+    img = np.stack([0.6 + 0 * r, 0.25 + 0 * r, 0.1 + 0 * r])
+    disc = r < rng.uniform(0.18, 0.25)
+    cup = r < rng.uniform(0.06, 0.12)
+    img[:, disc] = np.array([0.9, 0.55, 0.35])[:, None]
+    img[:, cup] = np.array([0.97, 0.85, 0.6])[:, None]
+    img = img * rng.uniform(0.7, 1.1, (3, 1, 1)) + rng.normal(0, 0.04, img.shape)
+    return (np.clip(img, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def make_inbox(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """n PNGs with distinct modification times in the past (arrival order = name order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = time.time_ns() - 10**12
+    names = []
+    for i in range(n):
+        name = f"eye{i:03d}.png"
+        Image.fromarray(fundus(rng)).save(folder / name)
+        os.utime(folder / name, ns=(base + i * 10**7, base + i * 10**7))
+        names.append(name)
+    return names
+
+
+def serve_args(inbox, outbox, art, *extra):
+    return ["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts", str(art),
+            "--backend", "onnxruntime", "--device", "cpu", "--threads", "1",
+            "--poll", "0.02", "--settle", "0.2", *extra]
+
+
+def load_state(state_dir: Path) -> dict:
+    with np.load(state_dir / STATE_FILE, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def reference_run(art, folder: Path, names) -> list[str]:
+    """theta digests after each image of an uninterrupted in-memory session."""
+    with Session(art, None, backend="onnxruntime", device="cpu", threads=1) as s:
+        return [s.process(folder / n)["record"]["theta_sha256"] for n in names]
+
+
+def temp_files(*folders) -> list[Path]:
+    return [p for f in folders if f.is_dir() for p in f.iterdir()
+            if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------- end to end
+
+def test_serve_end_to_end_onnxruntime(artifacts, tmp_path, capsys):
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    names = make_inbox(inbox, 5)
+    (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    (inbox / "writing.png.part").write_bytes(b"not yet")
+    (inbox / ".hidden.png").write_bytes(b"not mine")
+    ref = reference_run(artifacts, inbox, names)
+
+    assert main(serve_args(inbox, outbox, artifacts, "--once")) == 0
+    err = capsys.readouterr().err
+    assert "starting from the source theta" in err and "5 served" in err and "1 rejected" in err
+
+    records = []
+    for i, name in enumerate(names):
+        key = result_key(name, (inbox / "processed" / name).read_bytes())
+        rec = json.loads((outbox / f"{key}.json").read_text())
+        records.append(rec)
+        mask = np.asarray(Image.open(outbox / rec["files"]["mask"]))
+        assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 128, 255}
+        assert Image.open(outbox / rec["files"]["overlay"]).size == (SIZE, SIZE)
+        assert rec["disc_area_px"] == int((mask < 255).sum()) > rec["cup_area_px"] > 0
+        assert rec["cup_area_px"] == int((mask == 0).sum())
+        assert rec["vcdr"] is None or 0 < rec["vcdr"] <= 2
+        assert rec["timings_ms"]["adapt"] > 0 and rec["timings_ms"]["predict"] > 0
+        assert rec["backend"] == "onnxruntime" and rec["method"] == "grata"
+        # adapted exactly once, in arrival order, as an uninterrupted session would
+        assert rec["theta_version"] == rec["images_adapted"] == rec["step"] == i + 1
+        assert rec["theta_sha256"] == ref[i] and rec["resets"] == []
+        assert 0 < rec["theta_drift"] < rec["max_drift"] and not rec["recovered"]
+    assert len(list(outbox.glob("*.json"))) == 5 and not temp_files(outbox)
+    assert sorted(p.name for p in (inbox / "processed").iterdir()) == names
+    assert sorted(p.name for p in (inbox / "rejected").iterdir()) == [
+        "corrupt.png", "corrupt.png.reason.txt"]
+    reason = (inbox / "rejected" / "corrupt.png.reason.txt").read_text()
+    assert "reason: cannot read image" in reason
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == [".hidden.png",
+                                                                     "writing.png.part"]
+    state = load_state(outbox / ".state")
+    assert theta_digest(state["theta"]) == records[-1]["theta_sha256"]
+    assert int(state["n_images"]) == 5 and str(state["last_key"]).startswith("eye004.png.")
+
+    # a restart resumes; an image sent again (same name and content) is not served twice
+    shutil.copy(inbox / "processed" / names[0], inbox / names[0])
+    new = make_inbox(tmp_path / "more", 1, seed=9)[0]
+    shutil.copy(tmp_path / "more" / new, inbox / "late.png")
+    assert main(serve_args(inbox, outbox, artifacts, "--once")) == 0
+    err = capsys.readouterr().err
+    assert f"resumed {outbox / '.state'}: 5 images adapted, theta v5 {ref[-1]}" in err
+    assert "1 served" in err and "1 already served" in err
+    assert len(list(outbox.glob("*.json"))) == 6
+    assert int(load_state(outbox / ".state")["n_images"]) == 6
+
+    # --reset returns to the source theta
+    assert main(serve_args(inbox, outbox, artifacts, "--once", "--reset")) == 0
+    st = load_state(outbox / ".state")
+    assert int(st["n_images"]) == 0
+    assert np.array_equal(st["theta"], np.load(artifacts / "theta0.npy"))
+
+
+def test_kill9_at_random_moments(artifacts, tmp_path):
+    """kill -9 during a stream of 30 images, restart, repeat: every image ends with exactly
+    one complete result, no partial files, resumed theta = checkpointed theta, and the
+    thetas are those of an uninterrupted run (no image adapted twice or skipped)."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    names = make_inbox(inbox, 30, seed=1)
+    ref = reference_run(artifacts, inbox, names)
+    state_dir = outbox / ".state"
+    cmd = [sys.executable, "-m", "grata.cli", *serve_args(inbox, outbox, artifacts, "--once")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rnd = random.Random(1234)
+    kills = resumes = 0
+    for run in range(20):
+        before = load_state(state_dir) if (state_dir / STATE_FILE).exists() else None
+        log = tmp_path / f"run{run}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            rc = None
+            if run < 8:  # kill: sometimes while starting, mostly while serving
+                if rnd.random() < 0.2:
+                    deadline = time.monotonic() + rnd.uniform(0.05, 0.8)
+                else:
+                    while proc.poll() is None and " the source theta" not in log.read_text() \
+                            and "resumed" not in log.read_text():
+                        time.sleep(0.01)
+                    deadline = time.monotonic() + rnd.uniform(0.0, 0.4)
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                rc = proc.poll()
+                if rc is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    kills += 1
+            else:
+                rc = proc.wait(timeout=120)
+        text = log.read_text()
+        m = re.search(r"resumed .*: (\d+) images adapted, theta v(\d+) ([0-9a-f]{16})", text)
+        if m and before is not None:  # the resumed theta is the checkpointed one
+            resumes += 1
+            assert m.group(3) == theta_digest(before["theta"])
+            assert int(m.group(1)) == int(before["n_images"])
+        # invariants at every stop: an image is in the inbox or has one complete result
+        for name in names:
+            in_inbox, done = (inbox / name).exists(), (inbox / "processed" / name).exists()
+            assert in_inbox != done, name
+            results = list(outbox.glob(f"{name}.*.json"))
+            assert len(results) <= 1 and (results or not done), name
+            for r in results:  # a JSON exists only complete, and after its pictures
+                rec = json.loads(r.read_text())
+                assert (outbox / rec["files"]["mask"]).exists()
+                assert (outbox / rec["files"]["overlay"]).exists()
+        if rc is not None:
+            assert rc == 0, text
+            break
+    else:
+        pytest.fail("the server never finished")
+    assert kills >= 3 and resumes >= 2
+    assert not any((inbox / n).exists() for n in names)
+    assert not temp_files(outbox, state_dir, inbox / "rejected")
+    records = {}
+    for name in names:
+        (result,) = outbox.glob(f"{name}.*.json")
+        records[name] = json.loads(result.read_text())
+        assert records[name]["key"] == result.name[:-len(".json")]
+    assert len(list(outbox.glob("*.json"))) == 30
+    assert len(list(outbox.glob("*.png"))) == 60
+    for i, name in enumerate(names):
+        assert records[name]["images_adapted"] == i + 1, name
+        assert records[name]["theta_sha256"] == ref[i], name
+    st = load_state(state_dir)
+    assert int(st["n_images"]) == 30 and int(st["t"]) == 30
+    assert theta_digest(st["theta"]) == ref[-1]
+
+
+# ------------------------------------------------------------------- crash recovery
+
+def test_crash_between_checkpoint_and_outputs_is_recovered(artifacts, tmp_path):
+    inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
+    (name,) = make_inbox(inbox, 1)
+    data = (inbox / name).read_bytes()
+    s = Session(artifacts, state, backend="onnxruntime", device="cpu", threads=1)
+    first = s.process(data, name=name, key=result_key(name, data))  # checkpointed
+    s._unlock()  # the process dies here: no outputs, no exit checkpoint
+    theta = load_state(state)["theta"]
+    with Session(artifacts, state, backend="onnxruntime", device="cpu", threads=1) as s2:
+        counts = serve(inbox, outbox, s2, once=True, poll_s=0.02, log=None)
+        assert counts["recovered"] == 1 and counts["served"] == 0
+        assert s2.n_images == 1 and np.array_equal(s2.theta, theta)  # not adapted twice
+    (res,) = outbox.glob("*.json")
+    rec = json.loads(res.read_text())
+    assert rec["recovered"] and rec["theta_sha256"] == first["record"]["theta_sha256"]
+    assert np.array_equal(np.asarray(Image.open(outbox / rec["files"]["mask"])),
+                          first["mask"])
+
+
+def test_checkpoint_every_n_resumes_from_the_checkpoint(artifacts, tmp_path):
+    folder = tmp_path / "img"
+    names = make_inbox(folder, 5, seed=3)
+    opts = {"backend": "onnxruntime", "device": "cpu", "threads": 1, "checkpoint_every": 3}
+    s = Session(artifacts, tmp_path / "state", **opts)
+    digests = [s.process(folder / n)["record"]["theta_sha256"] for n in names]
+    st = load_state(tmp_path / "state")
+    assert int(st["n_images"]) == 3 and theta_digest(st["theta"]) == digests[2]
+    s._unlock()  # killed after image 5: images 4 and 5 have results, the state is 2 behind
+    with Session(artifacts, tmp_path / "state", **opts) as s2:
+        assert s2.resumed["n_images"] == 3 and theta_digest(s2.theta) == digests[2]
+        assert np.array_equal(s2.theta, st["theta"])
+        # the generator state came back too: the same images give the same thetas again
+        again = [s2.process(folder / n)["record"]["theta_sha256"] for n in names[3:]]
+    assert again == digests[3:]
+    assert int(load_state(tmp_path / "state")["n_images"]) == 5  # checkpoint on close
+
+
+# ---------------------------------------------------------------------------- guards
+
+def test_drift_bound_resets_and_is_logged(artifacts, tmp_path):
+    names = make_inbox(tmp_path, 2)
+    with Session(artifacts, None, backend="onnxruntime", device="cpu", threads=1,
+                 max_drift=1e-9) as s:
+        for n in names:
+            rec = s.process(tmp_path / n)["record"]
+            (reset,) = rec["resets"]
+            assert reset["reason"] == "drift" and reset["drift"] > reset["max_drift"] == 1e-9
+            assert "last good theta" in reset["action"]
+            assert rec["theta_drift"] == 0 and rec["theta_version"] == 0
+        assert np.array_equal(s.theta, s.engine.theta0) and s.method.t == 0
+
+
+def test_non_finite_guards_restore_the_last_good_theta(artifacts, tmp_path):
+    names = make_inbox(tmp_path, 3)
+    with Session(artifacts, None, backend="onnxruntime", device="cpu", threads=1) as s:
+        s.process(tmp_path / names[0])
+        good = s.theta
+        real = s.engine.entropy_grad
+        s.engine.entropy_grad = lambda x: (float("nan"), real(x)[1] * np.nan)
+        rec = s.process(tmp_path / names[1])["record"]
+        s.engine.entropy_grad = real
+        assert rec["resets"][0]["reason"] == "non-finite"
+        assert np.array_equal(s.theta, good) and rec["theta_version"] == 1
+
+        predict = s.predictor.predict
+        calls = []
+
+        def flaky(x, theta):  # non-finite at the adapted theta only
+            calls.append(theta_digest(theta))
+            out = predict(x, theta)
+            return out * np.nan if len(calls) == 1 else out
+
+        s.predictor.predict = flaky
+        rec = s.process(tmp_path / names[2])["record"]
+        assert [r["reason"] for r in rec["resets"]] == ["non-finite prediction"]
+        assert calls[1] == theta_digest(good) == rec["theta_sha256"]
+        assert np.array_equal(s.theta, good) and s.method.t == 1
+        with pytest.raises(DataError, match="not finite"):
+            s.predictor.predict = lambda x, theta: predict(x, theta) * np.nan
+            s.process(tmp_path / names[2])
+
+
+# ------------------------------------------------------------------------- refusals
+
+def test_artifacts_with_a_changed_byte_are_refused(artifacts, tmp_path, capsys):
+    bad = tmp_path / "art"
+    shutil.copytree(artifacts, bad)
+    blob = bytearray((bad / "weights.bin").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (bad / "weights.bin").write_bytes(bytes(blob))
+    make_inbox(tmp_path / "inbox", 1)
+    assert main(serve_args(tmp_path / "inbox", tmp_path / "out", bad, "--once")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "weights.bin does not match its sha256" in err
+    assert (tmp_path / "inbox" / "eye000.png").exists()
+
+
+def test_state_of_other_artifacts_or_method_is_refused(artifacts, tmp_path, capsys):
+    state = tmp_path / "state"
+    Session(artifacts, state, backend="onnxruntime", device="cpu").close()
+    with pytest.raises(GrataError, match="belongs to method 'grata', not 'tent'"):
+        Session(artifacts, state, method="tent", backend="onnxruntime", device="cpu")
+    st = load_state(state)
+    st["source_sha256"] = np.array("0" * 64)
+    np.savez(state / STATE_FILE, **st)
+    with pytest.raises(GrataError, match="another source model.*--reset"):
+        Session(artifacts, state, backend="onnxruntime", device="cpu")
+    (state / STATE_FILE).write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(GrataError, match="cannot be read.*--reset"):
+        Session(artifacts, state, backend="onnxruntime", device="cpu")
+    with Session(artifacts, state, backend="onnxruntime", device="cpu", reset=True) as s:
+        assert s.resumed is None
+        with pytest.raises(GrataError, match="in use by another grata serve"):
+            Session(artifacts, state, backend="onnxruntime", device="cpu")
+
+
+@pytest.mark.skipif(tensorrt_installed(), reason="tensorrt is installed here")
+def test_unavailable_backend_is_one_line(artifacts, tmp_path, capsys):
+    make_inbox(tmp_path / "inbox", 1)
+    args = serve_args(tmp_path / "inbox", tmp_path / "out", artifacts, "--once")
+    args[args.index("onnxruntime")] = "tensorrt"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "needs the TensorRT Python package" in err
+    with pytest.raises(GrataError, match="needs the tensorrt backend"):
+        make_predictor("onnxruntime", artifacts, precision="fp16")
+    auto = make_predictor("auto", artifacts, threads=1)
+    assert auto.name == "onnxruntime" and "not installed" in auto.fallback
+
+
+def test_ort_predictor_is_the_infer_graph(artifacts):
+    engine = OrtEngine(artifacts, threads=1)
+    p = OrtPredictor(artifacts, threads=1)
+    x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
+    theta = engine.theta0 * np.float32(1.01)
+    engine.theta[:] = theta
+    assert np.array_equal(p.predict(x, theta), engine.infer(x))
+    with pytest.raises(GrataError, match="1x3x64x64"):
+        p.predict(x[0], theta)
+
+
+def test_watcher_waits_for_complete_files(tmp_path):
+    w = _Watcher(tmp_path, settle_s=60)
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    (tmp_path / "b.png.tmp").write_bytes(b"x")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    assert w.poll() == ([], 2)  # fresh: seen once
+    assert w.poll() == ([tmp_path / "a.png"], 1)  # unchanged since the last scan
+    with open(tmp_path / "a.png", "ab") as f:
+        f.write(b"more")
+    assert w.poll() == ([], 2)  # grew: wait again
