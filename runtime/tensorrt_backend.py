@@ -315,7 +315,7 @@ def _calibrator(trt: Any, device, images: Sequence[np.ndarray], theta0: np.ndarr
     """An entropy calibrator feeding `images` one by one, theta fixed at the source."""
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         raise GrataError(f"TensorRT {trt.__version__} has no INT8 calibrator (implicit "
-                         f"quantisation was removed in TensorRT 11); use --precision fp16")
+                         f"quantisation was removed in TensorRT 11); use --precision fp32")
 
     class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
