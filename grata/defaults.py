@@ -11,7 +11,7 @@ from pathlib import Path
 SYNTH_SEED = 0
 SYNTH_VERSION = 1
 DEFAULT_ARCH = "edge"
-DEFAULT_SIZE = 256
+DEFAULT_SIZE = 128
 CHECKPOINT_NAME = "edge_synth.pt"
 
 
