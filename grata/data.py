@@ -3,7 +3,8 @@
 Conventions (see the specification, "Data conventions"):
 
 - image -> float32 [3, S, S]: bilinear resize, then per-image min-max over all
-  channels and pixels to [0, 1] (a constant image gives zeros);
+  channels and pixels to [0, 1] (a constant image gives zeros). 8-bit images are
+  resized by PIL in 8 bits, as the reference pipeline does; 16-bit grey in float.
 - mask -> float32 [2, S, S] of {0, 1}: 8-bit grey (RGB read as grey), nearest
   resize; channel 0 = disc including cup (value < 255), channel 1 = cup (value == 0).
   16-bit masks are accepted in two unambiguous forms: values that fit 0..255 (8-bit
@@ -14,6 +15,8 @@ Conventions (see the specification, "Data conventions"):
   ``<Domain>_test.csv``, or one ``<Domain>.csv``; columns ``image,mask``, paths
   relative to the root) and the DoFE layout (``<Domain>/{train,test}/ROIs/{image,mask}``).
   An entry's name is its image path relative to the root (posix), which is unique.
+  A CSV row may not leave the root (checked on the path text, so a root reached
+  through a symlink works); CSV files win over a DoFE folder of the same domain name.
 """
 
 from __future__ import annotations
