@@ -255,10 +255,10 @@ def _torch_factory(checkpoint: Path, arch: str, device: str = "cpu"):
 
 
 def _onnx_factory(artifacts: Path, device: str, threads: int | None):
-    from .runtime import OrtEngine
+    from .runtime import open_engine
 
     def make():
-        return OrtEngine(artifacts, device=device, threads=threads)
+        return open_engine(artifacts, device=device, threads=threads)
     return make
 
 

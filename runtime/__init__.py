@@ -1,4 +1,4 @@
 """The device runtime: adaptation over ONNX graphs with numpy updates (no torch)."""
-from .engine import OrtEngine
+from .engine import OrtEngine, open_engine
 
-__all__ = ["OrtEngine"]
+__all__ = ["OrtEngine", "open_engine"]

@@ -107,3 +107,14 @@ class OrtEngine:
         loss, grad = self.sessions["consistency_grad"].run(
             ["loss", "grad"], {"image": x, "strong_image": strong, "theta": self.theta})
         return float(loss), grad
+
+
+def open_engine(artifacts, device: str = "cpu", threads: int | None = None,
+                verify: bool = True):
+    """The engine for `device`: on "cuda" `CudaEngine` (theta, moments and gradients stay
+    on the GPU), otherwise `OrtEngine`."""
+    if device == "cuda":
+        from .cuda_engine import CudaEngine
+
+        return CudaEngine(artifacts, threads=threads, verify=verify)
+    return OrtEngine(artifacts, device=device, threads=threads, verify=verify)

@@ -1,0 +1,226 @@
+"""The CUDA engine: the exported graphs on onnxruntime's CUDA provider, every vector on the GPU.
+
+theta, theta0, the moments (`zeros()`), the gradients and the losses are CuPy arrays. The
+graphs run through IOBinding: they read the image and theta from device memory and write
+grad / loss / logits into device buffers, and the update (`grata.kernels`) runs the fused
+CUDA kernel on the same buffers. onnxruntime computes on the engine's stream, which is also
+CuPy's current stream, so the kernel and the methods' in-place arithmetic (`theta -= g_a`)
+are queued behind the graphs; runs return without waiting for the device. Per image the
+host waits once (`all_finite`) and copies back only what it reads (`to_numpy`).
+
+Needs onnxruntime-gpu (not next to the CPU onnxruntime), CuPy for the driver's CUDA major
+version, the `gpu` extra for the kernel, and a CUDA device:
+
+    pip install 'grata-edge[gpu]' onnxruntime-gpu cupy-cuda12x
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import GrataError
+from ..export.manifest import load_manifest
+from ..export.session import session_options
+from ..kernels import adam_update
+from ..kernels.ort_cuda import cuda_provider_available, provider_options
+from .engine import OrtEngine, _onnxruntime
+
+INSTALL = "pip install 'grata-edge[gpu]' onnxruntime-gpu cupy-cuda12x"
+_STREAMS: dict[int, Any] = {}  # one stream per device, shared by every engine on it
+
+
+class _Place(NamedTuple):
+    xp: Any           # the array module: cupy
+    kind: str         # IOBinding device type: "cuda"
+    index: int        # device ordinal
+    providers: list   # onnxruntime providers with their options
+    stream: Any       # the stream the graphs, the kernel and CuPy share (None: host)
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def cuda_unavailable(device_id: int = 0) -> str | None:
+    """Why the CUDA engine cannot run on `device_id` (one line), or None when it can."""
+    cp = _import_cupy()
+    missing = [name for name, ok in (("onnxruntime-gpu", cuda_provider_available()),
+                                     ("cupy", cp is not None)) if not ok]
+    if missing:
+        return f"--device cuda with --backend onnx needs {' and '.join(missing)}: {INSTALL}"
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:  # noqa: BLE001  (no driver, driver too old: CUDARuntimeError)
+        return f"--device cuda: no CUDA device ({_first_line(e)})"
+    if not 0 <= device_id < count:
+        return f"--device cuda: no CUDA device {device_id} ({count} found)"
+    return None
+
+
+def _cuda_place(device_id: int, tf32: bool) -> _Place:
+    why = cuda_unavailable(device_id)
+    if why:
+        raise GrataError(why)
+    cp = _import_cupy()
+    with cp.cuda.Device(device_id):
+        if device_id not in _STREAMS:
+            # Blocking: work a caller queues on the legacy default stream (another thread's
+            # CuPy) is still ordered with this stream.
+            _STREAMS[device_id] = cp.cuda.Stream(non_blocking=False)
+    stream = _STREAMS[device_id]
+    opts = {**provider_options(stream.ptr, device_id), "use_tf32": "1" if tf32 else "0"}
+    return _Place(cp, "cuda", device_id, [("CUDAExecutionProvider", opts),
+                                          "CPUExecutionProvider"], stream)
+
+
+def _ptr(a) -> int:
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+class _DeviceScalar:
+    """A float32 result left on the device (cos): 1-D for the kernel, read by float()."""
+
+    def __init__(self, xp):
+        self.array = xp.zeros(1, dtype=xp.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.array.__cuda_array_interface__
+
+    def __float__(self) -> float:
+        return float(self.array[0])
+
+
+class CudaEngine:
+    """Same interface as `OrtEngine`; theta and every vector a method makes stay on the GPU.
+
+    The gradients returned by `entropy_grad` / `consistency_grad` are the engine's output
+    buffers: valid until the next call of the same graph."""
+
+    backend = "onnx"
+
+    def __init__(self, artifacts, device_id: int = 0, threads: int | None = None,
+                 verify: bool = True, tf32: bool = False):
+        ort = _onnxruntime()
+        self._place = place = _cuda_place(device_id, tf32)
+        self.xp = xp = place.xp
+        self._enter()
+        self.folder = Path(artifacts)
+        self.manifest = m = load_manifest(self.folder, verify=verify)
+        self.size, self.layout, self.dtype = int(m["size"]), m["params"], np.float32
+        theta0 = np.load(self.folder / m["theta0"]).astype(np.float32)
+        if theta0.shape != (m["n_theta"],):
+            raise GrataError(f"artifact {self.folder}: theta0 has shape {theta0.shape}, "
+                             f"manifest says {m['n_theta']}")
+        self.theta0 = xp.asarray(theta0)
+        self.theta = self.theta0.copy()
+        try:  # compiles (or loads) the fused update now rather than at the first image
+            adam_update(*(xp.zeros(1, dtype=xp.float32) for _ in range(4)), 1, 0.0)
+        except Exception as e:  # noqa: BLE001  (KernelUnavailable, NVRTC, driver errors)
+            raise GrataError(f"--device cuda: the fused update kernel cannot run "
+                             f"({_first_line(e)}): pip install 'grata-edge[gpu]'") from None
+        opts = session_options(threads)
+        self.sessions = {role: ort.InferenceSession(str(self.folder / f), sess_options=opts,
+                                                    providers=place.providers)
+                         for role, f in m["graphs"].items()}
+        first = place.providers[0]
+        wanted = first if isinstance(first, str) else first[0]
+        for role, s in self.sessions.items():
+            if s.get_providers()[0] != wanted:
+                raise GrataError(f"onnxruntime could not start {wanted} for {role} (are the "
+                                 "CUDA and cuDNN libraries of onnxruntime-gpu installed?)")
+        self._run_options = ort.RunOptions()
+        # No cudaStreamSynchronize at the end of each run: the next step is on the stream.
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._bindings = {role: s.io_binding() for role, s in self.sessions.items()}
+        self._outputs = {}
+        for role in ("entropy_grad", "consistency_grad"):
+            out = {"loss": xp.zeros((), dtype=xp.float32), "grad": xp.zeros_like(self.theta)}
+            for name, a in out.items():
+                self._bindings[role].bind_output(name, place.kind, place.index, np.float32,
+                                                 list(a.shape), _ptr(a))
+            self._outputs[role] = out
+
+    def _enter(self) -> None:
+        p = self._place
+        if p.stream is not None:  # the device and stream CuPy uses on this thread
+            self.xp.cuda.Device(p.index).use()
+            p.stream.use()
+
+    @property
+    def stream(self):
+        return self._place.stream
+
+    # array helpers
+    def to_input(self, image):
+        """A [3,S,S] or [1,3,S,S] host image -> a device array (one upload)."""
+        x = OrtEngine.to_input(self, image)
+        self._enter()
+        return self.xp.asarray(x)
+
+    @staticmethod
+    def to_numpy(x) -> np.ndarray:
+        x = x.array if isinstance(x, _DeviceScalar) else x
+        return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)
+
+    def zeros(self):
+        return self.xp.zeros_like(self.theta)
+
+    @staticmethod
+    def copy(a):
+        return a.copy()
+
+    def assign(self, dst, src) -> None:
+        dst[...] = self.xp.asarray(src)
+
+    def all_finite(self, *arrays) -> bool:
+        """One check (one device sync) over every array and scalar given."""
+        xp = self.xp
+        flags = [xp.isfinite(xp.asarray(a.array if isinstance(a, _DeviceScalar) else a)).all()
+                 for a in arrays]
+        return bool(xp.stack(flags).all()) if flags else True
+
+    def scalar(self):
+        """A device float32 scalar for cos (None on the host, like `OrtEngine`)."""
+        return _DeviceScalar(self.xp) if self._place.stream is not None else None
+
+    # the three questions
+    def _run(self, role: str, **inputs) -> None:
+        self._enter()
+        binding, p = self._bindings[role], self._place
+        for name, a in inputs.items():
+            binding.bind_input(name, p.kind, p.index, np.float32, list(a.shape), _ptr(a))
+        self.sessions[role].run_with_iobinding(binding, self._run_options)
+
+    def infer(self, x, norm: str = "sample"):
+        role = "infer" if norm == "sample" else "infer_source"
+        if role not in self.sessions:
+            raise GrataError(f"artifact {self.folder} has no {role!r} graph (needed for "
+                             f"norm={norm!r}); export again with this version")
+        logits = self.xp.empty((1, 2, self.size, self.size), dtype=self.xp.float32)
+        p = self._place
+        self._bindings[role].bind_output("logits", p.kind, p.index, np.float32,
+                                         list(logits.shape), _ptr(logits))
+        self._run(role, image=x, theta=self.theta)
+        return logits
+
+    def entropy_grad(self, x):
+        self._run("entropy_grad", image=x, theta=self.theta)
+        out = self._outputs["entropy_grad"]
+        return out["loss"], out["grad"]
+
+    def consistency_grad(self, x, strong):
+        self._run("consistency_grad", image=x, strong_image=strong, theta=self.theta)
+        out = self._outputs["consistency_grad"]
+        return out["loss"], out["grad"]
