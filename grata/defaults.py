@@ -9,7 +9,6 @@ from importlib import resources
 from pathlib import Path
 
 SYNTH_SEED = 0
-SYNTH_VERSION = 1
 DEFAULT_ARCH = "edge"
 DEFAULT_SIZE = 128
 CHECKPOINT_NAME = "edge_synth.pt"
@@ -29,7 +28,8 @@ def checkpoint() -> Path:
 
 def synthetic_root(progress: bool = True) -> Path:
     """The synthetic benchmark, generated once into the cache (atomically)."""
-    root = cache_dir() / f"synth-v{SYNTH_VERSION}-seed{SYNTH_SEED}"
+    from .synth import VERSION
+    root = cache_dir() / f"synth-v{VERSION}-seed{SYNTH_SEED}"
     if (root / "synth.json").exists():
         return root
     from .synth import generate
