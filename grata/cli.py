@@ -293,7 +293,7 @@ COMMANDS = {"synth": cmd_synth, "train-source": cmd_train, "export": cmd_export,
             "adapt": cmd_adapt}
 # Modules that add subcommands: each has register(subparsers) -> {name: handler(args)}.
 # They import their heavy dependencies inside the handlers, so --help stays fast.
-EXTRA_COMMANDS: tuple[str, ...] = ("grata.serve", "grata.calibration.cli")
+EXTRA_COMMANDS: tuple[str, ...] = ("grata.serve", "grata.bench", "grata.calibration.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,203 @@
+"""grata bench: statistics on a fake clock, the JSON report, and the reference's maths."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from grata.export import export_artifacts
+
+from grata.bench import FORWARDS_PER_IMAGE, STAGES, measure, percentile, stages_plan, summarize
+from grata.bench_reference import AuthorsGraTa
+from grata.cli import main
+from grata.errors import GrataError
+from grata.methods import create
+from grata.models import ResUnet, flops
+
+SIZE = 64
+STAT_KEYS = {"n", "min_ms", "mean_ms", "median_ms", "p90_ms", "p99_ms", "max_ms", "std_ms",
+             "throughput_per_s", "total_s"}
+
+
+class FakeClock:
+    """Returns the given timestamps in order; counts the calls of the timed function."""
+
+    def __init__(self, durations):
+        stamps = [0.0]
+        for d in durations:
+            stamps += [stamps[-1] + 1.0, stamps[-1] + 1.0 + d]  # gap, then the call
+        self.stamps = iter(stamps[1:])
+        self.calls = 0
+
+    def __call__(self):
+        return next(self.stamps)
+
+    def fn(self):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 101])
+def test_percentile_matches_numpy(n):
+    x = np.random.default_rng(n).exponential(size=n)
+    for q in (0, 1, 10, 25, 50, 90, 99, 100):
+        assert percentile(x, q) == pytest.approx(np.percentile(x, q), rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError):
+        percentile(x, 101)
+
+
+def test_measure_on_a_fake_clock_and_its_statistics():
+    durations = list(np.random.default_rng(3).uniform(0.01, 0.2, size=23))
+    clock = FakeClock(durations)
+    times = measure(clock.fn, warmup=4, iterations=23, clock=clock)
+    assert clock.calls == 27                      # warm-up calls are made, not timed
+    np.testing.assert_allclose(times, durations, rtol=0, atol=1e-12)
+    s = summarize(times)
+    assert set(s) == STAT_KEYS and s["n"] == 23
+    ms = np.array(durations) * 1e3
+    for key, ref in (("min_ms", ms.min()), ("max_ms", ms.max()), ("mean_ms", ms.mean()),
+                     ("median_ms", np.median(ms)), ("p90_ms", np.percentile(ms, 90)),
+                     ("p99_ms", np.percentile(ms, 99)), ("std_ms", ms.std())):
+        assert s[key] == pytest.approx(ref, rel=1e-9), key
+    assert s["throughput_per_s"] == pytest.approx(1e3 / ms.mean())
+
+
+def test_measure_for_a_duration():
+    clock = FakeClock([0.3] * 10)
+    times = measure(clock.fn, warmup=0, iterations=None, duration=1.0, clock=clock)
+    assert len(times) == 4  # 0.3, 0.6, 0.9 < 1.0 <= 1.2
+    assert summarize([])["n"] == 0
+    with pytest.raises(ValueError):
+        measure(clock.fn, iterations=None, duration=None)
+
+
+def test_plan_skips_what_a_backend_cannot_run():
+    plan = stages_plan(["onnx-cpu", "torch-cpu", "onnx-tensorrt"], None)
+    assert ("onnx-cpu", "fp32", None) in plan and ("onnx-cpu", "int8", None) in plan
+    assert not any(b == "onnx-cpu" and p == "fp16" for b, p, _ in plan)  # not on a CPU
+    assert ("onnx-tensorrt", "fp16", None) in plan
+    assert next(r for b, p, r in plan if b == "torch-cpu" and p == "int8")
+    with pytest.raises(GrataError, match="unknown backend"):
+        stages_plan(["onnx-npu"], None)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Random edge artifacts, exported where `grata bench adapt` keeps its own (the same
+    model: torch.manual_seed(0)), so the adapt suite finds them in the cache."""
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    folder = root / "cache" / "bench" / f"edge-{SIZE}-seed0"
+    export_artifacts(ResUnet("edge"), "edge", SIZE, folder)
+    (root / "fp32").symlink_to(folder)
+    return root
+
+
+def test_stages_report_schema(artifacts, tmp_path, monkeypatch, capsys):
+    from grata.calibration.quantize import quantize_artifacts
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    from PIL import Image
+    for i in range(2):
+        Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
+            calib / f"{i}.png")
+    quantize_artifacts(artifacts / "fp32", calib, tmp_path / "int8", method="minmax")
+    monkeypatch.setenv("GRATA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--artifacts", str(artifacts / "fp32"), "--int8", str(tmp_path / "int8"),
+               "--backends", "onnx-cpu,torch-cpu", "--precisions", "fp32,int8",
+               "--warmup", "1", "--iterations", "3", "--threads", "1", "--quiet",
+               "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "onnx-cpu" in table and "p99" in table and "skipped" in table
+    r = json.loads(out.read_text())
+    assert r["format_version"] == 1 and r["suite"] == "stages"
+    assert {"cpu", "logical_cpus", "physical_cores", "platform", "load_average",
+            "date_utc", "memory_bytes"} <= set(r["machine"])
+    assert {"grata", "python", "numpy", "onnxruntime"} <= set(r["versions"])
+    s = r["settings"]
+    assert (s["arch"], s["size"], s["warmup"], s["iterations"], s["threads"]) == \
+        ("edge", SIZE, 1, 3, 1)
+    assert s["malloc"] == {"MALLOC_MMAP_THRESHOLD_": "131072",
+                           "MALLOC_TRIM_THRESHOLD_": "131072"}
+    rows = {(x["backend"], x["precision"]): x for x in r["results"]}
+    assert set(rows) == {("onnx-cpu", "fp32"), ("onnx-cpu", "int8"), ("torch-cpu", "fp32"),
+                         ("torch-cpu", "int8")}
+    assert rows[("torch-cpu", "int8")]["skipped"]
+    assert rows[("onnx-cpu", "int8")]["artifacts"] == str(tmp_path / "int8")
+    for key in (("onnx-cpu", "fp32"), ("onnx-cpu", "int8"), ("torch-cpu", "fp32")):
+        row = rows[key]
+        assert row["error"] is None, row["error"]
+        assert list(row["stages"]) == list(STAGES)
+        assert row["env"] == s["malloc"]  # the worker really ran with these settings
+        for st in row["stages"].values():
+            assert set(st) == STAT_KEYS and st["n"] == 3
+            assert st["min_ms"] <= st["median_ms"] <= st["p90_ms"] <= st["p99_ms"] <= \
+                st["max_ms"]
+            assert st["min_ms"] > 0
+        mem = row["memory"]
+        assert mem["peak_rss_bytes"] >= mem["rss_after_setup_bytes"] > 0
+        assert mem["device_peak_bytes"] is None  # no GPU here
+    # the onnx worker never imported torch, so its memory is its own
+    assert rows[("onnx-cpu", "fp32")]["memory"]["peak_rss_bytes"] < \
+        rows[("torch-cpu", "fp32")]["memory"]["peak_rss_bytes"]
+
+
+def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRATA_CACHE", str(artifacts / "cache"))
+    out = tmp_path / "adapt.json"
+    rc = main(["bench", "adapt", "--archs", "edge", "--sizes", str(SIZE), "--images", "2",
+               "--warmup", "0", "--threads", "1", "--backends", "onnx,torch-ref,onnx:opt=bogus",
+               "--matmul", "256",
+               "--quiet", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["suite"] == "adapt" and r["matmul"]["numpy_gflops"] > 0
+    assert r["matmul"]["n"] == 256
+    rows = {x["backend"]: x for x in r["results"]}
+    torch.manual_seed(0)
+    forward = flops(ResUnet("edge"), SIZE)
+    for name in ("onnx", "torch-ref"):
+        row = rows[name]
+        assert row["error"] is None, row["error"]
+        assert row["per_image"]["n"] == len(row["times_s"]) == 2
+        assert row["flops_per_image"] == FORWARDS_PER_IMAGE * forward
+        assert row["gflops_per_s"] == pytest.approx(
+            row["flops_per_image"] / (row["per_image"]["median_ms"] / 1e3) / 1e9)
+    assert rows["torch-ref"]["time_vs_torch_ref"] == 1.0
+    assert rows["onnx"]["torch_imported"] is False
+    assert "opt=bogus" in rows["onnx:opt=bogus"]["error"]
+    assert "error" in capsys.readouterr().out
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny ops: one thread is fastest, and two OpenMP threads on busy shared cores can be
+    # a hundred times slower (barriers waiting out time slices).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_reference_step_is_the_grata_step(one_thread):
+    torch.manual_seed(1)
+    a, b = ResUnet("edge"), ResUnet("edge")
+    b.load_state_dict(a.state_dict())
+    ref = AuthorsGraTa(a, seed=7)
+    method = create("grata", b, seed=7)
+    rng = np.random.default_rng(0)
+    for _ in range(2):  # the second step uses Adam's carried moments
+        img = rng.random((3, SIZE, SIZE), dtype=np.float32)
+        y_ref = ref.adapt(img)
+        y = method.adapt(method.engine.to_input(img), image=img)
+        assert ref.last["cos"] == pytest.approx(float(method.last["cos"]), abs=1e-5)
+        torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
+    theta_ref = torch.cat([p.detach().reshape(-1) for p in ref.params])
+    theta0 = method.engine.theta0
+    moved = (method.engine.theta - theta0).abs().max()
+    assert moved > 1e-5
+    # the same update to within a few float32 ulps of theta (~1)
+    torch.testing.assert_close(theta_ref - theta0, method.engine.theta - theta0,
+                               rtol=1e-3, atol=2.5e-7)
