@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .atomic import write_atomic
 
 # One colour per method in plots (RGB).
 PALETTE = [(90, 90, 90), (31, 119, 180), (255, 127, 14), (214, 39, 40), (44, 160, 44),
@@ -17,19 +17,8 @@ PALETTE = [(90, 90, 90), (31, 119, 180), (255, 127, 14), (214, 39, 40), (44, 160
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write JSON via a temp file + rename, so a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON crash-safely (NaN becomes null, so every reader can parse it)."""
+    write_atomic(path, json.dumps(_clean(obj), indent=1, allow_nan=False).encode())
 
 
 def _clean(obj):
@@ -104,11 +93,9 @@ def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray | None = Non
 
 
 def save_png_atomic(img: Image.Image, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 def plot_stream(report: dict, path, width: int = 900, height: int = 420) -> None:

@@ -68,7 +68,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -77,6 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import fsync_dir, write_atomic
 from .errors import DataError, GrataError
 
 STATE_FILE = "state.npz"
@@ -90,38 +90,6 @@ PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", "~"
 
 
 # ------------------------------------------------------------------------ file helpers
-
-def _fsync_dir(folder) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temp file and a rename (then fsync the
-    folder): after a crash the path holds the old content or the new, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are for other readers too
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
 
 def _remove_temp_files(folder: Path) -> int:
     """Delete the temp files `write_atomic` leaves when killed mid-write."""
@@ -568,8 +536,8 @@ def _free_name(folder: Path, name: str, digest: str) -> str:
 def _move(src: Path, folder: Path, digest: str) -> Path:
     dest = folder / _free_name(folder, src.name, digest)
     os.replace(src, dest)
-    _fsync_dir(folder)
-    _fsync_dir(src.parent)
+    fsync_dir(folder)
+    fsync_dir(src.parent)
     return dest
 
 
@@ -658,8 +626,8 @@ def _serve_one(path: Path, outbox: Path, processed: Path, rejected: Path, sessio
             os.replace(path, rejected / name)
         except FileNotFoundError:  # taken away meanwhile
             pass
-        _fsync_dir(rejected)
-        _fsync_dir(path.parent)
+        fsync_dir(rejected)
+        fsync_dir(path.parent)
         counts["rejected"] += 1
         log(f"{path.name}: rejected: {problem}")
         return

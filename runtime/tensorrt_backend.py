@@ -69,14 +69,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import GrataError
 
 PRECISIONS = ("fp16", "fp32", "int8")
@@ -110,20 +109,6 @@ def import_tensorrt() -> Any:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def engine_fields(manifest: dict, graph: str, tensorrt_version: str, gpu: str,
@@ -174,9 +159,9 @@ class EngineCache:
     def store(self, fields: dict, blob: bytes) -> Path:
         engine, sidecar = self.paths(fields)
         sidecar.unlink(missing_ok=True)  # never a sidecar beside a half-replaced engine
-        _write_atomic(engine, blob)
+        write_atomic(engine, blob)
         meta = {"fields": fields, "engine_sha256": _sha256(blob), "bytes": len(blob)}
-        _write_atomic(sidecar, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        write_atomic(sidecar, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
         return engine
 
 
