@@ -57,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default=defaults.DEFAULT_ARCH,
                    help="resnet18, resnet34 or edge (default edge)")
     t.add_argument("--size", type=int, default=defaults.DEFAULT_SIZE,
-                   help="input size S, divisible by 32 (default 256)")
+                   help="input size S, divisible by 32 (default 128)")
     t.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
     t.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (1e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    t.add_argument("--threads", type=int, help="CPU threads (default: all cores; 1 gives "
+                   "results that do not depend on the machine's core count)")
     t.add_argument("--no-resume", action="store_true", help="start over even if a state exists")
     t.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
 
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "edge model)")
     e.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
                    "checkpoint, else resnet34)")
-    e.add_argument("--size", type=int, help="input size S, divisible by 32 (default 256 for "
+    e.add_argument("--size", type=int, help="input size S, divisible by 32 (default 128 for "
                    "the shipped model, else 512)")
     e.add_argument("--out", required=True, type=Path, help="artifact folder (replaced)")
 
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "edge model, which implies --arch edge)")
     a.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
                    "checkpoint, else resnet34)")
-    a.add_argument("--size", type=int, help="input size S (default 256 for the shipped "
+    a.add_argument("--size", type=int, help="input size S (default 128 for the shipped "
                    "model, else 512)")
     a.add_argument("--methods", type=_csv, default=["source", "bn", "tent", "grata"],
                    help="comma-separated: source, bn, tent, grata, grata-noalign, "
@@ -167,7 +169,7 @@ def cmd_train(args) -> int:
         raise GrataError(f"--size must be divisible by 32, not {args.size}")
     info = train_source(root, domain, args.arch, args.size, args.epochs, args.out,
                         batch=args.batch, lr=args.lr, seed=args.seed,
-                        resume=not args.no_resume)
+                        resume=not args.no_resume, threads=args.threads)
     print(f"wrote {info['checkpoint']} ({info['n_images']} images, {info['epochs']} epochs, "
           f"final loss {info['final_loss']:.4f})\nsha256 {info['sha256']}")
     return 0
