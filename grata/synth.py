@@ -18,7 +18,7 @@ Clinic        source: desktop camera, clean; mild jitter of exposure, white bala
 Handheld      defocus blur, uneven illumination (off-axis light, strong vignetting) and
               veiling glare, sensor noise, green LED cast; disc a little larger (30-46 %)
 Widefield     scanning-laser pseudo-colour: reduced blue, green-heavy, lower contrast,
-              slight blur; wider field of view, so the disc is small (22-32 %)
+              slight blur; wider field of view, so the disc is small (24-34 %)
 LowLight      under-exposed non-mydriatic shots: dark, high gamma, strong signal-
               dependent noise, heavy vignetting, cool (blue) white balance
 Legacy        scanned film / old archive: yellow faded colours with a raised black level,
@@ -86,11 +86,11 @@ DOMAINS: dict[str, _Domain] = {
     "Handheld": _Domain(
         disc=(0.30, 0.46), cdr=(0.3, 0.65, 0.2), gains=(0.85, 1.15, 0.72),
         exposure=(0.8, 1.05), gamma=(0.9, 1.2), contrast=(0.85, 1.0), vignette=(0.35, 0.55),
-        gradient=(0.25, 0.45), blur=(2.2, 3.5), noise=(0.02, 0.035), haze=(0.06, 0.18),
+        gradient=(0.2, 0.4), blur=(1.8, 3.0), noise=(0.015, 0.025), haze=(0.05, 0.15),
         shift="defocus blur, uneven illumination and glare, sensor noise, green LED cast"),
     "Widefield": _Domain(
-        disc=(0.22, 0.32), cdr=(0.3, 0.65, 0.2), gains=(0.92, 1.1, 1.0), exposure=(0.8, 1.0),
-        gamma=(0.8, 0.95), contrast=(0.8, 0.9), blur=(0.5, 0.9), blue_keep=0.8,
+        disc=(0.24, 0.34), cdr=(0.3, 0.65, 0.2), gains=(0.92, 1.1, 1.0), exposure=(0.8, 1.0),
+        gamma=(0.8, 0.95), contrast=(0.8, 0.9), blur=(0.5, 0.9), blue_keep=0.75,
         shift="laser pseudo-colour (less blue, green-heavy), low contrast, small disc"),
     "LowLight": _Domain(
         disc=(0.28, 0.42), cdr=(0.3, 0.65, 0.2), gains=(0.8, 1.0, 1.5),
@@ -98,8 +98,8 @@ DOMAINS: dict[str, _Domain] = {
         noise=(0.03, 0.05),
         shift="under-exposed, high gamma, strong noise, heavy vignetting, blue cast"),
     "Legacy": _Domain(
-        disc=(0.34, 0.46), cdr=(0.45, 0.75, 0.4), gains=(1.04, 0.95, 0.72),
-        exposure=(0.85, 1.0), gamma=(0.9, 1.0), contrast=(0.75, 0.88), black=0.07,
+        disc=(0.34, 0.46), cdr=(0.45, 0.75, 0.4), gains=(1.04, 0.95, 0.76),
+        exposure=(0.85, 1.0), gamma=(0.9, 1.0), contrast=(0.78, 0.9), black=0.06,
         blur=(0.4, 0.8), jpeg=True,
         shift="yellow faded film, raised black level, low contrast, JPEG q25, large disc "
               "and cups"),
