@@ -51,7 +51,7 @@ from .errors import GrataError
 
 SOURCE_DOMAIN = "Clinic"
 TARGET_DOMAINS = ("Handheld", "Widefield", "LowLight", "Legacy")
-VERSION = 2  # bump whenever the same seed would give different files
+VERSION = 3  # bump whenever the same seed would give different files
 JPEG_QUALITY = 25
 
 _SPLIT_IDS = {"train": 0, "test": 1}
