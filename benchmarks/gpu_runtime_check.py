@@ -19,7 +19,7 @@ prediction waits for the device), and for the GPU engines the device time of the
 relative L2 distance of the final theta to the CPU engine's, and the share of prediction
 pixels (logit > 0) that agree with it.
 
-Needs torch with CUDA, onnx and onnxscript (export), onnxruntime-gpu, CuPy for the driver's
+Needs torch with CUDA, onnx (export), onnxruntime-gpu, CuPy for the driver's
 CUDA major version (cupy-cuda12x / cupy-cuda13x), and the ``gpu`` extra (cuda-python,
 cuda-core, NVRTC) for the kernel. Exit status: 0 every engine ran and agreed with the CPU
 within --tol, 1 one did not, 2 no GPU (or a missing package), with the reason on stderr.
