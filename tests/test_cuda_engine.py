@@ -6,14 +6,11 @@ import types
 
 import numpy as np
 import pytest
-import torch
+from grata.runtime import OrtEngine, cuda_engine, open_engine
 
 from grata.cli import _onnx_factory, main
 from grata.errors import GrataError
-from grata.export import export_artifacts
 from grata.methods import create
-from grata.models import ResUnet
-from grata.runtime import OrtEngine, cuda_engine, open_engine
 from grata.synth import TARGET_DOMAINS, generate, render
 
 SIZE = 64
@@ -23,18 +20,8 @@ gpu = pytest.mark.skipif(REASON is not None,
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda_engine")
-    torch.manual_seed(0)
-    model = ResUnet("edge")
-    with torch.no_grad():  # some structure in the affines and the running statistics
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.6, 1.4)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    export_artifacts(model, "edge", SIZE, root / "art")
-    return root / "art"
+def art(edge64):
+    return edge64[1]
 
 
 @pytest.fixture(scope="module")

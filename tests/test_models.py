@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from grata.errors import GrataError
-from grata.models import (ResUnet, flatten_theta, load_checkpoint, norm_layers, save_checkpoint,
-                          set_norm_mode, theta_layout)
+from grata.models import (
+    ResUnet,
+    flatten_theta,
+    load_checkpoint,
+    norm_layers,
+    save_checkpoint,
+    set_norm_mode,
+    theta_layout,
+)
 
 
 def authors_layout(blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512)) -> dict[str, tuple]:

@@ -14,33 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from grata.runtime import OrtEngine
+from grata.runtime.serving import OrtPredictor, make_predictor, tensorrt_installed
 from PIL import Image
 
 from grata.cli import main
 from grata.errors import DataError, GrataError
-from grata.export import export_artifacts
-from grata.models import ResUnet
-from grata.runtime import OrtEngine
-from grata.runtime.serving import OrtPredictor, make_predictor, tensorrt_installed
 from grata.serve import STATE_FILE, Session, _Watcher, result_key, serve, theta_digest
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    model = ResUnet("edge")
-    with torch.no_grad():  # some structure in the statistics and affines
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.6, 1.4)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    export_artifacts(model, "edge", SIZE, root / "art")
-    return root / "art"
+def artifacts(edge64):
+    return edge64[1]
 
 
 def fundus(rng, size=96) -> np.ndarray:

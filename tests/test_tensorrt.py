@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-
-from grata.errors import GrataError
 from grata.runtime.serving import make_predictor, tensorrt_installed
 from grata.runtime.tensorrt_backend import EngineCache, engine_fields, import_tensorrt
+
+from grata.errors import GrataError
 
 MANIFEST = {"graphs": {"infer": "infer.onnx"}, "weights": "weights.bin",
             "sha256": {"infer.onnx": "a" * 64, "weights.bin": "b" * 64}}
@@ -85,23 +85,10 @@ needs_gpu = pytest.mark.skipif(SKIP is not None, reason=f"TensorRT engine tests:
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(request):
     if SKIP is not None:
         pytest.skip(f"TensorRT engine tests: {SKIP}")
-    import torch
-
-    from grata.export import export_artifacts
-    from grata.models import ResUnet
-    torch.manual_seed(0)
-    model = ResUnet("edge")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.6, 1.4)
-                m.bias.uniform_(-0.2, 0.2)
-    root = tmp_path_factory.mktemp("trt")
-    export_artifacts(model, "edge", 64, root / "art")
-    return root / "art"
+    return request.getfixturevalue("edge64")[1]
 
 
 @needs_gpu
