@@ -33,6 +33,15 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, help="source checkpoint (default: the shipped "
+                   "edge model, which implies --arch edge)")
+    p.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
+                   "checkpoint, else resnet34)")
+    p.add_argument("--size", type=int, help="input size S, a multiple of 32 (default 128 for "
+                   "the shipped model, else 512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="grata", description="Test-time adaptation (GraTa) of optic disc/cup "
@@ -72,17 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "infer, entropy_grad and consistency_grad graphs (standard ONNX, theta "
                        "= every BN gamma/beta as one flat input), shared weights, theta0 and "
                        "manifest.json with SHA-256 of every file.")
-    e.add_argument("--checkpoint", type=Path, help="source checkpoint (default: the shipped "
-                   "edge model)")
-    e.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
-                   "checkpoint, else resnet34)")
-    e.add_argument("--size", type=int, help="input size S, divisible by 32 (default 128 for "
-                   "the shipped model, else 512)")
+    _model_args(e)
     e.add_argument("--out", required=True, type=Path, help="artifact folder (replaced)")
 
     a = sub.add_parser("adapt", help="adapt on target domains and score every image",
-                       description="Stream each target domain image by image through each "
-                       "method (batch 1, one step per image, prediction after the step) and "
+                       description="Stream each target domain image by image through each\n"
+                       "method (batch 1, one step per image, prediction after the step) and\n"
                        "report Dice of optic disc (OD) and cup (OC) per domain.",
                        epilog=EPILOG_ADAPT, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--data", type=Path, help="data root (default: the synthetic benchmark, "
@@ -90,12 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--source", help="the source domain (excluded from the default targets)")
     a.add_argument("--targets", type=_csv, help="comma-separated target domains "
                    "(default: every domain but the source)")
-    a.add_argument("--checkpoint", type=Path, help="source checkpoint (default: the shipped "
-                   "edge model, which implies --arch edge)")
-    a.add_argument("--arch", help="resnet18, resnet34 or edge (default: edge for the shipped "
-                   "checkpoint, else resnet34)")
-    a.add_argument("--size", type=int, help="input size S (default 128 for the shipped "
-                   "model, else 512)")
+    _model_args(a)
     a.add_argument("--methods", type=_csv, default=["source", "bn", "tent", "grata"],
                    help="comma-separated: source, bn, tent, grata, grata-noalign, "
                    "grata-fixedlr (default source,bn,tent,grata)")
