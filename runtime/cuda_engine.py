@@ -25,8 +25,21 @@ from ..errors import GrataError
 from ..export.manifest import load_manifest
 from ..export.session import session_options
 from ..kernels import adam_update
-from ..kernels.ort_cuda import cuda_provider_available, provider_options
 from .engine import OrtEngine, _onnxruntime
+
+
+def cuda_provider_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def provider_options(stream_handle: int, device_id: int = 0) -> dict:
+    """CUDA execution provider options that make onnxruntime compute on `stream_handle`."""
+    return {"device_id": str(device_id), "user_compute_stream": str(int(stream_handle))}
+
 
 INSTALL = "pip install 'grata-edge[gpu]' onnxruntime-gpu cupy-cuda12x"
 _STREAMS: dict[int, Any] = {}  # one stream per device, shared by every engine on it

@@ -508,40 +508,6 @@ def test_cuda_rejects_bad_device_arrays():
         kernels.grata_update(a, a.clone(), a.clone(), np.zeros(8, np.float32), a.clone(), 1, BETA)
 
 
-def _ort_cuda_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime not installed"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "onnxruntime without CUDAExecutionProvider (needs onnxruntime-gpu)"
-    return None
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_ort_cuda_reason() is not None, reason=str(_ort_cuda_reason()))
-def test_ort_device_state_updates_without_host_copies():
-    _cuda_or_skip()
-    from grata.kernels.ort_cuda import OrtDeviceState
-
-    rng = np.random.default_rng(9)
-    n = 19136
-    theta0 = rng.uniform(0.5, 1.5, n).astype(np.float32)
-    gp = (rng.standard_normal(n) * 1e-3).astype(np.float32)
-    ga = (rng.standard_normal(n) * 1e-3).astype(np.float32)
-    state = OrtDeviceState(theta0)
-    # Gradients as a graph would leave them: written on the device, read by the kernel.
-    for name, values in (("g_p", gp), ("g_a", ga)):
-        state.values[name].update_inplace(values)
-    state.grata_step(BETA)
-    theta, m, v = theta0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
-    cos = kernels.grata_update(theta, m, v, gp, ga, 1, BETA)
-    assert state.read_cos() == pytest.approx(cos, abs=1e-5)
-    assert np.all(np.abs(state.theta() - theta) <= 8 * U32 * np.abs(theta0))
-
-
 # ---------------------------------------------------------------- launch plumbing (no GPU)
 
 
