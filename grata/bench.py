@@ -17,9 +17,9 @@ Two suites:
 
 Method. Every backend configuration runs in its own Python process, so peak resident
 memory (VmHWM) is that configuration's alone; all workers get the same glibc malloc
-settings (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` = 128 KiB unless
-``--malloc system``: glibc otherwise raises its mmap threshold after large frees, and
-the peak would depend on allocation history rather than on need). Timings: warm-up
+settings (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, see MALLOC_SETTINGS):
+fixed thresholds, because glibc otherwise raises its mmap threshold after large frees
+and time and peak would depend on allocation history. Timings: warm-up
 calls first, then a fixed number of iterations or a duration; min / mean / median / p90
 / p99 (linear interpolation between order statistics, numpy's default) and throughput
 = 1 / mean. GPU work is synchronised before each clock read. The machine, versions,
@@ -51,7 +51,18 @@ STAGES = ("predict", "entropy_grad", "consistency_grad", "augment", "update", "g
 PRECISIONS = ("fp32", "int8", "fp16")
 STAGE_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch-cpu", "torch-cuda")
 ADAPT_BACKENDS = ("onnx", "torch-ref", "torch")
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# glibc malloc settings given to every worker (--malloc). "large": buffers up to 32 MiB
+# (glibc's maximum threshold) come from the heap and are reused, as in glibc's own steady
+# state once its dynamic threshold has grown, but from the first call on, so no run
+# depends on allocation history. "small": every buffer above 128 KiB is its own mapping,
+# returned at free: RSS follows live memory closely, and each call pays page faults for
+# its big buffers again (measured: +2 s per image for the torch reference at 512).
+MALLOC_SETTINGS = {
+    "large": {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "67108864"},
+    "small": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
+    "system": {},
+}
+MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 RESULT_TAG = "GRATA_BENCH_RESULT "
 FORMAT_VERSION = 1
 # FLOPs of one GraTa image in units of one forward pass: 9 forwards (entropy, 6 teacher
@@ -345,10 +356,10 @@ def bench_image(index: int, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- engines
 
 def _parse_variant(spec: str) -> tuple[str, dict]:
-    """'onnx:arena=1,roles=grata' -> ('onnx', {'arena': '1', 'roles': 'grata'})."""
+    """'onnx:arena=1+roles=grata' -> ('onnx', {'arena': '1', 'roles': 'grata'})."""
     name, _, rest = spec.partition(":")
     opts = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split("+")):
         key, eq, value = item.partition("=")
         if not eq:
             raise GrataError(f"backend option {item!r} in {spec!r} is not key=value")
@@ -357,13 +368,39 @@ def _parse_variant(spec: str) -> tuple[str, dict]:
 
 
 ONNX_OPTIONS = {
-    "arena": "CPU memory arena and memory pattern on (1) or off (0, the runtime's choice)",
+    "arena": "CPU memory arena: off (0, the runtime's choice), one per session (1), or "
+             "shared (one arena for all sessions, growing by what is asked)",
     "opt": "graph optimisation level: disable, basic, extended, all (the runtime's choice)",
     "roles": "sessions created: all graphs (the runtime), or grata (the three GraTa graphs)",
     "spin": "intra-op threads spin after a run (1, onnxruntime's default) or sleep (0)",
-    "pool": "thread pools: session (one per session, default) or global (one shared)",
+    "pool": "thread pools: session (one per session, the runtime's) or global (one for "
+            "the process; set before its first session)",
     "threads": "intra-op threads of this variant",
+    "share": "1: the frozen weights read once and handed to every session as shared "
+             "initializers (add_initializer) instead of one copy per session",
 }
+
+
+def shared_initializers(folder: Path, graph_files) -> dict:
+    """{tensor name: numpy array} of every external-data initializer of the graphs, read
+    once from the weights file (the graphs reference the same bytes by name)."""
+    import onnx
+    from onnx import helper
+    arrays: dict[str, np.ndarray] = {}
+    blobs: dict[str, np.ndarray] = {}
+    for f in graph_files:
+        model = onnx.load(str(folder / f), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.name in arrays:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            loc = info["location"]
+            if loc not in blobs:
+                blobs[loc] = np.fromfile(folder / loc, dtype=np.uint8)
+            start, length = int(info.get("offset", 0)), int(info["length"])
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            arrays[t.name] = blobs[loc][start:start + length].view(dtype).reshape(tuple(t.dims))
+    return arrays
 
 
 def provider_list(device: str, precision: str, cache_dir: Path | None = None) -> list:
@@ -385,25 +422,49 @@ def provider_list(device: str, precision: str, cache_dir: Path | None = None) ->
     raise GrataError(f"unknown device {device!r}")
 
 
+def _copy_options(opts):
+    """A fresh SessionOptions with the same settings (initializers are per options)."""
+    import onnxruntime as ort
+    new = ort.SessionOptions()
+    for attr in ("graph_optimization_level", "execution_mode", "intra_op_num_threads",
+                 "inter_op_num_threads", "enable_cpu_mem_arena", "enable_mem_pattern",
+                 "use_per_session_threads"):
+        setattr(new, attr, getattr(opts, attr))
+    for key in ("session.intra_op.allow_spinning", "session.use_env_allocators"):
+        value = opts.get_session_config_entry(key) if _has_entry(opts, key) else None
+        if value is not None:
+            new.add_session_config_entry(key, value)
+    return new
+
+
+def _has_entry(opts, key: str) -> bool:
+    try:
+        opts.get_session_config_entry(key)
+    except Exception:  # noqa: BLE001  (onnxruntime raises a bare RuntimeError when unset)
+        return False
+    return True
+
+
 def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
                      threads: int | None = None, options: dict | None = None,
                      cache_dir: Path | None = None):
-    """The runtime's `OrtEngine` when nothing is changed; otherwise an OrtEngine whose
+    """The runtime's engine when nothing is changed (`open_engine`: OrtEngine on a CPU,
+    CudaEngine with device arrays on CUDA); otherwise an OrtEngine whose
     sessions get the given provider options (TensorRT precision flags) and session
     settings (see ONNX_OPTIONS), which the runtime's device names do not carry."""
     import onnxruntime as ort
 
     from .export.manifest import load_manifest
     from .export.session import session_options
-    from .runtime import OrtEngine
+    from .runtime import OrtEngine, open_engine
 
     options = dict(options or {})
     unknown = sorted(set(options) - set(ONNX_OPTIONS))
     if unknown:
         raise GrataError(f"unknown onnx option {unknown[0]!r}; choose from "
                          f"{', '.join(ONNX_OPTIONS)}")
-    if not options and device in ("cpu", "cuda"):
-        return OrtEngine(artifacts, device=device, threads=threads)
+    if not options and device in ("cpu", "cuda"):  # what grata adapt runs
+        return open_engine(artifacts, device=device, threads=threads)
 
     providers = provider_list(device, precision, cache_dir)
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
@@ -413,7 +474,17 @@ def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
         from onnxruntime.capi import _pybind_state as C
         C.set_global_thread_pool_sizes(int(options.get("threads") or threads or 0), 1)
     opts = session_options(int(options.get("threads") or 0) or threads)
-    if "arena" in options:
+    if options.get("arena") == "shared":
+        # one arena in onnxruntime's environment, used by every session of the process
+        mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(
+            mem, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        opts.enable_cpu_mem_arena = True
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    elif "arena" in options:
+        if options["arena"] not in ("0", "1"):
+            raise GrataError(f"arena={options['arena']}: choose 0, 1 or shared")
         opts.enable_cpu_mem_arena = opts.enable_mem_pattern = options["arena"] == "1"
     if "opt" in options:
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -442,19 +513,39 @@ def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
             self.dtype = np.float32
             keep = m["graphs"] if roles == "all" else \
                 {r: f for r, f in m["graphs"].items() if r != "infer_source"}
-            self.sessions = {r: ort.InferenceSession(str(self.folder / f), sess_options=opts,
-                                                     providers=providers)
-                             for r, f in keep.items()}
+            self.sessions = {}
+            self._shared = None
+            if options.get("share") == "1":  # kept alive as long as the sessions
+                arrays = shared_initializers(self.folder, keep.values())
+                self._shared = {k: ort.OrtValue.ortvalue_from_numpy(v)
+                                for k, v in arrays.items()}
+            for r, f in keep.items():
+                role_opts = opts
+                if self._shared is not None:
+                    import onnx
+                    role_opts = _copy_options(opts)
+                    names = {t.name for t in onnx.load(str(self.folder / f),
+                                                       load_external_data=False
+                                                       ).graph.initializer}
+                    for name in names & set(self._shared):
+                        role_opts.add_initializer(name, self._shared[name])
+                self.sessions[r] = ort.InferenceSession(str(self.folder / f),
+                                                        sess_options=role_opts,
+                                                        providers=providers)
 
     return _Engine()
 
 
 # ----------------------------------------------------------------------------- workers
 
-def _sync_for(backend: str):
+def _sync_for(backend: str, engine):
+    """What makes a timed call wait for the device (None: calls are synchronous)."""
     if backend == "torch-cuda":
         import torch
         return torch.cuda.synchronize
+    stream = getattr(engine, "stream", None)  # CudaEngine queues work on its stream
+    if stream is not None and hasattr(stream, "synchronize"):
+        return stream.synchronize
     return None
 
 
@@ -486,7 +577,7 @@ def _stage_worker(spec: dict) -> dict:
                 model = ResUnet(spec["arch"])
             engine = TorchEngine(model, device="cuda" if backend == "torch-cuda" else "cpu")
         size = getattr(engine, "size", size)
-        sync = _sync_for(backend)
+        sync = _sync_for(backend, engine)
         rss_setup = rss_bytes()
         rng = np.random.default_rng(seed)
         images = [bench_image(i, size) for i in range(4)]
@@ -588,20 +679,20 @@ def _worker_main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001  (reported as a row; the others go on)
         result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     result["wall_s"] = time.perf_counter() - t0
-    result["env"] = {k: os.environ.get(k) for k in MALLOC_ENV}
+    result["env"] = {k: os.environ.get(k) for k in MALLOC_KEYS}
     sys.stdout.write("\n" + RESULT_TAG + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
 
 
-def run_worker(spec: dict, malloc: str = "fixed", timeout: float | None = None) -> dict:
-    """Run one measurement in a fresh interpreter; return its result (with the load
-    average before and after)."""
+def run_worker(spec: dict, malloc: str = "large", timeout: float | None = None) -> dict:
+    """Run one measurement in a fresh interpreter with the glibc malloc settings
+    `malloc` (a MALLOC_SETTINGS key); return its result (with the load average before
+    and after)."""
     env = dict(os.environ)
-    for k in MALLOC_ENV:
+    for k in MALLOC_KEYS:
         env.pop(k, None)
-    if malloc == "fixed":
-        env.update(MALLOC_ENV)
+    env.update(MALLOC_SETTINGS[malloc])
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     try:
         proc = subprocess.run([sys.executable, "-m", "grata.bench", "--worker", json.dumps(spec)],
@@ -784,7 +875,7 @@ def run_stages(args) -> dict:
                 "arch": m["arch"], "size": m["size"], "stages": stages, "warmup": args.warmup,
                 "iterations": None if args.duration else args.iterations,
                 "duration_s": args.duration, "threads": threads, "seed": args.seed,
-                "malloc": MALLOC_ENV if args.malloc == "fixed" else "system",
+                "malloc": {"setting": args.malloc, **MALLOC_SETTINGS[args.malloc]},
                 "checkpoint": str(args.checkpoint) if args.checkpoint else None}
     from . import defaults
     rows = []
@@ -883,7 +974,7 @@ def run_adapt(args) -> dict:
     settings = {"suite": "adapt", "archs": archs, "sizes": sizes, "backends": backends,
                 "images": args.images, "warmup": args.warmup, "threads": threads,
                 "seed": args.seed, "weights": f"random (torch.manual_seed({args.seed}))",
-                "malloc": MALLOC_ENV if args.malloc == "fixed" else "system",
+                "malloc": {"setting": args.malloc, **MALLOC_SETTINGS[args.malloc]},
                 "flops_convention": f"{FORWARDS_PER_IMAGE} forward passes per image "
                                     "(9 forwards + 2 backwards at 2 forwards each)"}
     rows = []
@@ -967,7 +1058,7 @@ examples:
       --artifacts art/edge256 --int8 runs/int8/int8 --duration 10
   grata bench adapt --archs resnet34,edge --sizes 256,512 --images 10
   grata bench adapt --archs edge --sizes 256 --images 3 --warmup 1     (a quick look)
-  grata bench adapt --backends onnx,onnx:arena=1,onnx:roles=grata,torch-ref
+  grata bench adapt --backends onnx,onnx:arena=1,onnx:roles=grata+share=1,torch-ref
       onnx session variants: """ + "; ".join(f"{k}: {v}" for k, v in ONNX_OPTIONS.items()) + """
 
 Each configuration runs in its own process (its own peak memory). The table goes to
@@ -996,7 +1087,7 @@ def register(sub) -> dict:
                    "(default: the embedded default's)")
     b.add_argument("--backends", help="stages: comma-separated from "
                    f"{', '.join(STAGE_BACKENDS)}, or auto (default: all available); adapt: "
-                   f"from {', '.join(ADAPT_BACKENDS)} with onnx:key=value,... variants "
+                   f"from {', '.join(ADAPT_BACKENDS)} with onnx:key=value+... variants "
                    "(default onnx,torch-ref)")
     b.add_argument("--precisions", default="auto", help="stages: comma-separated from "
                    f"{', '.join(PRECISIONS)} (default fp32,int8, plus fp16 on a GPU)")
@@ -1011,9 +1102,10 @@ def register(sub) -> dict:
     b.add_argument("--duration", type=float, help="stages: seconds per stage instead")
     b.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     b.add_argument("--seed", type=int, default=0, help="seed of weights and strong views")
-    b.add_argument("--malloc", default="fixed", choices=["fixed", "system"],
-                   help="fixed: the same glibc mmap/trim thresholds for every worker "
-                   "(default); system: leave the environment as it is")
+    b.add_argument("--malloc", default="large", choices=list(MALLOC_SETTINGS),
+                   help="glibc malloc thresholds given to every worker alike: large (32 MiB "
+                   "mmap threshold, default), small (128 KiB: RSS follows live memory, big "
+                   "buffers re-fault every call), system (the environment's)")
     b.add_argument("--timeout", type=float, default=3600, help="seconds per worker (3600)")
     b.add_argument("--json", type=Path, default=Path("bench.json"),
                    help="where to write the JSON report (default bench.json)")

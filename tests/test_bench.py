@@ -119,8 +119,8 @@ def test_stages_report_schema(artifacts, tmp_path, monkeypatch, capsys):
     s = r["settings"]
     assert (s["arch"], s["size"], s["warmup"], s["iterations"], s["threads"]) == \
         ("edge", SIZE, 1, 3, 1)
-    assert s["malloc"] == {"MALLOC_MMAP_THRESHOLD_": "131072",
-                           "MALLOC_TRIM_THRESHOLD_": "131072"}
+    assert s["malloc"] == {"setting": "large", "MALLOC_MMAP_THRESHOLD_": "33554432",
+                           "MALLOC_TRIM_THRESHOLD_": "67108864"}
     rows = {(x["backend"], x["precision"]): x for x in r["results"]}
     assert set(rows) == {("onnx-cpu", "fp32"), ("onnx-cpu", "int8"), ("torch-cpu", "fp32"),
                          ("torch-cpu", "int8")}
@@ -130,7 +130,8 @@ def test_stages_report_schema(artifacts, tmp_path, monkeypatch, capsys):
         row = rows[key]
         assert row["error"] is None, row["error"]
         assert list(row["stages"]) == list(STAGES)
-        assert row["env"] == s["malloc"]  # the worker really ran with these settings
+        # the worker really ran with these settings
+        assert row["env"] == {k: v for k, v in s["malloc"].items() if k != "setting"}
         for st in row["stages"].values():
             assert set(st) == STAT_KEYS and st["n"] == 3
             assert st["min_ms"] <= st["median_ms"] <= st["p90_ms"] <= st["p99_ms"] <= \
@@ -201,3 +202,22 @@ def test_reference_step_is_the_grata_step(one_thread):
     # the same update to within a few float32 ulps of theta (~1)
     torch.testing.assert_close(theta_ref - theta0, method.engine.theta - theta0,
                                rtol=1e-3, atol=2.5e-7)
+
+
+def test_onnx_variants_compute_what_the_runtime_computes(artifacts):
+    from grata.runtime import OrtEngine
+
+    from grata.bench import make_onnx_engine
+    plain = make_onnx_engine(artifacts / "fp32", threads=1)
+    assert type(plain) is OrtEngine  # nothing changed: the runtime's own engine
+    variant = make_onnx_engine(artifacts / "fp32", threads=1,
+                               options={"share": "1", "roles": "grata", "opt": "extended",
+                                        "spin": "0", "arena": "1"})
+    assert set(variant.sessions) == {"infer", "entropy_grad", "consistency_grad"}
+    x = plain.to_input(np.random.default_rng(0).random((3, SIZE, SIZE), dtype=np.float32))
+    # other optimisation level, other summation order: float32 rounding apart
+    np.testing.assert_allclose(variant.infer(x), plain.infer(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(variant.entropy_grad(x)[1], plain.entropy_grad(x)[1],
+                               rtol=1e-4, atol=1e-7)
+    with pytest.raises(GrataError, match="unknown onnx option"):
+        make_onnx_engine(artifacts / "fp32", options={"arenas": "1"})
