@@ -186,7 +186,7 @@ def graph_bytes(path) -> int:
     return total
 
 
-def quantize_artifacts(artifacts, images, out_dir, method: str = "entropy",
+def quantize_artifacts(artifacts, images, out_dir, method: str = "percentile",
                        per_channel: bool = True, max_images: int | None = None,
                        percentile: float = 99.999, bins: int = 2048) -> dict:
     """Quantise the `infer` graph of `artifacts` to INT8 (QDQ) with calibration images.
