@@ -464,6 +464,10 @@ def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
         raise GrataError(f"unknown onnx option {unknown[0]!r}; choose from "
                          f"{', '.join(ONNX_OPTIONS)}")
     if not options and device in ("cpu", "cuda"):  # what grata adapt runs
+        if device == "cuda" and importlib.util.find_spec("cupy") is None:
+            # CudaEngine keeps its arrays in CuPy; without it, the CUDA provider with
+            # host arrays (the report's "engine" field says which ran)
+            return OrtEngine(artifacts, device="cuda", threads=threads)
         return open_engine(artifacts, device=device, threads=threads)
 
     providers = provider_list(device, precision, cache_dir)
@@ -609,7 +613,7 @@ def _stage_worker(spec: dict) -> dict:
             times = measure(fns[name], spec["warmup"], spec.get("iterations"),
                             spec.get("duration"), sync=sync)
             stages[name] = summarize(times)
-    out = {"stages": stages, "size": size,
+    out = {"stages": stages, "size": size, "engine": type(engine).__name__,
            "memory": {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
                       "peak_rss_bytes": peak_rss_bytes(),
                       "device_peak_bytes": device_peak.peak_bytes}}
@@ -757,7 +761,7 @@ def _default_artifacts(size: int | None, quiet: bool) -> tuple[Path, str]:
 
 
 def _int8_artifacts(fp32: Path, quiet: bool) -> Path:
-    """A QDQ INT8 copy of fp32 artifacts (min-max on 16 synthetic source images),
+    """A QDQ INT8 copy of fp32 artifacts (calibrated on 16 synthetic source images),
     made once into the cache. Good enough for timing; `grata calibrate` makes the one
     to ship and scores it."""
     from . import defaults
@@ -772,7 +776,7 @@ def _int8_artifacts(fp32: Path, quiet: bool) -> Path:
         images = defaults.synthetic_root(progress=not quiet) / SOURCE_DOMAIN / "train" / "image"
         if not quiet:
             print(f"calibrating INT8 artifacts into {folder} (once)", file=sys.stderr)
-        quantize_artifacts(fp32, images, folder, method="minmax", max_images=16)
+        quantize_artifacts(fp32, images, folder, max_images=16)
     return folder
 
 

@@ -130,6 +130,7 @@ def test_stages_report_schema(artifacts, tmp_path, monkeypatch, capsys):
         row = rows[key]
         assert row["error"] is None, row["error"]
         assert list(row["stages"]) == list(STAGES)
+        assert row["engine"] == ("OrtEngine" if key[0] == "onnx-cpu" else "TorchEngine")
         # the worker really ran with these settings
         assert row["env"] == {k: v for k, v in s["malloc"].items() if k != "setting"}
         for st in row["stages"].values():
