@@ -76,22 +76,10 @@ def _default_artifacts(quiet: bool) -> Path:
                              defaults.DEFAULT_SIZE, quiet)
 
 
-def _targets(root: Path, source: str | None, targets: list[str] | None) -> list[str]:
-    from ..data import list_domains
-    domains = list_domains(root)
-    chosen = targets or [d for d in domains if d != source]
-    missing = [t for t in chosen if t not in domains]
-    if missing:
-        raise GrataError(f"target domain {missing[0]!r} not in {root}; available: "
-                         f"{', '.join(domains)}")
-    if not chosen:
-        raise GrataError(f"no target domains in {root} besides the source {source!r}")
-    return chosen
-
-
 def cmd_calibrate(args) -> int:
     from .. import __version__, defaults
     from ..adapt import check_names
+    from ..data import resolve_targets
     from ..report import write_json_atomic
     from .evaluate import evaluate, format_comparison, model_sizes
     from .quantize import convert_fp16, quantize_artifacts
@@ -132,7 +120,7 @@ def cmd_calibrate(args) -> int:
         if source is None and args.data is None:
             from ..synth import SOURCE_DOMAIN
             source = SOURCE_DOMAIN
-        targets = _targets(root, source, args.targets)
+        targets = resolve_targets(root, source, args.targets)
         comparison = evaluate(variants, root, targets, args.methods, seed=args.seed,
                               threads=args.threads, progress=not args.quiet)
         report["evaluation"] = {"data": str(root), "source": source, "targets": targets,

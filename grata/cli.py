@@ -176,9 +176,15 @@ def cmd_train(args) -> int:
 
 def cmd_adapt(args) -> int:
     from .adapt import check_names, run
-    from .data import list_domains
-    from .report import build_report, format_table, overlay, plot_stream, save_png_atomic, \
-        write_json_atomic
+    from .data import resolve_targets
+    from .report import (
+        build_report,
+        format_table,
+        overlay,
+        plot_stream,
+        save_png_atomic,
+        write_json_atomic,
+    )
     check_names(args.methods, args.protocol)
     checkpoint, arch, size = _model_choice(args)
     root = _data_root(args.data, not args.quiet)
@@ -186,14 +192,7 @@ def cmd_adapt(args) -> int:
     if source is None and args.data is None:
         from .synth import SOURCE_DOMAIN
         source = SOURCE_DOMAIN
-    domains = list_domains(root)
-    targets = args.targets or [d for d in domains if d != source]
-    missing = [t for t in targets if t not in domains]
-    if missing:
-        raise GrataError(f"target domain {missing[0]!r} not in {root}; "
-                         f"available: {', '.join(domains)}")
-    if not targets:
-        raise GrataError(f"no target domains in {root} besides the source {source!r}")
+    targets = resolve_targets(root, source, args.targets)
     if args.threads and args.backend == "torch":
         import torch
         torch.set_num_threads(args.threads)
@@ -273,8 +272,9 @@ def _cached_artifacts(checkpoint: Path, arch: str, size: int, quiet: bool) -> Pa
     if (folder / "manifest.json").exists():
         return folder
     try:
-        from .export import export_artifacts
         import torch  # noqa: F401  (exporting needs the reference)
+
+        from .export import export_artifacts
     except ImportError:
         raise GrataError("exporting the checkpoint needs torch: pip install "
                          "'grata-edge[export]', or pass --artifacts DIR") from None

@@ -321,3 +321,17 @@ def stream_domain(root, domain: str, size: int, splits=_SPLITS
             yield Skipped(item.name, str(e))
             continue
         yield Sample(item.name, image, target, item.image_path)
+
+
+def resolve_targets(root, source: str | None, targets: list[str] | None) -> list[str]:
+    """The target domains to stream: those named (each must exist), else every domain but
+    the source. A missing or empty choice is a GrataError naming what is available."""
+    domains = list_domains(root)
+    chosen = targets or [d for d in domains if d != source]
+    missing = [t for t in chosen if t not in domains]
+    if missing:
+        raise GrataError(f"target domain {missing[0]!r} not in {root}; available: "
+                         f"{', '.join(domains)}")
+    if not chosen:
+        raise GrataError(f"no target domains in {root} besides the source {source!r}")
+    return chosen
