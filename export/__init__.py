@@ -1,15 +1,15 @@
 """Export of the GraTa graphs to ONNX, and the artifact folder the device runtime reads.
 
-`export_artifacts` needs torch (imported when called); `load_manifest` and
-`session_options` do not, so the runtime can import this package without torch.
+`export_artifacts` needs torch (imported when called); `load_manifest` does not, so the
+runtime can import this package without torch. (onnxruntime's session settings live with
+the runtime: `grata.runtime.ort_session`.)
 """
 
 from __future__ import annotations
 
 from .manifest import FORMAT_VERSION, load_manifest
-from .session import session_options
 
-__all__ = ["FORMAT_VERSION", "export_artifacts", "load_manifest", "session_options"]
+__all__ = ["FORMAT_VERSION", "export_artifacts", "load_manifest"]
 
 
 def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,

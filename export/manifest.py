@@ -12,22 +12,16 @@ import hashlib
 import json
 from pathlib import Path
 
+from grata.digest import file_sha256
 from grata.errors import GrataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ROLES = ("infer", "entropy_grad", "consistency_grad")
+PRECISIONS = ("fp32", "fp16", "int8")  # what a graph of an artifact folder may compute in
 _REQUIRED = {"format_version": int, "arch": str, "size": int, "opset": int, "graphs": dict,
              "params": list, "theta0": str, "n_theta": int, "versions": dict,
              "sha256": dict, "manifest_sha256": str}
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _content_digest(manifest: dict) -> str:

@@ -41,3 +41,15 @@ def write_atomic(path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_temp_files(folder) -> int:
+    """Delete the temp files `write_atomic` leaves in `folder` when killed mid-write."""
+    n = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n

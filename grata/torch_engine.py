@@ -16,14 +16,17 @@ from .models import bn_parameters, flatten_theta, set_norm_mode, theta_layout
 
 
 class TorchEngine:
-    """Adapts `model` in place; theta is a view of the model's BN parameters."""
+    """Adapts `model` in place; theta is a view of the model's BN parameters.
+    Answers as `grata.engine.Engine` (`device` is "cpu" or "cuda", `torch_device` the
+    torch device)."""
 
-    backend = "torch"
+    kind = "torch"
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device is not None else next(
+        self.torch_device = torch.device(device) if device is not None else next(
             model.parameters()).device
-        self.model = model.to(self.device).eval()
+        self.device = self.torch_device.type
+        self.model = model.to(self.torch_device).eval()
         self.theta = flatten_theta(self.model)
         self.theta0 = self.theta.clone()
         self.params = bn_parameters(self.model)
@@ -38,7 +41,7 @@ class TorchEngine:
     def to_input(self, image: np.ndarray) -> torch.Tensor:
         """[3,S,S] or [1,3,S,S] numpy image -> model input on the engine's device."""
         x = torch.as_tensor(np.asarray(image), dtype=self.dtype)
-        return (x[None] if x.dim() == 3 else x).to(self.device)
+        return (x[None] if x.dim() == 3 else x).to(self.torch_device)
 
     @staticmethod
     def to_numpy(x) -> np.ndarray:
@@ -56,13 +59,14 @@ class TorchEngine:
 
     def all_finite(self, *arrays) -> bool:
         """One check (one device sync) over every array and scalar given."""
-        flags = [torch.isfinite(torch.as_tensor(a, device=self.device)).all() for a in arrays]
+        flags = [torch.isfinite(torch.as_tensor(a, device=self.torch_device)).all()
+                 for a in arrays]
         return bool(torch.stack(flags).all())
 
     def scalar(self):
         """A device scalar for results the host reads later (None on the CPU)."""
-        return torch.zeros(1, dtype=torch.float32, device=self.device) \
-            if self.device.type == "cuda" else None
+        return torch.zeros(1, dtype=torch.float32, device=self.torch_device) \
+            if self.device == "cuda" else None
 
     # the three questions
     @torch.no_grad()

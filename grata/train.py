@@ -6,7 +6,6 @@ Dice + BCE on the sigmoid outputs, light spatial and intensity augmentation.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -137,7 +136,3 @@ def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
     state_path.unlink(missing_ok=True)
     return {"checkpoint": str(out), "sha256": digest, "epochs": epochs,
             "final_loss": history[-1] if history else None, "n_images": len(images)}
-
-
-def file_sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

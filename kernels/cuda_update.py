@@ -104,11 +104,9 @@ def kernel_source() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GRATA_CACHE")
-    if root:
-        return Path(root) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "grata" / "kernels"
+    """Where compiled kernels are kept: the package's cache folder, ``kernels/``."""
+    from ..defaults import cache_dir as root
+    return root() / "kernels"
 
 
 def _compile_options(arch: str) -> dict:

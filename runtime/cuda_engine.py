@@ -23,17 +23,13 @@ import numpy as np
 
 from ..errors import GrataError
 from ..export.manifest import load_manifest
-from ..export.session import session_options
 from ..kernels import adam_update
-from .engine import OrtEngine, _onnxruntime
+from .engine import check_input, load_theta0
+from .ort_session import available_providers, import_onnxruntime, session_options
 
 
 def cuda_provider_available() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return "CUDAExecutionProvider" in available_providers()
 
 
 def provider_options(stream_handle: int, device_id: int = 0) -> dict:
@@ -71,7 +67,7 @@ def cuda_unavailable(device_id: int = 0) -> str | None:
     missing = [name for name, ok in (("onnxruntime-gpu", cuda_provider_available()),
                                      ("cupy", cp is not None)) if not ok]
     if missing:
-        return f"--device cuda with --backend onnx needs {' and '.join(missing)}: {INSTALL}"
+        return f"--device cuda with --engine onnx needs {' and '.join(missing)}: {INSTALL}"
     try:
         count = cp.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001  (no driver, driver too old: CUDARuntimeError)
@@ -116,27 +112,25 @@ class _DeviceScalar:
 
 
 class CudaEngine:
-    """Same interface as `OrtEngine`; theta and every vector a method makes stay on the GPU.
+    """Answers as `grata.engine.Engine`, like `OrtEngine`; theta and every vector a
+    method makes stay on the GPU.
 
     The gradients returned by `entropy_grad` / `consistency_grad` are the engine's output
     buffers: valid until the next call of the same graph."""
 
-    backend = "onnx"
+    kind = "onnx"
+    device = "cuda"
 
     def __init__(self, artifacts, device_id: int = 0, threads: int | None = None,
                  verify: bool = True, tf32: bool = False):
-        ort = _onnxruntime()
+        ort = import_onnxruntime()
         self._place = place = _cuda_place(device_id, tf32)
         self.xp = xp = place.xp
         self._enter()
         self.folder = Path(artifacts)
         self.manifest = m = load_manifest(self.folder, verify=verify)
         self.size, self.layout, self.dtype = int(m["size"]), m["params"], np.float32
-        theta0 = np.load(self.folder / m["theta0"]).astype(np.float32)
-        if theta0.shape != (m["n_theta"],):
-            raise GrataError(f"artifact {self.folder}: theta0 has shape {theta0.shape}, "
-                             f"manifest says {m['n_theta']}")
-        self.theta0 = xp.asarray(theta0)
+        self.theta0 = xp.asarray(load_theta0(self.folder, m))
         self.theta = self.theta0.copy()
         try:  # compiles (or loads) the fused update now rather than at the first image
             adam_update(*(xp.zeros(1, dtype=xp.float32) for _ in range(4)), 1, 0.0)
@@ -178,7 +172,7 @@ class CudaEngine:
     # array helpers
     def to_input(self, image):
         """A [3,S,S] or [1,3,S,S] host image -> a device array (one upload)."""
-        x = OrtEngine.to_input(self, image)
+        x = check_input(image, self.size)
         self._enter()
         return self.xp.asarray(x)
 

@@ -12,60 +12,63 @@ import numpy as np
 
 from ..errors import GrataError
 from ..export.manifest import load_manifest
-from ..export.session import session_options
-
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
-                          "CPUExecutionProvider"]}
+from .ort_session import import_onnxruntime, open_sessions, provider_list, tuned_options
 
 
-def _onnxruntime():
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise GrataError("the onnx backend needs onnxruntime: pip install "
-                         "'grata-edge[device]'") from None
-    return ort
+def check_input(image, size: int) -> np.ndarray:
+    """A [3,S,S] or [1,3,S,S] image -> a contiguous float32 [1,3,S,S] host array, or a
+    one-line error naming the size the artifacts take."""
+    x = np.asarray(image, dtype=np.float32)
+    x = x[None] if x.ndim == 3 else x
+    if x.shape != (1, 3, size, size):
+        raise GrataError(f"the artifacts take images of 1x3x{size}x{size}, "
+                         f"not {'x'.join(map(str, x.shape))}; export again with --size")
+    return np.ascontiguousarray(x)
+
+
+def load_theta0(folder: Path, manifest: dict) -> np.ndarray:
+    """The artifacts' source theta (float32), checked against the manifest's length."""
+    theta0 = np.load(folder / manifest["theta0"]).astype(np.float32)
+    if theta0.shape != (manifest["n_theta"],):
+        raise GrataError(f"artifact {folder}: theta0 has shape {theta0.shape}, "
+                         f"manifest says {manifest['n_theta']}")
+    return theta0
 
 
 class OrtEngine:
-    """Loads (and verifies) an artifact folder; same interface as `TorchEngine`."""
+    """Loads (and verifies) an artifact folder; answers as `grata.engine.Engine`.
 
-    backend = "onnx"
+    `device` picks onnxruntime's providers (cpu, cuda, or tensorrt: the TensorRT
+    execution provider at `precision`, engines cached in `cache_dir`); theta and the
+    moments stay numpy arrays on the host. `tuning` (keys of
+    `grata.runtime.ort_session.TUNING`) changes the session settings for measurements.
+    """
+
+    kind = "onnx"
 
     def __init__(self, artifacts, device: str = "cpu", threads: int | None = None,
-                 verify: bool = True):
-        ort = _onnxruntime()
+                 verify: bool = True, *, precision: str = "fp32", cache_dir=None,
+                 tuning: dict | None = None):
+        import_onnxruntime()
         self.folder = Path(artifacts)
         self.manifest = m = load_manifest(self.folder, verify=verify)
-        if device not in PROVIDERS:
-            raise GrataError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
-        wanted = PROVIDERS[device]
-        if wanted[0] not in ort.get_available_providers():
-            raise GrataError(f"device {device!r} needs onnxruntime's {wanted[0]}, which this "
-                             f"onnxruntime lacks (has: {', '.join(ort.get_available_providers())})")
+        providers = provider_list(device, precision, cache_dir)
+        # where the arrays live is the host; the graphs run on `providers`
+        self.device = "cuda" if device in ("cuda", "tensorrt") else "cpu"
         self.size = int(m["size"])
         self.layout = m["params"]
-        self.theta0 = np.load(self.folder / m["theta0"]).astype(np.float32)
-        if self.theta0.shape != (m["n_theta"],):
-            raise GrataError(f"artifact {self.folder}: theta0 has shape {self.theta0.shape}, "
-                             f"manifest says {m['n_theta']}")
+        self.theta0 = load_theta0(self.folder, m)
         self.theta = self.theta0.copy()
         self.dtype = np.float32
-        opts = session_options(threads)
-        self.sessions = {role: ort.InferenceSession(str(self.folder / f), sess_options=opts,
-                                                    providers=wanted)
-                         for role, f in m["graphs"].items()}
+        opts, roles, share = tuned_options(threads, tuning)
+        graphs = m["graphs"] if roles == "all" else \
+            {r: f for r, f in m["graphs"].items() if r != "infer_source"}
+        self.sessions, self._shared = open_sessions(self.folder, graphs, providers, opts,
+                                                    share)
 
     # array helpers
     def to_input(self, image) -> np.ndarray:
-        x = np.asarray(image, dtype=np.float32)
-        x = x[None] if x.ndim == 3 else x
-        if x.shape != (1, 3, self.size, self.size):
-            raise GrataError(f"the artifacts take images of 1x3x{self.size}x{self.size}, "
-                             f"not {'x'.join(map(str, x.shape))}; export again with --size")
-        return np.ascontiguousarray(x)
+        return check_input(image, self.size)
 
     @staticmethod
     def to_numpy(x) -> np.ndarray:
@@ -108,13 +111,3 @@ class OrtEngine:
             ["loss", "grad"], {"image": x, "strong_image": strong, "theta": self.theta})
         return float(loss), grad
 
-
-def open_engine(artifacts, device: str = "cpu", threads: int | None = None,
-                verify: bool = True):
-    """The engine for `device`: on "cuda" `CudaEngine` (theta, moments and gradients stay
-    on the GPU), otherwise `OrtEngine`."""
-    if device == "cuda":
-        from .cuda_engine import CudaEngine
-
-        return CudaEngine(artifacts, threads=threads, verify=verify)
-    return OrtEngine(artifacts, device=device, threads=threads, verify=verify)

@@ -8,7 +8,7 @@ import torch
 from grata.export import export_artifacts
 
 from grata.bench import FORWARDS_PER_IMAGE, STAGES, measure, percentile, stages_plan, summarize
-from grata.bench_reference import AuthorsGraTa
+from grata.bench.reference import AuthorsGraTa
 from grata.cli import main
 from grata.errors import GrataError
 from grata.methods import create

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 def adapt_args(tiny, out, *extra):
     return ["adapt", "--data", str(tiny / "data"), "--source", SOURCE_DOMAIN,
             "--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64",
-            "--backend", "torch", "--quiet", "--out", str(out), *extra]
+            "--engine", "torch", "--quiet", "--out", str(out), *extra]
 
 
 def test_adapt_writes_the_report_schema_and_table(tiny, tmp_path, capsys):
@@ -60,7 +60,7 @@ def test_bad_image_in_stream_is_skipped_and_reported(tiny, tmp_path, capsys):
     images[0].write_bytes(images[0].read_bytes()[:100])  # truncated file
     rc = main(["adapt", "--data", str(data), "--source", SOURCE_DOMAIN, "--targets", target,
                "--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64",
-               "--methods", "bn,grata", "--backend", "torch", "--quiet", "--out", str(tmp_path / "run")])
+               "--methods", "bn,grata", "--engine", "torch", "--quiet", "--out", str(tmp_path / "run")])
     assert rc == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     for r in report["results"]:
@@ -117,7 +117,7 @@ def test_grey_and_rgba_images_run_through_the_stream(tiny, tmp_path):
     Image.fromarray(rgba, "RGBA").save(data / paths[1])                      # RGBA
     rc = main(["adapt", "--data", str(data), "--source", SOURCE_DOMAIN, "--targets", target,
                "--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64",
-               "--methods", "bn", "--backend", "torch", "--quiet", "--out", str(tmp_path / "run")])
+               "--methods", "bn", "--engine", "torch", "--quiet", "--out", str(tmp_path / "run")])
     assert rc == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["results"][0]["n_images"] == 3 and not report["results"][0]["skipped"]
@@ -126,5 +126,5 @@ def test_grey_and_rgba_images_run_through_the_stream(tiny, tmp_path):
 def test_help_teaches_and_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "grata.cli", "adapt", "--help"],
                          capture_output=True, text=True, check=True).stdout
-    for word in ("--methods", "--protocol", "--backend", "report.json", "examples"):
+    for word in ("--methods", "--protocol", "--engine", "report.json", "examples"):
         assert word in out

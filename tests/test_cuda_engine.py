@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from grata.runtime import OrtEngine, cuda_engine, open_engine
 
-from grata.cli import _onnx_factory, main
+from grata.cli import main
+from grata.engines import engine_factory
 from grata.errors import GrataError
 from grata.methods import create
 from grata.synth import TARGET_DOMAINS, generate, render
@@ -59,7 +60,7 @@ def test_missing_packages_are_named_in_one_line(monkeypatch, tmp_path):
         open_engine(tmp_path / "no-artifacts", device="cuda")
     msg = str(err.value)
     assert "\n" not in msg
-    assert "--device cuda with --backend onnx needs onnxruntime-gpu and cupy" in msg
+    assert "--device cuda with --engine onnx needs onnxruntime-gpu and cupy" in msg
     assert "pip install" in msg and "cupy-cuda12x" in msg
     monkeypatch.setattr(cuda_engine, "cuda_provider_available", lambda: True)
     with pytest.raises(GrataError, match=r"needs cupy: pip install"):
@@ -86,7 +87,7 @@ def test_no_cuda_device_is_one_line(monkeypatch, tmp_path):
 def test_cli_routes_cuda_to_the_device_engine(monkeypatch, art, tmp_path, capsys):
     monkeypatch.setattr(cuda_engine, "_import_cupy", lambda: None)
     with pytest.raises(GrataError, match="needs .*cupy"):
-        _onnx_factory(art, "cuda", 1)()
+        engine_factory("onnx", artifacts=art, device="cuda", threads=1)()
     generate(tmp_path / "data", seed=1, n_source=(1, 0), n_target=(1, 0), size=SIZE,
              progress=False)
     code = main(["adapt", "--data", str(tmp_path / "data"), "--checkpoint",

@@ -54,7 +54,7 @@ def test_embedded_default_runs_with_no_arguments_but_out(tmp_path, monkeypatch, 
     monkeypatch.setenv("GRATA_CACHE", str(tmp_path / "cache"))
     assert main(["adapt", "--quiet", "--out", str(tmp_path / "run")]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["config"]["backend"] == "onnx" and report["complete"]
+    assert report["config"]["engine"] == "onnx" and report["complete"]
     assert {r["target"] for r in report["results"]} == set(TARGET_DOMAINS)
     assert SOURCE_DOMAIN not in {r["target"] for r in report["results"]}
     out = capsys.readouterr().out

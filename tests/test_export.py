@@ -27,7 +27,8 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from grata.export import export_artifacts, load_manifest, session_options
+from grata.export import export_artifacts, load_manifest
+from grata.runtime.ort_session import session_options
 
 import grata.models as gmodels
 from grata.errors import GrataError
@@ -207,8 +208,8 @@ def test_export_from_checkpoint_path(edge, tmp_path):
 
 # -- torch-free side ----------------------------------------------------------------------
 def test_manifest_and_session_options_do_not_import_torch():
-    code = ("import sys; import grata.export as e; from grata.export import manifest, session;"
-            "o = e.session_options(3); "
+    code = ("import sys; import grata.export as e; from grata.export import manifest; "
+            "from grata.runtime import ort_session; o = ort_session.session_options(3); "
             "assert o.intra_op_num_threads == 3 and not o.enable_cpu_mem_arena;"
             "assert not o.enable_mem_pattern;"
             "assert 'torch' not in sys.modules, 'torch imported'")

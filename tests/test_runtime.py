@@ -92,7 +92,7 @@ def test_onnx_backend_run_never_imports_torch(bench, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "TORCH []" in out.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["config"]["backend"] == "onnx" and len(report["results"]) == 4
+    assert report["config"]["engine"] == "onnx" and len(report["results"]) == 4
 
 
 def test_tampered_artifacts_are_refused_in_one_line(bench, tmp_path, capsys):

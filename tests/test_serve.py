@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from grata.runtime import OrtEngine
-from grata.runtime.serving import OrtPredictor, make_predictor, tensorrt_installed
+from grata.runtime.predictors import OrtPredictor, make_predictor, tensorrt_installed
 from PIL import Image
 
 from grata.cli import main
 from grata.errors import DataError, GrataError
-from grata.serve import STATE_FILE, Session, _Watcher, result_key, serve, theta_digest
+from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
+from grata.runtime.inbox import Watcher, result_key, serve
 
 SIZE = 64
 
@@ -60,7 +61,7 @@ def make_inbox(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 def serve_args(inbox, outbox, art, *extra):
     return ["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts", str(art),
-            "--backend", "onnxruntime", "--device", "cpu", "--threads", "1",
+            "--predictor", "onnxruntime", "--device", "cpu", "--threads", "1",
             "--poll", "0.02", "--settle", "0.2", *extra]
 
 
@@ -71,7 +72,7 @@ def load_state(state_dir: Path) -> dict:
 
 def reference_run(art, folder: Path, names) -> list[str]:
     """theta digests after each image of an uninterrupted in-memory session."""
-    with Session(art, None, backend="onnxruntime", device="cpu", threads=1) as s:
+    with AdaptiveModel(art, None, predictor="onnxruntime", device="cpu", threads=1) as s:
         return [s.process(folder / n)["record"]["theta_sha256"] for n in names]
 
 
@@ -106,7 +107,7 @@ def test_serve_end_to_end_onnxruntime(artifacts, tmp_path, capsys):
         assert rec["cup_area_px"] == int((mask == 0).sum())
         assert rec["vcdr"] is None or 0 < rec["vcdr"] <= 2
         assert rec["timings_ms"]["adapt"] > 0 and rec["timings_ms"]["predict"] > 0
-        assert rec["backend"] == "onnxruntime" and rec["method"] == "grata"
+        assert rec["predictor"] == "onnxruntime" and rec["method"] == "grata"
         # adapted exactly once, in arrival order, as an uninterrupted session would
         assert rec["theta_version"] == rec["images_adapted"] == rec["step"] == i + 1
         assert rec["theta_sha256"] == ref[i] and rec["resets"] == []
@@ -223,11 +224,11 @@ def test_crash_between_checkpoint_and_outputs_is_recovered(artifacts, tmp_path):
     inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
     (name,) = make_inbox(inbox, 1)
     data = (inbox / name).read_bytes()
-    s = Session(artifacts, state, backend="onnxruntime", device="cpu", threads=1)
+    s = AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu", threads=1)
     first = s.process(data, name=name, key=result_key(name, data))  # checkpointed
     s._unlock()  # the process dies here: no outputs, no exit checkpoint
     theta = load_state(state)["theta"]
-    with Session(artifacts, state, backend="onnxruntime", device="cpu", threads=1) as s2:
+    with AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu", threads=1) as s2:
         counts = serve(inbox, outbox, s2, once=True, poll_s=0.02, log=None)
         assert counts["recovered"] == 1 and counts["served"] == 0
         assert s2.n_images == 1 and np.array_equal(s2.theta, theta)  # not adapted twice
@@ -241,13 +242,13 @@ def test_crash_between_checkpoint_and_outputs_is_recovered(artifacts, tmp_path):
 def test_checkpoint_every_n_resumes_from_the_checkpoint(artifacts, tmp_path):
     folder = tmp_path / "img"
     names = make_inbox(folder, 5, seed=3)
-    opts = {"backend": "onnxruntime", "device": "cpu", "threads": 1, "checkpoint_every": 3}
-    s = Session(artifacts, tmp_path / "state", **opts)
+    opts = {"predictor": "onnxruntime", "device": "cpu", "threads": 1, "checkpoint_every": 3}
+    s = AdaptiveModel(artifacts, tmp_path / "state", **opts)
     digests = [s.process(folder / n)["record"]["theta_sha256"] for n in names]
     st = load_state(tmp_path / "state")
     assert int(st["n_images"]) == 3 and theta_digest(st["theta"]) == digests[2]
     s._unlock()  # killed after image 5: images 4 and 5 have results, the state is 2 behind
-    with Session(artifacts, tmp_path / "state", **opts) as s2:
+    with AdaptiveModel(artifacts, tmp_path / "state", **opts) as s2:
         assert s2.resumed["n_images"] == 3 and theta_digest(s2.theta) == digests[2]
         assert np.array_equal(s2.theta, st["theta"])
         # the generator state came back too: the same images give the same thetas again
@@ -260,7 +261,7 @@ def test_checkpoint_every_n_resumes_from_the_checkpoint(artifacts, tmp_path):
 
 def test_drift_bound_resets_and_is_logged(artifacts, tmp_path):
     names = make_inbox(tmp_path, 2)
-    with Session(artifacts, None, backend="onnxruntime", device="cpu", threads=1,
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1,
                  max_drift=1e-9) as s:
         for n in names:
             rec = s.process(tmp_path / n)["record"]
@@ -273,7 +274,7 @@ def test_drift_bound_resets_and_is_logged(artifacts, tmp_path):
 
 def test_non_finite_guards_restore_the_last_good_theta(artifacts, tmp_path):
     names = make_inbox(tmp_path, 3)
-    with Session(artifacts, None, backend="onnxruntime", device="cpu", threads=1) as s:
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1) as s:
         s.process(tmp_path / names[0])
         good = s.theta
         real = s.engine.entropy_grad
@@ -318,21 +319,21 @@ def test_artifacts_with_a_changed_byte_are_refused(artifacts, tmp_path, capsys):
 
 def test_state_of_other_artifacts_or_method_is_refused(artifacts, tmp_path, capsys):
     state = tmp_path / "state"
-    Session(artifacts, state, backend="onnxruntime", device="cpu").close()
+    AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu").close()
     with pytest.raises(GrataError, match="belongs to method 'grata', not 'tent'"):
-        Session(artifacts, state, method="tent", backend="onnxruntime", device="cpu")
+        AdaptiveModel(artifacts, state, method="tent", predictor="onnxruntime", device="cpu")
     st = load_state(state)
     st["source_sha256"] = np.array("0" * 64)
     np.savez(state / STATE_FILE, **st)
     with pytest.raises(GrataError, match="another source model.*--reset"):
-        Session(artifacts, state, backend="onnxruntime", device="cpu")
+        AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
     (state / STATE_FILE).write_bytes(b"PK\x03\x04 torn")
     with pytest.raises(GrataError, match="cannot be read.*--reset"):
-        Session(artifacts, state, backend="onnxruntime", device="cpu")
-    with Session(artifacts, state, backend="onnxruntime", device="cpu", reset=True) as s:
+        AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
+    with AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu", reset=True) as s:
         assert s.resumed is None
         with pytest.raises(GrataError, match="in use by another grata serve"):
-            Session(artifacts, state, backend="onnxruntime", device="cpu")
+            AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
 
 
 @pytest.mark.skipif(tensorrt_installed(), reason="tensorrt is installed here")
@@ -343,7 +344,7 @@ def test_unavailable_backend_is_one_line(artifacts, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "needs the TensorRT Python package" in err
-    with pytest.raises(GrataError, match="needs the tensorrt backend"):
+    with pytest.raises(GrataError, match="needs the tensorrt predictor"):
         make_predictor("onnxruntime", artifacts, precision="fp16")
     auto = make_predictor("auto", artifacts, threads=1)
     assert auto.name == "onnxruntime" and "not installed" in auto.fallback
@@ -361,7 +362,7 @@ def test_ort_predictor_is_the_infer_graph(artifacts):
 
 
 def test_watcher_waits_for_complete_files(tmp_path):
-    w = _Watcher(tmp_path, settle_s=60)
+    w = Watcher(tmp_path, settle_s=60)
     (tmp_path / "a.png").write_bytes(b"x" * 10)
     (tmp_path / "b.png.tmp").write_bytes(b"x")
     (tmp_path / "empty.png").write_bytes(b"")

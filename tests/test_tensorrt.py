@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-from grata.runtime.serving import make_predictor, tensorrt_installed
-from grata.runtime.tensorrt_backend import EngineCache, engine_fields, import_tensorrt
+from grata.runtime.predictors import make_predictor, tensorrt_installed
+from grata.runtime.tensorrt import EngineCache, engine_fields, import_tensorrt
 
 from grata.errors import GrataError
 
@@ -72,7 +72,7 @@ def _gpu_skip_reason() -> str | None:
     if not tensorrt_installed():
         return "the tensorrt package is not installed"
     try:
-        from grata.runtime.tensorrt_backend import open_device
+        from grata.runtime.tensorrt import open_device
         import_tensorrt()
         open_device()
     except GrataError as exc:

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from ..errors import GrataError
 from .base import Method
-from .bn import BatchNormAdapt
-from .grata import GraTa, GraTaFixedLR, GraTaNoAlign
-from .source import Source
-from .tent import Tent
-
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Source, BatchNormAdapt, Tent, GraTa, GraTaNoAlign, GraTaFixedLR)
-}
+from .hyperparameters import parse_hp, resolved_hyperparameters
+from .registry import METHODS
 
 
 def create(name: str, model, **hyperparameters) -> Method:
@@ -25,4 +19,4 @@ def create(name: str, model, **hyperparameters) -> Method:
     return METHODS[name](engine, **hyperparameters)
 
 
-__all__ = ["METHODS", "Method", "create"]
+__all__ = ["METHODS", "Method", "create", "parse_hp", "resolved_hyperparameters"]

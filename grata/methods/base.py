@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ..augment import strong_augment
 
 
 class Method:
-    """A method over an engine (`TorchEngine` or `grata.runtime.OrtEngine`).
+    """A method over an engine (`grata.engine.Engine`: TorchEngine, OrtEngine, CudaEngine).
 
     Subclasses implement `step(x, strong)`; `adapt` adds the numerics guard: a
     non-finite loss or gradient skips the update and returns theta to the last good
-    value (recorded in `events`).
+    value (recorded in `events`). `state()` / `load_state()` are the only way in or out
+    of the adapted state (theta, moments, step, guard, generator, counters).
     """
 
     name = "base"
@@ -39,6 +42,54 @@ class Method:
         self.rng = np.random.default_rng(self.seed)
         self.n_seen = 0
 
+    @property
+    def steps(self) -> int:
+        """Update steps taken since the last reset (Adam's t)."""
+        return self.t
+
+    @property
+    def images_seen(self) -> int:
+        """Images adapted on since the last reset."""
+        return self.n_seen
+
+    # -- state -------------------------------------------------------------------------
+    def state(self) -> dict:
+        """A host copy of everything that decides how the stream continues: theta, the
+        moments m and v, the step t, the guard's last good state, the generator state,
+        the counters (n_seen, events). `load_state` of it continues bit for bit."""
+        e = self.engine
+
+        def host(a):
+            return np.array(e.to_numpy(a), dtype=np.float32, copy=True)
+
+        good = None
+        if self.good is not None:
+            good = {"theta": host(self.good[0]), "m": host(self.good[1]),
+                    "v": host(self.good[2]), "t": int(self.good[3])}
+        return {"method": self.name, "seed": self.seed, "theta": host(e.theta),
+                "m": host(self.m), "v": host(self.v), "t": int(self.t), "good": good,
+                "rng": copy.deepcopy(self.rng.bit_generator.state),
+                "n_seen": int(self.n_seen), "events": copy.deepcopy(self.events)}
+
+    def load_state(self, state: dict) -> None:
+        """Restore a `state()` (theta and moments of the same length as this engine's)."""
+        e = self.engine
+        e.assign(e.theta, state["theta"])
+        e.assign(self.m, state["m"])
+        e.assign(self.v, state["v"])
+        self.t = int(state["t"])
+        good = state.get("good")
+        if good is None:
+            self.good = None
+        else:
+            self.good = (e.copy(e.theta), e.zeros(), e.zeros(), int(good["t"]))
+            for dst, key in zip(self.good[:3], ("theta", "m", "v")):
+                e.assign(dst, good[key])
+        self.rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self.n_seen = int(state["n_seen"])
+        self.events = copy.deepcopy(list(state.get("events", [])))
+
+    # -- one image ---------------------------------------------------------------------
     def draw_strong(self, image: np.ndarray):
         """The strong style view of a [3,S,S] numpy image, from this method's generator."""
         return self.engine.to_input(strong_augment(image, self.rng))
@@ -49,6 +100,12 @@ class Method:
         `strong` supplies the strong view instead of drawing one; `image` (the same
         image as a host [3,S,S] array) spares a device-to-host copy when drawing it.
         """
+        self.update(x, strong, image)
+        return self.engine.infer(x, norm=self.norm)
+
+    def update(self, x, strong=None, image: np.ndarray | None = None) -> None:
+        """The adaptation step of `adapt` without the prediction (a server that predicts
+        elsewhere calls this)."""
         self.n_seen += 1
         if self.updates:
             e = self.engine
@@ -71,7 +128,6 @@ class Method:
                 self.t = self.good[3]
                 self.events.append({"image": self.n_seen, "event": "non-finite",
                                     "action": "restored last good theta and moments"})
-        return self.engine.infer(x, norm=self.norm)
 
     def step(self, x, strong) -> None:
         """Update theta (and the moments) from x. Losses go to `self.last`, unsynced."""

@@ -1,18 +1,18 @@
-"""Serving backends behind one small interface: ``predict(image, theta) -> logits``.
+"""Predictors behind one small interface: ``predict(image, theta) -> logits``.
 
-A serving backend answers one question: the logits of an image at a given theta (the
+A predictor answers one question: the logits of an image at a given theta (the
 flat BN gamma/beta vector the methods adapt). It never adapts; the gradient graphs stay
-with `OrtEngine`. Backends:
+with the engine. Predictors:
 
 - ``onnxruntime``: the artifact folder's ``infer`` graph on onnxruntime (CPU; the CUDA
   and TensorRT execution providers where this onnxruntime has them). The default where
   TensorRT is absent.
 - ``tensorrt``: a TensorRT engine built once from the same graph with theta as an input
-  tensor (``grata.runtime.tensorrt_backend``); needs the ``tensorrt`` package and a GPU.
+  tensor (``grata.runtime.tensorrt``); needs the ``tensorrt`` package and a GPU.
 - ``auto``: ``tensorrt`` where the ``tensorrt`` package is installed and an engine can be
   made, else ``onnxruntime`` (the reason is kept in ``fallback``).
 
-Asking for a backend that cannot run here is a one-line `GrataError` naming what is
+Asking for a predictor that cannot run here is a one-line `GrataError` naming what is
 missing, never an import traceback. Importing this module imports neither onnxruntime nor
 tensorrt.
 """
@@ -26,9 +26,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import GrataError
+from ..export.manifest import PRECISIONS, load_manifest
+from .ort_session import import_onnxruntime, provider_list, session_options
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp16", "fp32", "int8")
+PREDICTORS = ("auto", "onnxruntime", "tensorrt")
 ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 # graph role per normalisation of the method: current-image statistics or stored ones
 GRAPHS = {"sample": "infer", "running": "infer_source"}
@@ -57,22 +58,13 @@ def _check_inputs(image, theta, size: int, n_theta: int) -> tuple[np.ndarray, np
     return x, t
 
 
-def _onnxruntime():
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise GrataError("backend 'onnxruntime' needs the onnxruntime package, which is not "
-                         "installed: pip install 'grata-edge[device]'") from None
-    return ort
-
-
 def resolve_ort_device(device: str) -> str:
     """'auto' -> 'cuda' where onnxruntime has its CUDA provider, else 'cpu'."""
     if device not in ORT_DEVICES:
         raise GrataError(f"unknown device {device!r}; choose from {', '.join(ORT_DEVICES)}")
     if device != "auto":
         return device
-    ort = _onnxruntime()
+    ort = import_onnxruntime()
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
@@ -93,15 +85,8 @@ class OrtPredictor:
         if session is None:
             if artifacts is None:
                 raise GrataError("OrtPredictor needs an artifact folder or a session")
-            from ..export.manifest import load_manifest
-            from ..export.session import session_options
-            from .engine import PROVIDERS
-            ort = _onnxruntime()
-            device = resolve_ort_device(device)
-            wanted = PROVIDERS[device]
-            if wanted[0] not in ort.get_available_providers():
-                raise GrataError(f"device {device!r} needs onnxruntime's {wanted[0]}, which "
-                                 f"this onnxruntime lacks")
+            ort = import_onnxruntime()
+            wanted = provider_list(resolve_ort_device(device))
             folder = Path(artifacts)
             manifest = load_manifest(folder, verify=verify)
             if graph not in manifest["graphs"]:
@@ -133,37 +118,37 @@ def tensorrt_installed() -> bool:
         return False
 
 
-def make_predictor(backend: str = "auto", artifacts=None, *, graph: str = "infer",
+def make_predictor(name: str = "auto", artifacts=None, *, graph: str = "infer",
                    device: str = "cpu", threads: int | None = None,
                    precision: str | None = None, session=None, cache_dir=None,
                    calibration=None, verify: bool = True) -> Predictor:
-    """A serving backend by name (see the module docstring).
+    """A predictor by name (see the module docstring).
 
     `device`, `threads` and `session` concern onnxruntime; `precision` (default fp16),
     `cache_dir` (default ``$GRATA_CACHE/trt``) and `calibration` (images [3,S,S] for
     int8) concern TensorRT. onnxruntime serves in fp32 only.
     """
-    if backend not in BACKENDS:
-        raise GrataError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if name not in PREDICTORS:
+        raise GrataError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTORS)}")
     if precision is not None and precision not in PRECISIONS:
         raise GrataError(f"unknown precision {precision!r}; choose from "
                          f"{', '.join(PRECISIONS)}")
     fallback = None
-    if backend in ("auto", "tensorrt"):
-        if backend == "auto" and not tensorrt_installed():
+    if name in ("auto", "tensorrt"):
+        if name == "auto" and not tensorrt_installed():
             fallback = "the tensorrt package is not installed"
         else:
-            from .tensorrt_backend import TensorRTPredictor
+            from .tensorrt import TensorRTPredictor
             try:
                 return TensorRTPredictor(artifacts, precision=precision or "fp16", graph=graph,
                                          cache_dir=cache_dir, calibration=calibration,
                                          verify=verify)
             except GrataError as exc:
-                if backend == "tensorrt":
+                if name == "tensorrt":
                     raise
                 fallback = str(exc)
     if precision not in (None, "fp32"):
-        raise GrataError(f"precision {precision!r} needs the tensorrt backend; onnxruntime "
+        raise GrataError(f"precision {precision!r} needs the tensorrt predictor; onnxruntime "
                          f"serves in fp32" + (f" (tensorrt: {fallback})" if fallback else ""))
     predictor = OrtPredictor(artifacts, session=session, graph=graph, device=device,
                              threads=threads, verify=verify)
@@ -171,5 +156,13 @@ def make_predictor(backend: str = "auto", artifacts=None, *, graph: str = "infer
     return predictor
 
 
-__all__ = ["BACKENDS", "GRAPHS", "PRECISIONS", "OrtPredictor", "Predictor", "make_predictor",
-           "resolve_ort_device", "tensorrt_installed"]
+__all__ = [
+    "GRAPHS",
+    "PRECISIONS",
+    "PREDICTORS",
+    "OrtPredictor",
+    "Predictor",
+    "make_predictor",
+    "resolve_ort_device",
+    "tensorrt_installed",
+]

@@ -15,7 +15,7 @@ ONNX ``InstanceNormalization`` whose scale and bias are ``Slice``s of the graph 
   *tensors* (``INetworkDefinition::addNormalization(input, scale, bias, axesMask)``), so
   a network input is accepted.
 
-So this backend requires TensorRT 10, sets ``NATIVE_INSTANCENORM`` explicitly (a build
+So this predictor requires TensorRT 10, sets ``NATIVE_INSTANCENORM`` explicitly (a build
 that fell back to the plugin would fail to parse rather than misbehave), and binds theta
 as a static ``[n]`` float32 input: an adapted theta serves the next image by copying n
 floats to the device, with no rebuild and no refit. The Refitter fallback is therefore
@@ -76,9 +76,11 @@ from typing import Any
 import numpy as np
 
 from ..atomic import write_atomic
+from ..defaults import cache_dir
+from ..digest import bytes_sha256 as _sha256
 from ..errors import GrataError
+from ..export.manifest import PRECISIONS
 
-PRECISIONS = ("fp16", "fp32", "int8")
 CACHE_FORMAT = 1
 WORKSPACE_BYTES = 1 << 30
 MIN_MAJOR = 10
@@ -89,27 +91,23 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError:
-        raise GrataError("backend 'tensorrt' needs the TensorRT Python package (TensorRT "
+        raise GrataError("predictor 'tensorrt' needs the TensorRT Python package (TensorRT "
                          f"{MIN_MAJOR}), which is not installed: pip install tensorrt, "
-                         "or use --backend onnxruntime") from None
+                         "or use --predictor onnxruntime") from None
     except OSError as exc:  # the wheel is there but libnvinfer cannot load
-        raise GrataError(f"backend 'tensorrt': the TensorRT libraries do not load "
+        raise GrataError(f"predictor 'tensorrt': the TensorRT libraries do not load "
                          f"({' '.join(str(exc).split())[:160]})") from None
     try:
         major = int(str(trt.__version__).split(".")[0])
     except ValueError:
         major = 0
     if major < MIN_MAJOR:
-        raise GrataError(f"backend 'tensorrt' needs TensorRT {MIN_MAJOR} or newer "
+        raise GrataError(f"predictor 'tensorrt' needs TensorRT {MIN_MAJOR} or newer "
                          f"(found {trt.__version__})")
     return trt
 
 
 # ----------------------------------------------------------------------- engine cache
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 def engine_fields(manifest: dict, graph: str, tensorrt_version: str, gpu: str,
                   capability: str, precision: str, calibration: str | None = None) -> dict:
@@ -166,7 +164,6 @@ class EngineCache:
 
 
 def default_cache_dir() -> Path:
-    from ..defaults import cache_dir
     return cache_dir() / "trt"
 
 
@@ -201,7 +198,7 @@ class _CudartDevice:
     def _ok(self, result: tuple, what: str) -> Any:
         err, *rest = result
         if err != self.rt.cudaError_t.cudaSuccess:
-            raise GrataError(f"backend 'tensorrt': {what} failed ({err}); is a CUDA GPU "
+            raise GrataError(f"predictor 'tensorrt': {what} failed ({err}); is a CUDA GPU "
                              f"visible?")
         return rest[0] if len(rest) == 1 else None
 
@@ -240,7 +237,7 @@ class _TorchDevice:
 
     def __init__(self, torch: Any):
         if not torch.cuda.is_available():
-            raise GrataError("backend 'tensorrt' needs a CUDA GPU; torch sees none")
+            raise GrataError("predictor 'tensorrt' needs a CUDA GPU; torch sees none")
         self.torch = torch
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.name = torch.cuda.get_device_name(self.device)
@@ -287,7 +284,7 @@ def open_device() -> _CudartDevice | _TorchDevice:
     try:
         import torch
     except ImportError:
-        raise GrataError("backend 'tensorrt' needs device buffers from cuda-python (pip "
+        raise GrataError("predictor 'tensorrt' needs device buffers from cuda-python (pip "
                          "install cuda-python) or a CUDA build of torch; neither is "
                          "installed") from None
     return _TorchDevice(torch)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import GrataError
+from .common import add_quiet, add_seed, add_threads, csv_list
 
 EPILOG = """\
 examples:
@@ -23,12 +24,8 @@ model sizes, settings).
 """
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def register(sub) -> dict:
-    from .quantize import CALIBRATORS
+    from ..calibration.quantize import CALIBRATORS
     c = sub.add_parser(
         "calibrate", help="quantise the infer graph to INT8 (QDQ) and score it against FP32",
         description="Post-training quantisation of the infer graph from unlabeled source-"
@@ -57,38 +54,33 @@ def register(sub) -> dict:
     c.add_argument("--data", type=Path, help="labeled data root for the Dice report "
                    "(default: the synthetic benchmark)")
     c.add_argument("--source", help="the source domain, left out of the default targets")
-    c.add_argument("--targets", type=_csv, help="comma-separated target domains "
+    c.add_argument("--targets", type=csv_list, help="comma-separated target domains "
                    "(default: every domain but the source)")
-    c.add_argument("--methods", type=_csv, default=["bn", "grata"],
+    c.add_argument("--methods", type=csv_list, default=["bn", "grata"],
                    help="methods scored (default bn,grata: without and with adaptation)")
     c.add_argument("--no-eval", action="store_true", help="write the artifacts only")
-    c.add_argument("--seed", type=int, default=0, help="seed of the strong augmentation")
-    c.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_seed(c)
+    add_threads(c)
+    add_quiet(c)
     c.add_argument("--out", required=True, type=Path, help="output folder")
     return {"calibrate": cmd_calibrate}
-
-
-def _default_artifacts(quiet: bool) -> Path:
-    from .. import defaults
-    from ..cli import _cached_artifacts
-    return _cached_artifacts(defaults.checkpoint(), defaults.DEFAULT_ARCH,
-                             defaults.DEFAULT_SIZE, quiet)
 
 
 def cmd_calibrate(args) -> int:
     from .. import __version__, defaults
     from ..adapt import check_names
+    from ..artifacts import cached_artifacts
+    from ..calibration.evaluate import evaluate, format_comparison, model_sizes
+    from ..calibration.quantize import convert_fp16, quantize_artifacts
     from ..data import resolve_targets
     from ..report import write_json_atomic
-    from .evaluate import evaluate, format_comparison, model_sizes
-    from .quantize import convert_fp16, quantize_artifacts
 
     if args.max_images < 0:
         raise GrataError("--max-images must be 0 (all) or more")
     if not args.no_eval:
         check_names(args.methods, "domain")
-    artifacts = args.artifacts or _default_artifacts(args.quiet)
+    artifacts = args.artifacts or cached_artifacts(
+        defaults.checkpoint(), defaults.DEFAULT_ARCH, defaults.DEFAULT_SIZE, args.quiet)
     synthetic = None
     if args.images is None or (args.data is None and not args.no_eval):
         synthetic = defaults.synthetic_root(progress=not args.quiet)

@@ -1,0 +1,86 @@
+"""Artifact folders exported once into the cache, keyed by what they were made from."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from . import defaults
+from .digest import file_sha256
+from .errors import GrataError
+
+
+def _export_once(folder: Path, export, message: str, quiet: bool) -> Path:
+    """Run `export(tmp)` into a temp folder beside `folder` and rename it into place,
+    unless `folder` already holds a manifest; concurrent exports keep the first."""
+    if (folder / "manifest.json").exists():
+        return folder
+    if not quiet:
+        print(message, file=sys.stderr)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    export(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # exported concurrently: keep the first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _export_fn():
+    try:
+        import torch  # noqa: F401  (exporting needs the reference)
+
+        from .export import export_artifacts
+    except ImportError:
+        raise GrataError("exporting a model needs torch: pip install 'grata-edge[export]', "
+                         "or pass --artifacts DIR") from None
+    return export_artifacts
+
+
+def cached_artifacts(checkpoint, arch: str, size: int, quiet: bool = True) -> Path:
+    """Artifacts of a checkpoint, exported once into the cache (keyed by its SHA-256,
+    the arch and the size)."""
+    if not Path(checkpoint).is_file():
+        raise GrataError(f"{checkpoint}: checkpoint not found")
+    key = f"{file_sha256(checkpoint)[:16]}-{arch}-{size}"
+    folder = defaults.cache_dir() / "artifacts" / key
+    if (folder / "manifest.json").exists():
+        return folder
+    export = _export_fn()
+    return _export_once(folder, lambda tmp: export(checkpoint, arch, size, tmp),
+                        f"exporting {checkpoint} ({arch}, {size}x{size}) to {folder} (once)",
+                        quiet)
+
+
+def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True) -> Path:
+    """Artifacts of a randomly initialised ResUnet (torch.manual_seed(seed)), exported
+    once into the cache: timings do not depend on the weights."""
+    folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}"
+    if (folder / "manifest.json").exists():
+        return folder
+    export = _export_fn()
+
+    def make(tmp):
+        import torch
+
+        from .models import ResUnet
+        torch.manual_seed(seed)
+        export(ResUnet(arch), arch, size, tmp)
+    return _export_once(folder, make, f"exporting a random {arch} at {size}x{size} to "
+                        f"{folder} (once)", quiet)
+
+
+def default_artifacts(size: int | None = None, quiet: bool = True) -> tuple[Path, str]:
+    """The embedded default's artifacts: the shipped checkpoint exported at `size` (the
+    default size), or a random edge model when the checkpoint is not there; and a word
+    on which."""
+    size = size or defaults.DEFAULT_SIZE
+    ckpt = defaults.checkpoint()
+    if Path(ckpt).is_file():
+        return cached_artifacts(ckpt, defaults.DEFAULT_ARCH, size, quiet), \
+            f"shipped checkpoint {Path(ckpt).name}"
+    return random_model_artifacts(defaults.DEFAULT_ARCH, size, 0, quiet), \
+        "random weights (seed 0; the shipped checkpoint is absent)"

@@ -1,0 +1,89 @@
+"""Tables of `grata bench` reports (the JSON holds everything; these are for reading)."""
+
+from __future__ import annotations
+
+from .settings import FORWARDS_PER_IMAGE
+
+
+def _mb(x) -> str:
+    return "-" if x is None else f"{x / 2**20:.0f}"
+
+
+def _rate(x) -> str:
+    return "-" if x is None else f"{x / 1e3:.0f}k" if x >= 1e4 else f"{x:.1f}"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.2f}" if x < 100 else f"{x:.1f}" if x < 1000 else f"{x:.0f}"
+
+
+
+def format_stages(report: dict) -> str:
+    s = report["settings"]
+    lines = [_header(report, f"{s['arch']} {s['size']}x{s['size']}, warm-up {s['warmup']}, "
+                     + (f"{s['duration_s']} s per stage" if s["duration_s"]
+                        else f"{s['iterations']} iterations") + f", {s['threads']} threads")]
+    head = (f"{'backend':14} {'prec':5} {'stage':17} {'min':>8} {'mean':>8} {'median':>8} "
+            f"{'p90':>8} {'p99':>8} {'1/s':>7} {'peakRSS':>8} {'devMB':>6}")
+    lines += [head + "   (ms; memory MiB)", "-" * len(head)]
+    for r in report["results"]:
+        tag = f"{r['backend']:14} {r['precision']:5}"
+        if r.get("skipped") or r.get("error"):
+            lines.append(f"{tag} {'skipped: ' + r['skipped'] if r.get('skipped') else 'error: ' + r['error']}")
+            continue
+        mem = r["memory"]
+        for k, (name, st) in enumerate(r["stages"].items()):
+            tput = st["throughput_per_s"]
+            lines.append(
+                f"{tag if k == 0 else ' ' * len(tag)} {name:17} {_ms(st['min_ms']):>8} "
+                f"{_ms(st['mean_ms']):>8} {_ms(st['median_ms']):>8} {_ms(st['p90_ms']):>8} "
+                f"{_ms(st['p99_ms']):>8} {_rate(tput):>7} "
+                f"{_mb(mem['peak_rss_bytes']) if k == 0 else '':>8} "
+                f"{_mb(mem.get('device_peak_bytes')) if k == 0 else '':>6}")
+    return "\n".join(lines)
+
+
+def _header(report: dict, what: str) -> str:
+    m, v = report["machine"], report["versions"]
+    gpu = report.get("gpu")
+    load = m.get("load_average")
+    parts = [f"grata bench {report['suite']}: {what}",
+             (f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['physical_cores']} "
+              f"cores{', ' + m['board'] if m.get('board') else ''}), "
+              f"{_mb(m['memory_bytes'])} MiB RAM, {m['platform']}"),
+             f"gpu: {gpu['name'] if gpu else 'none'}; load average at start: "
+             + (" ".join(f"{x:.2f}" for x in load) if load else "n/a"),
+             "versions: " + ", ".join(f"{k} {val}" for k, val in v.items()
+                                      if k != "onnxruntime_providers"),
+             f"date: {m['date_utc']}"]
+    return "\n".join(parts)
+
+
+
+def format_adapt(report: dict) -> str:
+    s, mm = report["settings"], report["matmul"]
+    lines = [_header(report, f"GraTa per image, {s['images']} images after {s['warmup']} "
+                             f"warm-up, {s['threads']} threads"),
+             f"float32 matmul {mm['n']}x{mm['n']}: "
+             + (f"torch {mm['torch_gflops']:.0f} GFLOP/s, " if "torch_gflops" in mm else "")
+             + f"numpy {mm['numpy_gflops']:.0f} GFLOP/s; FLOPs/image = "
+             f"{FORWARDS_PER_IMAGE} x forward"]
+    head = (f"{'arch':9} {'size':>4} {'backend':26} {'median s':>9} {'p90 s':>7} "
+            f"{'min s':>7} {'peakRSS':>8} {'GFLOP/img':>9} {'GFLOP/s':>8} {'time/ref':>8} "
+            f"{'RSS/ref':>7}")
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        tag = f"{r['arch']:9} {r['size']:>4} {r['backend'][:26]:26}"
+        if r.get("error"):
+            lines.append(f"{tag} error: {r['error']}")
+            continue
+        st = r["per_image"]
+        ratio = r.get("time_vs_torch_ref")
+        mem = r.get("peak_rss_vs_torch_ref")
+        lines.append(f"{tag} {st['median_ms'] / 1e3:9.3f} {st['p90_ms'] / 1e3:7.3f} "
+                     f"{st['min_ms'] / 1e3:7.3f} {_mb(r['memory']['peak_rss_bytes']):>8} "
+                     f"{r['flops_per_image'] / 1e9:9.1f} {r['gflops_per_s']:8.1f} "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x':>8} "
+                     f"{'-' if mem is None else f'{mem:.2f}x':>7}")
+    return "\n".join(lines)
+

@@ -1,0 +1,114 @@
+"""`grata serve`: the inbox loop (`grata.runtime.inbox`) over an adaptive model
+(`grata.runtime.adaptive`), with signals, start-up and summary lines."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from ..export.manifest import PRECISIONS
+from ..runtime.adaptive import DEFAULT_MAX_DRIFT
+from ..runtime.predictors import ORT_DEVICES, PREDICTORS
+from .common import add_alias, add_hyperparameters, add_quiet, add_seed, add_threads
+
+EPILOG = """\
+files: for each image NAME that lands in INBOX (names starting with '.' or ending in
+.tmp/.part are left alone until renamed): OUTBOX/NAME.<hash>.mask.png (255 background,
+128 disc rim, 0 cup, at the image's size), .overlay.png, and .json (disc/cup areas,
+vCDR, timings of adapt and predict, theta version, drift, resets), written atomically;
+then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt).
+The adapted state lives in STATE (default OUTBOX/.state); a restart resumes from it;
+STATE/config.json records the run's configuration (method, hyperparameters, artifacts).
+"""
+
+
+def register(subparsers) -> dict:
+    s = subparsers.add_parser(
+        "serve", help="adapt and segment images as they arrive in a folder",
+        description="Watch an inbox folder; adapt the model on each new image (one step "
+        "of the method, in arrival order), segment it with the adapted model and write "
+        "the results to the outbox. The adapted state is checkpointed atomically and "
+        "resumed after a restart or a crash.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--inbox", required=True, type=Path, help="folder images arrive in")
+    s.add_argument("--outbox", required=True, type=Path, help="folder results go to")
+    s.add_argument("--artifacts", required=True, type=Path,
+                   help="exported artifact folder (grata export)")
+    s.add_argument("--method", default="grata",
+                   help="bn, tent, grata, grata-noalign, grata-fixedlr or source "
+                   "(default grata)")
+    s.add_argument("--predictor", default="auto", choices=PREDICTORS,
+                   help="who serves the prediction: tensorrt where installed, else "
+                   "onnxruntime (default auto)")
+    add_alias(s, "--backend", "predictor", choices=PREDICTORS)
+    s.add_argument("--device", default="auto", choices=ORT_DEVICES,
+                   help="onnxruntime provider for adapting (and the onnxruntime predictor); "
+                   "auto: cuda where available, else cpu")
+    s.add_argument("--precision", choices=PRECISIONS,
+                   help="TensorRT precision (default fp16); onnxruntime serves fp32")
+    s.add_argument("--calibration", type=Path, help="folder of images for --precision int8")
+    s.add_argument("--state", type=Path, help="state folder (default OUTBOX/.state)")
+    s.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="checkpoint the adapted state every N images (default 1)")
+    s.add_argument("--max-drift", type=float, default=DEFAULT_MAX_DRIFT,
+                   help="largest |theta - theta0| / |theta0| before a reset to the last "
+                   f"good theta (default {DEFAULT_MAX_DRIFT}; 0 disables)")
+    s.add_argument("--reset", action="store_true",
+                   help="start from the source theta, discarding the saved state")
+    add_hyperparameters(s)
+    add_seed(s)
+    add_threads(s)
+    s.add_argument("--once", action="store_true",
+                   help="process the images present (waiting for partial ones), then exit")
+    s.add_argument("--poll", type=float, default=0.5, help="seconds between inbox scans")
+    s.add_argument("--settle", type=float, default=1.0,
+                   help="a file unchanged this long (or across two scans) is complete")
+    add_quiet(s, "no line per image")
+    return {"serve": cmd_serve}
+
+
+def cmd_serve(args) -> int:
+    from ..runtime.adaptive import AdaptiveModel, theta_digest
+    from ..runtime.inbox import check_folders, log_stderr, serve
+    from .common import hyperparameters
+
+    check_folders(args.inbox, args.outbox)  # before loading anything
+    hp = hyperparameters(args, [args.method]) if args.hp or args.config else {}
+    state = args.state or args.outbox / ".state"
+    log = None if args.quiet else log_stderr
+    model = AdaptiveModel(args.artifacts, state, method=args.method, predictor=args.predictor,
+                          device=args.device, precision=args.precision, threads=args.threads,
+                          checkpoint_every=args.checkpoint_every,
+                          max_drift=args.max_drift if args.max_drift > 0 else None,
+                          seed=args.seed, reset=args.reset, calibration=args.calibration,
+                          hyperparameters=hp.get(args.method))
+    stop = threading.Event()
+    previous = {}
+    try:
+        fallback = getattr(model.predictor, "fallback", None)
+        log_stderr(f"grata serve: {model.describe()}"
+                   + (f" (tensorrt not used: {fallback})" if fallback else ""))
+        r = model.resumed
+        log_stderr(f"grata serve: resumed {state}: {r['n_images']} images adapted, theta "
+                   f"v{r['theta_version']} {r['theta_sha256']}" if r else
+                   f"grata serve: starting from the source theta "
+                   f"{theta_digest(model.theta)} (state {state})")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            except ValueError:  # not the main thread
+                pass
+        counts = serve(args.inbox, args.outbox, model, once=args.once, poll_s=args.poll,
+                       settle_s=args.settle, stop=stop, log=log)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        model.close()
+    log_stderr(f"grata serve: {counts['served']} served, {counts['recovered']} recovered, "
+               f"{counts['already_served']} already served, {counts['rejected']} rejected, "
+               f"{counts['resets']} resets; {model.n_images} images adapted, theta "
+               f"v{model.theta_version} {theta_digest(model.theta)}, drift "
+               f"{model.drift:.4f}")
+    return 0

@@ -1,0 +1,32 @@
+"""The `config` block a run records: enough to reproduce it from its report alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import __version__
+from .digest import file_sha256
+
+
+def model_identity(artifacts=None, checkpoint_file=None) -> dict:
+    """What the run adapted: the artifacts' manifest digest (a manifest dict or a folder)
+    or the checkpoint file's SHA-256."""
+    if artifacts is not None:
+        if not isinstance(artifacts, dict):
+            from .export.manifest import load_manifest
+            artifacts = load_manifest(Path(artifacts), verify=False)
+        return {"artifacts_manifest_sha256": artifacts["manifest_sha256"],
+                "arch": artifacts["arch"]}
+    return {"checkpoint_sha256": file_sha256(checkpoint_file)}
+
+
+def run_config(*, seed: int, size: int, engine: str, device: str, methods: dict,
+               artifacts=None, checkpoint_file=None, **extra) -> dict:
+    """The config block: package version, model identity (`artifacts`: a manifest or an
+    artifact folder, else `checkpoint_file`: its digest),
+    seed, size, engine, device, methods with their full hyperparameters, and `extra`
+    fields (protocol, predictor, ...)."""
+    from .methods.hyperparameters import as_json
+    return {"grata_version": __version__, **model_identity(artifacts, checkpoint_file),
+            "seed": int(seed), "size": int(size), "engine": engine, "device": device,
+            "methods": {m: as_json(hp) for m, hp in methods.items()}, **extra}

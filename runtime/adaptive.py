@@ -1,0 +1,431 @@
+"""The adaptive model of one point of care: adapt on an image, predict it, keep state.
+
+``AdaptiveModel(artifacts, state_dir, method="grata", predictor="auto", ...)`` holds the
+adapted state; ``AdaptiveModel.process(image)`` adapts on one image (one step of the
+method over the artifacts' gradient graphs, the engine), predicts it with the predictor
+(`grata.runtime.predictors`: onnxruntime or TensorRT) at the adapted theta and returns
+``{"record": {...}, "mask": uint8 [H, W], "pred": bool [2, S, S], "logits": ...}``.
+The folder loop over it is `grata.runtime.inbox`.
+
+Safety of the adapted model
+---------------------------
+Per image: the method's own guard (a non-finite loss, gradient, theta or moment restores
+the last good theta and moments), a drift bound (``max_drift``: the relative L2 distance
+``|theta - theta0| / |theta0|``; above it theta, the moments and the step count return to
+their values before this image, or to the source when those are also too far) and a
+finite-prediction check (non-finite logits restore the last good state and predict
+again; if they are still non-finite the image is rejected). Every reset is listed in
+that image's record (``resets``) and the drift is reported in every record.
+
+State
+-----
+``STATE/state.npz`` holds the method's `state()` (theta, Adam moments, step, guard,
+generator state, counters), the theta version, the last image's key (``last_key``) and
+the run's ``config`` (package version, artifact digest, method and its hyperparameters,
+seed, predictor, device), also written as ``STATE/config.json``. It is written
+atomically; the crash rules that use it are in `grata.runtime.inbox`. A state is refused
+unless it was made from the same source theta and method. Only one process may use a
+state folder at a time (an exclusive lock on ``STATE/lock``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import remove_temp_files, write_atomic
+from ..digest import array_sha256
+from ..errors import DataError, GrataError
+from ..run_config import run_config
+from .engine import OrtEngine
+from .predictors import GRAPHS, make_predictor, resolve_ort_device
+
+STATE_FILE = "state.npz"
+CONFIG_FILE = "config.json"
+LOCK_FILE = "lock"
+STATE_FORMAT = 1
+RECORD_FORMAT = 1
+DEFAULT_MAX_DRIFT = 0.5
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def json_bytes(obj) -> bytes:
+    """Indented JSON (no NaN) as UTF-8 bytes with a final newline."""
+    return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode("utf-8")
+
+
+def now_utc() -> str:
+    """The current UTC time, ISO 8601 with milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def theta_digest(theta) -> str:
+    """Short SHA-256 of theta's float32 bytes: tells thetas apart in records and logs."""
+    return array_sha256(theta)[:16]
+
+
+def relative_drift(theta, theta0) -> float:
+    """|theta - theta0| / |theta0| (L2 over the whole vector)."""
+    t = np.asarray(theta, dtype=np.float64)
+    t0 = np.asarray(theta0, dtype=np.float64)
+    return float(np.linalg.norm(t - t0) / max(np.linalg.norm(t0), 1e-12))
+
+
+def _finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class AdaptiveModel:
+    """The adapted model of one point of care: adapt and predict image by image.
+
+    `state_dir` (optional) holds ``state.npz``, checkpointed atomically every
+    `checkpoint_every` images and by `checkpoint()` / `close()`; a model started on it
+    resumes from it (see the module docstring). `reset=True` starts from the source
+    theta and overwrites the state at once. `predictor`: ``auto``, ``onnxruntime`` or
+    ``tensorrt``; `device`: onnxruntime's provider for the adaptation (and for the
+    onnxruntime predictor): ``auto``, ``cpu``, ``cuda``, ``tensorrt``. `precision` and
+    `calibration` (images or a folder of them, for int8) go to TensorRT. `max_drift=None`
+    disables the drift bound. `hyperparameters` are the method's (validated against its
+    constructor, recorded in `config`).
+    """
+
+    def __init__(self, artifacts, state_dir=None, method: str = "grata",
+                 predictor: str = "auto", *, device: str = "auto", precision: str | None = None,
+                 threads: int | None = None, checkpoint_every: int = 1,
+                 max_drift: float | None = DEFAULT_MAX_DRIFT, seed: int = 0,
+                 reset: bool = False, calibration=None, cache_dir=None, verify: bool = True,
+                 hyperparameters: dict | None = None):
+        from ..methods import create, resolved_hyperparameters
+
+        hyperparameters = resolved_hyperparameters(method, hyperparameters)
+        if int(checkpoint_every) < 1:
+            raise GrataError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
+        if max_drift is not None and not max_drift > 0:
+            raise GrataError(f"max_drift must be positive, not {max_drift}")
+        self.checkpoint_every = int(checkpoint_every)
+        self.max_drift = None if max_drift is None else float(max_drift)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._lock_fd = None
+        if self.state_dir is not None:
+            self._lock()
+        try:
+            ort_device = resolve_ort_device(device)
+            self.engine = OrtEngine(artifacts, device=ort_device, threads=threads,
+                                    verify=verify)
+            self.size = self.engine.size
+            self.method = create(method, self.engine, seed=seed, **hyperparameters)
+            graph = GRAPHS[self.method.norm]
+            if isinstance(calibration, (str, Path)):
+                calibration = self._calibration_images(Path(calibration))
+            self.predictor = make_predictor(
+                predictor, artifacts, graph=graph, device=ort_device, threads=threads,
+                precision=precision, session=self.engine.sessions.get(graph),
+                cache_dir=cache_dir, calibration=calibration, verify=False)
+            self.source_sha256 = array_sha256(self.engine.theta0)
+            self.config = run_config(
+                artifacts=self.engine.manifest, seed=seed, size=self.size,
+                engine=self.engine.kind, device=ort_device,
+                methods={method: hyperparameters},
+                predictor=self.predictor.name, precision=self.predictor.precision,
+                max_drift=self.max_drift, checkpoint_every=self.checkpoint_every)
+            self.n_images = 0
+            self.theta_version = 0
+            self.last_key: str | None = None
+            self.resumed: dict | None = None
+            self._dirty = False
+            if self.state_dir is not None:
+                if not reset and (self.state_dir / STATE_FILE).exists():
+                    self._load_state()
+                else:
+                    self.checkpoint()  # a fresh state now: a crash never resumes an old one
+                write_atomic(self.state_dir / CONFIG_FILE, json_bytes(self.config))
+        except BaseException:
+            self._unlock()
+            raise
+
+    # -- properties ----------------------------------------------------------------
+    @property
+    def theta(self) -> np.ndarray:
+        return np.array(self.engine.to_numpy(self.engine.theta), dtype=np.float32)
+
+    @property
+    def drift(self) -> float:
+        return relative_drift(self.engine.theta, self.engine.theta0)
+
+    def describe(self) -> str:
+        p = self.predictor
+        adapt = self.engine.sessions["entropy_grad"].get_providers()[0]
+        return (f"method {self.method.name} (adapting on onnxruntime {adapt}); serving on "
+                f"{getattr(p, 'detail', p.name)} ({p.precision})")
+
+    # -- one image -----------------------------------------------------------------
+    def process(self, image, *, name: str | None = None, key: str | None = None) -> dict:
+        """Adapt on `image` (a file path, the file's bytes, or a model input [3, S, S]
+        in [0, 1]), then predict it at the adapted theta. Raises `DataError` for an
+        unusable image (the state is then as before)."""
+        t0 = time.perf_counter()
+        img, name, size_wh = self._load(image, name)
+        x = self.engine.to_input(img)
+        t_load = time.perf_counter() - t0
+        e, m = self.engine, self.method
+        snap = m.state()
+        n_events = len(snap["events"])
+        t1 = time.perf_counter()
+        m.update(x, image=img)  # the predictor makes the prediction (timed on its own)
+        t_adapt = time.perf_counter() - t1
+        resets = [{"reason": ev.get("event", "non-finite"), "action": ev.get("action")}
+                  for ev in m.events[n_events:]]
+        drift = self.drift
+        if self.max_drift is not None and not drift <= self.max_drift:
+            resets.append(self._restore(snap, "drift", drift=drift,
+                                        max_drift=self.max_drift))
+        if not np.array_equal(e.to_numpy(e.theta), snap["theta"]):
+            self.theta_version += 1
+        t2 = time.perf_counter()
+        logits = np.asarray(self.predictor.predict(x, e.theta))
+        if not np.isfinite(logits).all():
+            if np.array_equal(e.to_numpy(e.theta), snap["theta"]):
+                raise DataError(name, "the prediction is not finite (at the last good theta)")
+            resets.append(self._restore(snap, "non-finite prediction"))
+            self.theta_version += 1
+            logits = np.asarray(self.predictor.predict(x, e.theta))
+            if not np.isfinite(logits).all():
+                raise DataError(name, "the prediction is not finite even at the last good "
+                                      "theta")
+        t_predict = time.perf_counter() - t2
+        self.n_images += 1
+        self.last_key = key or name
+        self._dirty = True
+        out = self._result(img, logits, name, key, size_wh, resets,
+                           {"load": t_load, "adapt": t_adapt, "predict": t_predict},
+                           recovered=False)
+        if self.state_dir is not None and self.n_images % self.checkpoint_every == 0:
+            self.checkpoint()
+        return out
+
+    def recover(self, image, *, name: str | None = None, key: str | None = None) -> dict:
+        """The result of an image whose update the state already holds: a prediction at
+        the current theta, without adapting (the state does not change)."""
+        t0 = time.perf_counter()
+        img, name, size_wh = self._load(image, name)
+        x = self.engine.to_input(img)
+        t_load = time.perf_counter() - t0
+        t2 = time.perf_counter()
+        logits = np.asarray(self.predictor.predict(x, self.engine.theta))
+        if not np.isfinite(logits).all():
+            raise DataError(name, "the prediction is not finite")
+        t_predict = time.perf_counter() - t2
+        return self._result(img, logits, name, key, size_wh, [],
+                            {"load": t_load, "adapt": 0.0, "predict": t_predict},
+                            recovered=True)
+
+    def reset(self) -> None:
+        """Back to the source theta: fresh moments, step count and augmentation stream
+        (checkpointed at once when there is a state folder)."""
+        self.method.reset()
+        self.theta_version += 1
+        self.n_images = 0
+        self.last_key = None
+        self._dirty = True
+        if self.state_dir is not None:
+            self.checkpoint()
+
+    def _restore(self, snap: dict, reason: str, **info) -> dict:
+        """theta, moments and step back to `snap` (a `Method.state()` taken before this
+        image), or to the source when `snap` is itself beyond max_drift; the generator
+        and the counters go on."""
+        e, m = self.engine, self.method
+        state = m.state()
+        back = {k: snap[k] for k in ("theta", "m", "v", "t")}
+        action = "restored the last good theta, moments and step"
+        if self.max_drift is not None and \
+                relative_drift(back["theta"], e.theta0) > self.max_drift:
+            zeros = np.zeros_like(back["theta"])
+            back = {"theta": e.to_numpy(e.theta0), "m": zeros, "v": zeros, "t": 0}
+            action = "reset to the source theta (the last good one is beyond max_drift)"
+        # the guard's last good state is taken again from the restored one at the next step
+        m.load_state({**state, **back, "good": None})
+        return {"reason": reason, **{k: _finite_or_none(v) for k, v in info.items()},
+                "action": action}
+
+    def _load(self, image, name: str | None):
+        from PIL import Image
+
+        from ..data import load_image
+        S = self.size
+        if isinstance(image, np.ndarray):
+            img = np.ascontiguousarray(image, dtype=np.float32)
+            if img.shape != (3, S, S):
+                raise DataError(name or "array", f"expected a [3, {S}, {S}] image, got "
+                                                  f"{list(img.shape)}")
+            if not np.isfinite(img).all():
+                raise DataError(name or "array", "image has non-finite values")
+            return img, name or "array", (S, S)
+        if isinstance(image, (bytes, bytearray)):
+            data, name = bytes(image), name or "image"
+        else:
+            path = Path(image)
+            name = name or path.name
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+        try:
+            img = load_image(io.BytesIO(data), S)
+        except DataError as exc:
+            raise DataError(name, exc.problem) from None
+        with Image.open(io.BytesIO(data)) as im:
+            size_wh = im.size
+        return img, name, size_wh
+
+    def _result(self, img, logits, name, key, size_wh, resets, timings, recovered) -> dict:
+        from PIL import Image
+
+        from ..data import to_mask_png
+        from ..metrics import binarize, probs_from_logits, vertical_cdr
+        pred = binarize(probs_from_logits(np.asarray(logits, np.float32)[0]))
+        mask = to_mask_png(pred)
+        if tuple(size_wh) != (self.size, self.size):  # back to the picture's own size
+            mask = np.asarray(Image.fromarray(mask).resize(tuple(size_wh), Image.NEAREST))
+        disc, cup = mask < 255, mask == 0
+        m = self.method
+        record = {
+            "format_version": RECORD_FORMAT, "image": name, "key": key,
+            "method": m.name, "predictor": self.predictor.name,
+            "precision": self.predictor.precision, "model_size": self.size,
+            "image_size": [int(size_wh[0]), int(size_wh[1])],
+            "disc_area_px": int(disc.sum()), "cup_area_px": int(cup.sum()),
+            "disc_area_fraction": float(disc.mean()), "cup_area_fraction": float(cup.mean()),
+            "vcdr": _finite_or_none(vertical_cdr(np.stack([disc, cup]))),
+            "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()},
+            "theta_version": self.theta_version,
+            "theta_sha256": theta_digest(self.engine.to_numpy(self.engine.theta)),
+            "theta_drift": _finite_or_none(self.drift), "max_drift": self.max_drift,
+            "step": int(m.steps), "images_adapted": self.n_images,
+            "losses": {k: _finite_or_none(v) for k, v in m.last.items()} if not recovered
+            else {},
+            "resets": resets, "recovered": recovered,
+        }
+        return {"record": record, "mask": mask, "pred": pred, "logits": logits, "image": img}
+
+    def _calibration_images(self, folder: Path) -> list[np.ndarray]:
+        from ..data import load_image
+        if not folder.is_dir():
+            raise GrataError(f"--calibration {folder}: not a folder")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise GrataError(f"--calibration {folder}: no images")
+        return [load_image(p, self.size) for p in files]
+
+    # -- state ---------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Write the adapted state atomically (no-op without a state folder)."""
+        if self.state_dir is None:
+            return
+        st = self.method.state()
+        good = st["good"]
+        arrays = {
+            "format_version": np.int64(STATE_FORMAT),
+            "theta": st["theta"], "m": st["m"], "v": st["v"],
+            "t": np.int64(st["t"]), "n_images": np.int64(self.n_images),
+            "n_seen": np.int64(st["n_seen"]),
+            "theta_version": np.int64(self.theta_version),
+            "rng": np.array(json.dumps(st["rng"])),
+            "events": np.array(json.dumps(st["events"])),
+            "source_sha256": np.array(self.source_sha256), "method": np.array(st["method"]),
+            "seed": np.int64(st["seed"]), "last_key": np.array(self.last_key or ""),
+            "config": np.array(json.dumps(self.config)),
+            "written": np.array(now_utc()),
+        }
+        if good is not None:
+            arrays.update({"good_theta": good["theta"], "good_m": good["m"],
+                           "good_v": good["v"], "good_t": np.int64(good["t"])})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_atomic(self.state_dir / STATE_FILE, buf.getvalue())
+        self._dirty = False
+
+    def _load_state(self) -> None:
+        path = self.state_dir / STATE_FILE
+        hint = "pass --reset to start from the source theta"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                st = {k: z[k] for k in z.files}
+            version = int(st["format_version"])
+            method, source = str(st["method"]), str(st["source_sha256"])
+            theta, mm, vv = st["theta"], st["m"], st["v"]
+            rng_state = json.loads(str(st["rng"]))
+            events = json.loads(str(st["events"])) if "events" in st else []
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise GrataError(f"state {path} cannot be read ({type(exc).__name__}); "
+                             f"{hint}") from None
+        e, m = self.engine, self.method
+        if version != STATE_FORMAT:
+            raise GrataError(f"state {path} has format {version}, not {STATE_FORMAT}; {hint}")
+        if source != self.source_sha256:
+            raise GrataError(f"state {path} was adapted from another source model (its "
+                             f"source theta differs from these artifacts'); {hint}")
+        if method != m.name:
+            raise GrataError(f"state {path} belongs to method {method!r}, not "
+                             f"{m.name!r}; {hint}")
+        if not (theta.shape == mm.shape == vv.shape == e.theta0.shape):
+            raise GrataError(f"state {path}: theta has shape {theta.shape}, the artifacts "
+                             f"{e.theta0.shape}; {hint}")
+        good = None
+        if "good_theta" in st:
+            good = {"theta": st["good_theta"], "m": st["good_m"], "v": st["good_v"],
+                    "t": int(st["good_t"])}
+        self.n_images = int(st["n_images"])
+        m.load_state({"theta": theta, "m": mm, "v": vv, "t": int(st["t"]), "good": good,
+                      "rng": rng_state, "events": events,
+                      "n_seen": int(st["n_seen"]) if "n_seen" in st else self.n_images})
+        self.theta_version = int(st["theta_version"])
+        self.last_key = str(st["last_key"]) or None
+        self.resumed = {"n_images": self.n_images, "theta_version": self.theta_version,
+                        "step": m.steps, "theta_sha256": theta_digest(theta),
+                        "written": str(st.get("written", ""))}
+
+    def _lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform
+            self._lock_fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise GrataError(f"state {self.state_dir} is in use by another grata serve") \
+                from None
+        self._lock_fd = fd
+        remove_temp_files(self.state_dir)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the lock
+            self._lock_fd = None
+
+    def close(self) -> None:
+        """Checkpoint if anything changed since the last checkpoint; release the state."""
+        try:
+            if self._dirty and self._lock_fd is not None:
+                self.checkpoint()
+        finally:
+            self._unlock()
+
+    def __enter__(self) -> AdaptiveModel:  # noqa: PYI034  (Python 3.10 has no typing.Self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
