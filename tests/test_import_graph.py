@@ -1,0 +1,125 @@
+"""The package's import graph, drawn from the source with ast: no cycle, and the data
+flows one way (data -> model -> export -> runtime -> serving): the lower stages never
+import the runtime, the command line or the benchmarks."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# package -> folder, as in pyproject's package-dir
+FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime",
+           "grata.kernels": "kernels", "grata.calibration": "calibration"}
+LOWER = ("grata.data", "grata.synth", "grata.models", "grata.export", "grata.kernels",
+         "grata.losses", "grata.augment", "grata.metrics", "grata.engine", "grata.methods")
+UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg, folder in FOLDERS.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            if pkg == "grata" and parts and f"grata.{parts[0]}" in FOLDERS:
+                continue  # a folder of its own above
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def imports(name: str, path: Path, known) -> set[str]:
+    """Modules of the package `name` imports anywhere (top level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # an attribute of a module: its module
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(name, path, mods) for name, path in mods.items()}
+
+
+def test_graph_sees_the_package():
+    g = graph()
+    assert {"grata.cli.adapt", "grata.runtime.inbox", "grata.export.manifest",
+            "grata.bench.workers", "grata.methods.base"} <= set(g)
+    assert "grata.runtime.adaptive" in g["grata.runtime.inbox"]
+    assert "grata.export.manifest" in g["grata.runtime.engine"]
+
+
+def _in(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_no_import_cycle():
+    g = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g.get(n, ())):
+            # a package's __init__ re-exporting its own modules is not a cycle of work
+            if m == n.rpartition(".")[0] and n.startswith(m + "."):
+                continue
+            if state.get(m) == 1:
+                cycle = stack[stack.index(m):] + [m]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(g):
+        if n not in state:
+            visit(n)
+
+
+def test_lower_stages_never_import_upper_ones():
+    bad = [(a, b) for a, deps in graph().items() if _in(a, LOWER)
+           for b in deps if _in(b, UPPER)]
+    assert not bad, bad
+
+
+def test_runtime_never_imports_the_command_line_or_the_benchmarks():
+    bad = [(a, b) for a, deps in graph().items() if _in(a, ("grata.runtime",))
+           for b in deps if _in(b, ("grata.cli", "grata.bench"))]
+    assert not bad, bad
+
+
+def test_no_private_name_is_imported_across_packages():
+    mods = modules()
+    bad = []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                src_pkg = base if base in mods and mods[base].name == "__init__.py" \
+                    else base.rpartition(".")[0]
+                for a in node.names:
+                    if base.startswith("grata") and a.name.startswith("_") \
+                            and not a.name.startswith("__") and src_pkg != package:
+                        bad.append((name, base, a.name))
+    assert not bad, bad
