@@ -17,8 +17,6 @@ import copy
 import itertools
 import json
 import shutil
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -207,22 +205,6 @@ def test_export_from_checkpoint_path(edge, tmp_path):
 
 
 # -- torch-free side ----------------------------------------------------------------------
-def test_manifest_and_session_options_do_not_import_torch():
-    code = ("import sys; import grata.export as e; from grata.export import manifest; "
-            "from grata.runtime import ort_session; o = ort_session.session_options(3); "
-            "assert o.intra_op_num_threads == 3 and not o.enable_cpu_mem_arena;"
-            "assert not o.enable_mem_pattern;"
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_session_options_defaults():
-    opts = session_options()
-    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert 1 <= opts.intra_op_num_threads
-    assert not opts.enable_cpu_mem_arena and not opts.enable_mem_pattern
-
-
 def _expect_refusal(folder, what):
     with pytest.raises(GrataError) as err:
         load_manifest(folder)

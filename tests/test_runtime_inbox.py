@@ -1,5 +1,6 @@
-"""Point-of-care serving: grata serve end to end on onnxruntime, crash safety (kill -9 at
-random moments), guards of the adapted model, refusals."""
+"""The crash-safe inbox loop: grata serve end to end on onnxruntime, crash safety (kill -9
+at random moments, a crash between checkpoint and outputs), checkpoint spacing, the
+watcher, refused artifacts."""
 
 import json
 import os
@@ -10,78 +11,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from grata.runtime import OrtEngine
-from grata.runtime.predictors import OrtPredictor, make_predictor, tensorrt_installed
 from PIL import Image
+from serve_helpers import SIZE, load_state, make_inbox, reference_run, serve_args, temp_files
 
 from grata.cli import main
-from grata.errors import DataError, GrataError
 from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
 from grata.runtime.inbox import Watcher, result_key, serve
-
-SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def artifacts(edge64):
     return edge64[1]
 
-
-def fundus(rng, size=96) -> np.ndarray:
-    """A small fundus-like RGB picture: reddish retina, bright disc, paler cup, noise."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    cx, cy = rng.uniform(0.4, 0.6, 2)
-    r = np.hypot(xx - cx, yy - cy)
-    img = np.stack([0.6 + 0 * r, 0.25 + 0 * r, 0.1 + 0 * r])
-    disc = r < rng.uniform(0.18, 0.25)
-    cup = r < rng.uniform(0.06, 0.12)
-    img[:, disc] = np.array([0.9, 0.55, 0.35])[:, None]
-    img[:, cup] = np.array([0.97, 0.85, 0.6])[:, None]
-    img = img * rng.uniform(0.7, 1.1, (3, 1, 1)) + rng.normal(0, 0.04, img.shape)
-    return (np.clip(img, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
-
-
-def make_inbox(folder: Path, n: int, seed: int = 0) -> list[str]:
-    """n PNGs with distinct modification times in the past (arrival order = name order)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = time.time_ns() - 10**12
-    names = []
-    for i in range(n):
-        name = f"eye{i:03d}.png"
-        Image.fromarray(fundus(rng)).save(folder / name)
-        os.utime(folder / name, ns=(base + i * 10**7, base + i * 10**7))
-        names.append(name)
-    return names
-
-
-def serve_args(inbox, outbox, art, *extra):
-    return ["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts", str(art),
-            "--predictor", "onnxruntime", "--device", "cpu", "--threads", "1",
-            "--poll", "0.02", "--settle", "0.2", *extra]
-
-
-def load_state(state_dir: Path) -> dict:
-    with np.load(state_dir / STATE_FILE, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def reference_run(art, folder: Path, names) -> list[str]:
-    """theta digests after each image of an uninterrupted in-memory session."""
-    with AdaptiveModel(art, None, predictor="onnxruntime", device="cpu", threads=1) as s:
-        return [s.process(folder / n)["record"]["theta_sha256"] for n in names]
-
-
-def temp_files(*folders) -> list[Path]:
-    return [p for f in folders if f.is_dir() for p in f.iterdir()
-            if p.name.startswith(".") and p.name.endswith(".tmp")]
-
-
-# ----------------------------------------------------------------------- end to end
 
 def test_serve_end_to_end_onnxruntime(artifacts, tmp_path, capsys):
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
@@ -218,8 +162,6 @@ def test_kill9_at_random_moments(artifacts, tmp_path):
     assert theta_digest(st["theta"]) == ref[-1]
 
 
-# ------------------------------------------------------------------- crash recovery
-
 def test_crash_between_checkpoint_and_outputs_is_recovered(artifacts, tmp_path):
     inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
     (name,) = make_inbox(inbox, 1)
@@ -257,53 +199,6 @@ def test_checkpoint_every_n_resumes_from_the_checkpoint(artifacts, tmp_path):
     assert int(load_state(tmp_path / "state")["n_images"]) == 5  # checkpoint on close
 
 
-# ---------------------------------------------------------------------------- guards
-
-def test_drift_bound_resets_and_is_logged(artifacts, tmp_path):
-    names = make_inbox(tmp_path, 2)
-    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1,
-                 max_drift=1e-9) as s:
-        for n in names:
-            rec = s.process(tmp_path / n)["record"]
-            (reset,) = rec["resets"]
-            assert reset["reason"] == "drift" and reset["drift"] > reset["max_drift"] == 1e-9
-            assert "last good theta" in reset["action"]
-            assert rec["theta_drift"] == 0 and rec["theta_version"] == 0
-        assert np.array_equal(s.theta, s.engine.theta0) and s.method.t == 0
-
-
-def test_non_finite_guards_restore_the_last_good_theta(artifacts, tmp_path):
-    names = make_inbox(tmp_path, 3)
-    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1) as s:
-        s.process(tmp_path / names[0])
-        good = s.theta
-        real = s.engine.entropy_grad
-        s.engine.entropy_grad = lambda x: (float("nan"), real(x)[1] * np.nan)
-        rec = s.process(tmp_path / names[1])["record"]
-        s.engine.entropy_grad = real
-        assert rec["resets"][0]["reason"] == "non-finite"
-        assert np.array_equal(s.theta, good) and rec["theta_version"] == 1
-
-        predict = s.predictor.predict
-        calls = []
-
-        def flaky(x, theta):  # non-finite at the adapted theta only
-            calls.append(theta_digest(theta))
-            out = predict(x, theta)
-            return out * np.nan if len(calls) == 1 else out
-
-        s.predictor.predict = flaky
-        rec = s.process(tmp_path / names[2])["record"]
-        assert [r["reason"] for r in rec["resets"]] == ["non-finite prediction"]
-        assert calls[1] == theta_digest(good) == rec["theta_sha256"]
-        assert np.array_equal(s.theta, good) and s.method.t == 1
-        with pytest.raises(DataError, match="not finite"):
-            s.predictor.predict = lambda x, theta: predict(x, theta) * np.nan
-            s.process(tmp_path / names[2])
-
-
-# ------------------------------------------------------------------------- refusals
-
 def test_artifacts_with_a_changed_byte_are_refused(artifacts, tmp_path, capsys):
     bad = tmp_path / "art"
     shutil.copytree(artifacts, bad)
@@ -315,50 +210,6 @@ def test_artifacts_with_a_changed_byte_are_refused(artifacts, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "weights.bin does not match its sha256" in err
     assert (tmp_path / "inbox" / "eye000.png").exists()
-
-
-def test_state_of_other_artifacts_or_method_is_refused(artifacts, tmp_path, capsys):
-    state = tmp_path / "state"
-    AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu").close()
-    with pytest.raises(GrataError, match="belongs to method 'grata', not 'tent'"):
-        AdaptiveModel(artifacts, state, method="tent", predictor="onnxruntime", device="cpu")
-    st = load_state(state)
-    st["source_sha256"] = np.array("0" * 64)
-    np.savez(state / STATE_FILE, **st)
-    with pytest.raises(GrataError, match="another source model.*--reset"):
-        AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
-    (state / STATE_FILE).write_bytes(b"PK\x03\x04 torn")
-    with pytest.raises(GrataError, match="cannot be read.*--reset"):
-        AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
-    with AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu", reset=True) as s:
-        assert s.resumed is None
-        with pytest.raises(GrataError, match="in use by another grata serve"):
-            AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
-
-
-@pytest.mark.skipif(tensorrt_installed(), reason="tensorrt is installed here")
-def test_unavailable_backend_is_one_line(artifacts, tmp_path, capsys):
-    make_inbox(tmp_path / "inbox", 1)
-    args = serve_args(tmp_path / "inbox", tmp_path / "out", artifacts, "--once")
-    args[args.index("onnxruntime")] = "tensorrt"
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "needs the TensorRT Python package" in err
-    with pytest.raises(GrataError, match="needs the tensorrt predictor"):
-        make_predictor("onnxruntime", artifacts, precision="fp16")
-    auto = make_predictor("auto", artifacts, threads=1)
-    assert auto.name == "onnxruntime" and "not installed" in auto.fallback
-
-
-def test_ort_predictor_is_the_infer_graph(artifacts):
-    engine = OrtEngine(artifacts, threads=1)
-    p = OrtPredictor(artifacts, threads=1)
-    x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
-    theta = engine.theta0 * np.float32(1.01)
-    engine.theta[:] = theta
-    assert np.array_equal(p.predict(x, theta), engine.infer(x))
-    with pytest.raises(GrataError, match="1x3x64x64"):
-        p.predict(x[0], theta)
 
 
 def test_watcher_waits_for_complete_files(tmp_path):

@@ -1,0 +1,145 @@
+"""The adaptive model: drift and finite guards, refused states, its state and config."""
+
+import json
+
+import numpy as np
+import pytest
+from serve_helpers import load_state, make_inbox
+
+from grata.errors import DataError, GrataError
+from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
+
+
+@pytest.fixture(scope="module")
+def artifacts(edge64):
+    return edge64[1]
+
+
+def test_drift_bound_resets_and_is_logged(artifacts, tmp_path):
+    names = make_inbox(tmp_path, 2)
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1,
+                 max_drift=1e-9) as s:
+        for n in names:
+            rec = s.process(tmp_path / n)["record"]
+            (reset,) = rec["resets"]
+            assert reset["reason"] == "drift" and reset["drift"] > reset["max_drift"] == 1e-9
+            assert "last good theta" in reset["action"]
+            assert rec["theta_drift"] == 0 and rec["theta_version"] == 0
+        assert np.array_equal(s.theta, s.engine.theta0) and s.method.steps == 0
+
+
+def test_non_finite_guards_restore_the_last_good_theta(artifacts, tmp_path):
+    names = make_inbox(tmp_path, 3)
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1) as s:
+        s.process(tmp_path / names[0])
+        good = s.theta
+        real = s.engine.entropy_grad
+        s.engine.entropy_grad = lambda x: (float("nan"), real(x)[1] * np.nan)
+        rec = s.process(tmp_path / names[1])["record"]
+        s.engine.entropy_grad = real
+        assert rec["resets"][0]["reason"] == "non-finite"
+        assert np.array_equal(s.theta, good) and rec["theta_version"] == 1
+
+        predict = s.predictor.predict
+        calls = []
+
+        def flaky(x, theta):  # non-finite at the adapted theta only
+            calls.append(theta_digest(theta))
+            out = predict(x, theta)
+            return out * np.nan if len(calls) == 1 else out
+
+        s.predictor.predict = flaky
+        rec = s.process(tmp_path / names[2])["record"]
+        assert [r["reason"] for r in rec["resets"]] == ["non-finite prediction"]
+        assert calls[1] == theta_digest(good) == rec["theta_sha256"]
+        assert np.array_equal(s.theta, good) and s.method.steps == 1
+        with pytest.raises(DataError, match="not finite"):
+            s.predictor.predict = lambda x, theta: predict(x, theta) * np.nan
+            s.process(tmp_path / names[2])
+
+
+def test_state_of_other_artifacts_or_method_is_refused(artifacts, tmp_path, capsys):
+    state = tmp_path / "state"
+    AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu").close()
+    with pytest.raises(GrataError, match="belongs to method 'grata', not 'tent'"):
+        AdaptiveModel(artifacts, state, method="tent", predictor="onnxruntime", device="cpu")
+    st = load_state(state)
+    st["source_sha256"] = np.array("0" * 64)
+    np.savez(state / STATE_FILE, **st)
+    with pytest.raises(GrataError, match="another source model.*--reset"):
+        AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
+    (state / STATE_FILE).write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(GrataError, match="cannot be read.*--reset"):
+        AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
+    with AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu", reset=True) as s:
+        assert s.resumed is None
+        with pytest.raises(GrataError, match="in use by another grata serve"):
+            AdaptiveModel(artifacts, state, predictor="onnxruntime", device="cpu")
+
+
+# ------------------------------------------------------------------- state and config
+
+def test_config_records_the_run_and_hyperparameters_reach_the_method(artifacts, tmp_path,
+                                                                      capsys):
+    from serve_helpers import serve_args
+
+    from grata.cli import main
+    from grata.export import load_manifest
+    names = make_inbox(tmp_path / "inbox", 2)
+    rc = main(serve_args(tmp_path / "inbox", tmp_path / "out", artifacts, "--once", "--quiet",
+                         "--seed", "7", "--hp", "grata.beta=0.01", "--hp",
+                         "grata.betas=0.5,0.9"))
+    assert rc == 0
+    state = tmp_path / "out" / ".state"
+    config = json.loads((state / "config.json").read_text())
+    assert config["methods"] == {"grata": {"beta": 0.01, "betas": [0.5, 0.9], "eps": 1e-8}}
+    assert config["artifacts_manifest_sha256"] == load_manifest(artifacts)["manifest_sha256"]
+    assert config["seed"] == 7 and config["size"] == 64 and config["engine"] == "onnx"
+    assert config["predictor"] == "onnxruntime" and config["device"] == "cpu"
+    assert json.loads(str(load_state(state)["config"])) == config
+    # the same run in memory from the config alone gives the same theta
+    hp = config["methods"]["grata"]
+    with AdaptiveModel(artifacts, None, predictor=config["predictor"], device=config["device"],
+                       threads=1, seed=config["seed"], hyperparameters=hp) as again:
+        for n in names:
+            again.process(tmp_path / "inbox" / "processed" / n)
+        assert np.array_equal(again.theta, load_state(state)["theta"])
+        assert again.method.beta == 0.01 and again.method.betas == (0.5, 0.9)
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1,
+                       seed=7) as default:
+        for n in names:
+            default.process(tmp_path / "inbox" / "processed" / n)
+        assert not np.array_equal(default.theta, load_state(state)["theta"])
+
+
+def test_serve_hyperparameter_mistake_is_one_line(artifacts, tmp_path, capsys):
+    from serve_helpers import serve_args
+
+    from grata.cli import main
+    make_inbox(tmp_path / "inbox", 1)
+    rc = main(serve_args(tmp_path / "inbox", tmp_path / "out", artifacts, "--once",
+                         "--method", "tent", "--hp", "tent.beta=1"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "tent has no hyperparameter 'beta'" in err and "\n" not in err
+    assert (tmp_path / "inbox" / "eye000.png").exists()
+
+
+def test_state_file_holds_the_method_state(artifacts, tmp_path):
+    names = make_inbox(tmp_path, 2)
+    with AdaptiveModel(artifacts, tmp_path / "state", predictor="onnxruntime", device="cpu",
+                       threads=1) as s:
+        for n in names:
+            s.process(tmp_path / n)
+        expected = s.method.state()
+    st = load_state(tmp_path / "state")
+    for k in ("theta", "m", "v"):
+        np.testing.assert_array_equal(st[k], expected[k])
+        np.testing.assert_array_equal(st[f"good_{k}"], expected["good"][k])
+    assert int(st["t"]) == expected["t"] == 2 and int(st["n_seen"]) == 2
+    assert json.loads(str(st["rng"])) == expected["rng"]
+    with AdaptiveModel(artifacts, tmp_path / "state", predictor="onnxruntime", device="cpu",
+                       threads=1) as s2:
+        resumed = s2.method.state()
+    for k in ("theta", "m", "v"):
+        np.testing.assert_array_equal(resumed[k], expected[k])
+    assert resumed["rng"] == expected["rng"] and resumed["good"]["t"] == 2
