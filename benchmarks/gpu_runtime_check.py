@@ -93,7 +93,7 @@ class _Timer:
     def __init__(self, engine):
         self.engine = engine
         self.kind = ("cupy" if getattr(engine, "stream", None) is not None
-                     else "torch" if engine.backend == "torch" else None)
+                     else "torch" if engine.kind == "torch" else None)
 
     def event(self):
         if self.kind == "cupy":
