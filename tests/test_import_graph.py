@@ -26,19 +26,29 @@ def modules() -> dict[str, Path]:
     return out
 
 
+def package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def absolute(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module name of a `from ... import` inside `package`."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    anchor = package.split(".")
+    anchor = anchor[:len(anchor) - node.level + 1]
+    return ".".join(anchor + ([base] if base else []))
+
+
 def imports(name: str, path: Path, known) -> set[str]:
     """Modules of the package `name` imports anywhere (top level or inside functions)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    package = package_of(name, path)
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            base = absolute(node, package)
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
@@ -108,14 +118,10 @@ def test_no_private_name_is_imported_across_packages():
     mods = modules()
     bad = []
     for name, path in mods.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        package = package_of(name, path)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")
-                    anchor = anchor[:len(anchor) - node.level + 1]
-                    base = ".".join(anchor + ([base] if base else []))
+                base = absolute(node, package)
                 src_pkg = base if base in mods and mods[base].name == "__init__.py" \
                     else base.rpartition(".")[0]
                 for a in node.names:
