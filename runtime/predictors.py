@@ -27,7 +27,12 @@ import numpy as np
 
 from ..errors import GrataError
 from ..export.manifest import PRECISIONS, load_manifest
-from .ort_session import import_onnxruntime, provider_list, session_options
+from .ort_session import (
+    available_providers,
+    import_onnxruntime,
+    provider_list,
+    session_options,
+)
 
 PREDICTORS = ("auto", "onnxruntime", "tensorrt")
 ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -64,8 +69,8 @@ def resolve_ort_device(device: str) -> str:
         raise GrataError(f"unknown device {device!r}; choose from {', '.join(ORT_DEVICES)}")
     if device != "auto":
         return device
-    ort = import_onnxruntime()
-    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    import_onnxruntime()
+    return "cuda" if "CUDAExecutionProvider" in available_providers() else "cpu"
 
 
 class OrtPredictor:

@@ -100,11 +100,9 @@ def versions() -> dict:
         v = _version(pkg)
         if v is not None:
             out[pkg] = v
-    try:
-        import onnxruntime as ort
-        out["onnxruntime_providers"] = ort.get_available_providers()
-    except ImportError:
-        pass
+    from ..runtime.ort_session import available_providers
+    if importlib.util.find_spec("onnxruntime") is not None:
+        out["onnxruntime_providers"] = available_providers()
     return out
 
 

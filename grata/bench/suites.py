@@ -64,17 +64,15 @@ def _fp16_artifacts(fp32: Path, quiet: bool) -> Path:
 # ----------------------------------------------------------------------------- suites
 
 def _available_backends() -> list[str]:
+    from ..runtime.ort_session import available_providers
     out = []
-    try:
-        import onnxruntime as ort
-        have = ort.get_available_providers()
+    have = available_providers()
+    if have:
         out.append("onnx-cpu")
         if "CUDAExecutionProvider" in have:
             out.append("onnx-cuda")
         if "TensorrtExecutionProvider" in have:
             out.append("onnx-tensorrt")
-    except ImportError:
-        pass
     if importlib.util.find_spec("torch") is not None:
         out.append("torch-cpu")
         try:
@@ -84,7 +82,6 @@ def _available_backends() -> list[str]:
         except Exception as exc:  # noqa: BLE001  (as in gpu_info)
             log.debug("torch sees no usable GPU: %s", exc)
     return out
-
 
 
 def stages_plan(backends: list[str], precisions: list[str] | None) -> list[tuple[str, str, str | None]]:

@@ -200,7 +200,7 @@ def _adapt_worker(spec: dict) -> dict:
 WORKERS = {"stages": _stage_worker, "adapt": _adapt_worker}
 
 
-def _worker_main(argv: list[str]) -> int:
+def worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     t0 = time.perf_counter()
     try:
@@ -225,7 +225,7 @@ def run_worker(spec: dict, malloc: str = "large", timeout: float | None = None) 
     env.update(MALLOC_SETTINGS[malloc])
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     try:
-        proc = subprocess.run([sys.executable, "-m", "grata.bench.workers", "--worker", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "grata.bench", "--worker", json.dumps(spec)],
                               check=False, capture_output=True, text=True, env=env,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -240,9 +240,3 @@ def run_worker(spec: dict, malloc: str = "large", timeout: float | None = None) 
     result["load_before"] = load_before
     result["load_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    sys.exit("usage: python -m grata.bench.workers --worker SPEC_JSON")

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from .. import defaults
-from ..errors import GrataError
 from ..sizes import check_size
 
 
@@ -72,9 +71,3 @@ def data_root(data: Path | None, progress: bool) -> Path:
     if data is not None:
         return data
     return defaults.synthetic_root(progress=progress)
-
-
-def need(condition: bool, message: str) -> None:
-    """A one-line user error unless `condition`."""
-    if not condition:
-        raise GrataError(message)
