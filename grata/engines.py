@@ -1,4 +1,4 @@
-"""Opening an engine by kind and device: what `grata adapt` and the calibration run on."""
+"""Opening an engine by kind (onnx, torch) and device (cpu, cuda): what `grata adapt` runs on."""
 
 from __future__ import annotations
 
