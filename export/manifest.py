@@ -15,6 +15,8 @@ import posixpath
 import stat
 from pathlib import Path, PureWindowsPath
 
+import numpy as np
+
 from grata.errors import GrataError
 
 FORMAT_VERSION = 1
@@ -94,6 +96,27 @@ def _location_problem(folder: Path, location: str, listed: dict, offset: str | N
     return None
 
 
+def load_theta0(folder, manifest: dict) -> np.ndarray:
+    """The source theta of an artifact folder: a plain float32 .npy (never a pickle) of
+    shape [n_theta] with finite values; anything else raises `GrataError` (one line)."""
+    path = Path(folder) / manifest["theta0"]
+    where = f"artifact {folder}: {manifest['theta0']}"
+    try:
+        theta0 = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as exc:
+        text = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise GrataError(f"{where} is not a float32 .npy array ({text})") from None
+    if not isinstance(theta0, np.ndarray) or theta0.dtype != np.float32:
+        kind = getattr(theta0, "dtype", type(theta0).__name__)
+        raise GrataError(f"{where} holds {kind}, expected float32")
+    if theta0.shape != (manifest["n_theta"],):
+        raise GrataError(f"{where} has shape {theta0.shape}, the manifest says "
+                         f"({manifest['n_theta']},)")
+    if not np.isfinite(theta0).all():
+        raise GrataError(f"{where} holds NaN or infinite values")
+    return theta0
+
+
 def check_external_data(folder, manifest: dict) -> None:
     """Check every external-data reference of every graph listed in `manifest` before
     any session reads it: the location must be a relative path that stays inside
@@ -130,9 +153,9 @@ def load_manifest(folder, verify: bool = True) -> dict:
     """Read and check an artifact folder's manifest; return it as a dict.
 
     Always checks the format version, the fields, that every listed file exists and is a
-    regular file (not a symlink), and every graph's external-data references
-    (`check_external_data`); with `verify` also the manifest's own digest and every
-    file's SHA-256. Any problem raises `GrataError` with one line.
+    regular file (not a symlink), every graph's external-data references
+    (`check_external_data`) and theta0 (`load_theta0`); with `verify` also the manifest's
+    own digest and every file's SHA-256. Any problem raises `GrataError` with one line.
     """
     folder = Path(folder)
     where = f"artifact {folder}"
@@ -194,4 +217,5 @@ def load_manifest(folder, verify: bool = True) -> dict:
             raise GrataError(f"{where}: {name} does not match its sha256 (corrupt or "
                              f"modified)")
     check_external_data(folder, manifest)  # always: a session would follow the paths
+    load_theta0(folder, manifest)  # every engine reads it next: refuse junk here, in one line
     return manifest
