@@ -66,7 +66,7 @@ def _plain_name(name) -> bool:
 
 
 def _location_problem(folder: Path, location: str, listed: dict, offset: str | None,
-                      length: str | None) -> str | None:
+                      length: str | None, ranges: bool) -> str | None:
     """Why an external-data reference may not be read (None when it may)."""
     if not location:
         return "has no location"
@@ -86,6 +86,8 @@ def _location_problem(folder: Path, location: str, listed: dict, offset: str | N
         return "cannot be resolved"
     if not inside or (folder / norm).is_symlink():
         return "is a symlink (artifact files must be regular files inside the folder)"
+    if not ranges:
+        return None
     try:
         start = int(offset) if offset is not None else 0
         count = int(length) if length is not None else size - start
@@ -117,11 +119,11 @@ def load_theta0(folder, manifest: dict) -> np.ndarray:
     return theta0
 
 
-def check_external_data(folder, manifest: dict) -> None:
+def check_external_data(folder, manifest: dict, ranges: bool = True) -> None:
     """Check every external-data reference of every graph listed in `manifest` before
     any session reads it: the location must be a relative path that stays inside
     `folder` (no `..`, not absolute, no symlink leaving it), name a file listed in the
-    manifest, and the offset/length must lie within that file. Raises `GrataError` (one
+    manifest, and (with `ranges`) the offset/length must lie within that file. Raises `GrataError` (one
     line) otherwise. Reads the protobuf itself: needs neither onnx nor onnxruntime."""
     from .protoscan import ProtoError, external_tensors
 
@@ -143,7 +145,7 @@ def check_external_data(folder, manifest: dict) -> None:
                                  f"key")
             problem = _location_problem(folder, locations[0], listed,
                                         offsets[0] if offsets else None,
-                                        lengths[0] if lengths else None)
+                                        lengths[0] if lengths else None, ranges)
             if problem:
                 raise GrataError(f"{where}: external data {locations[0]!r:.120} of tensor "
                                  f"{t.name!r:.80} {problem}; refused")
@@ -216,6 +218,7 @@ def load_manifest(folder, verify: bool = True) -> dict:
         if verify and file_sha256(f) != digest:
             raise GrataError(f"{where}: {name} does not match its sha256 (corrupt or "
                              f"modified)")
-    check_external_data(folder, manifest)  # always: a session would follow the paths
+    # always (the paths): a session would follow them; the byte ranges with the contents
+    check_external_data(folder, manifest, ranges=verify)
     load_theta0(folder, manifest)  # every engine reads it next: refuse junk here, in one line
     return manifest

@@ -134,14 +134,17 @@ def _rewrite_manifest(d):
                        if k not in ("format_version", "sha256", "manifest_sha256")})
 
 
-def _refused_before_any_session(folder, monkeypatch, *words):
+def _refused_before_any_session(folder, monkeypatch, *words, unverified=True):
     from grata.runtime import OrtEngine
 
     def no_session(*a, **k):
         raise AssertionError("a session was created before the check")
     monkeypatch.setattr(ort, "InferenceSession", no_session)
-    for call in (lambda: load_manifest(folder), lambda: load_manifest(folder, verify=False),
-                 lambda: OrtEngine(folder)):
+    calls = [lambda: load_manifest(folder), lambda: OrtEngine(folder)]
+    if unverified:  # paths are checked even when the digests are not
+        calls += [lambda: load_manifest(folder, verify=False),
+                  lambda: OrtEngine(folder, verify=False)]
+    for call in calls:
         with pytest.raises(GrataError) as err:
             call()
         msg = str(err.value)
@@ -186,7 +189,7 @@ def test_out_of_range_offset_is_refused(edge64, tmp_path, monkeypatch):
             e.value = str((art / "weights.bin").stat().st_size)
     (d / "infer.onnx").write_bytes(model.SerializeToString())
     _rewrite_manifest(d)
-    _refused_before_any_session(d, monkeypatch, "bytes")
+    _refused_before_any_session(d, monkeypatch, "bytes", unverified=False)
 
 
 def test_the_check_needs_neither_onnx_nor_torch(edge64):
