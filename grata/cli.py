@@ -185,6 +185,8 @@ def cmd_adapt(args) -> int:
         save_png_atomic,
         write_json_atomic,
     )
+    from .outdir import check_out_dir
+    check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
     check_names(args.methods, args.protocol)
     checkpoint, arch, size = _model_choice(args)
     root = _data_root(args.data, not args.quiet)
