@@ -29,7 +29,6 @@ from torch import nn
 import grata
 from grata.errors import GrataError
 from grata.models import ResUnet, bn_parameters, load_checkpoint, set_norm_mode, theta_layout
-from grata.models import check_finite
 
 from .builder import GraphBuilder
 from .manifest import write_manifest
@@ -60,6 +59,7 @@ def _resolve_model(model_or_checkpoint, arch: str) -> ResUnet:
     else:
         model = load_checkpoint(model_or_checkpoint, arch)
     model = model.to(device="cpu", dtype=torch.float32).eval()
+    from grata.models import check_finite
     check_finite(model.state_dict(), "export")  # a NaN weight would predict NaN everywhere
     set_norm_mode(model, "sample")
     for p in model.parameters():

@@ -177,6 +177,7 @@ def cmd_train(args) -> int:
 def cmd_adapt(args) -> int:
     from .adapt import check_names, run
     from .data import resolve_targets
+    from .outdir import check_out_dir
     from .report import (
         build_report,
         format_table,
@@ -185,7 +186,6 @@ def cmd_adapt(args) -> int:
         save_png_atomic,
         write_json_atomic,
     )
-    from .outdir import check_out_dir
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
     check_names(args.methods, args.protocol)
     checkpoint, arch, size = _model_choice(args)

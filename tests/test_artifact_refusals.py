@@ -57,7 +57,7 @@ def test_bad_theta0_is_one_line_before_any_session(edge64, tmp_path):
                                   np.load(art / "theta0.npy"))
     for name, (write, words) in _cases(n).items():
         d = _with_theta0(art, tmp_path / name, write)
-        for call in (lambda: load_manifest(d), lambda: OrtEngine(d, verify=False)):
+        for call in (lambda d=d: load_manifest(d), lambda d=d: OrtEngine(d, verify=False)):
             with pytest.raises(GrataError) as err:
                 call()
             msg = str(err.value)
