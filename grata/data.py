@@ -525,6 +525,8 @@ def stream_domain(root, domain: str, size: int, splits=_SPLITS
         except DataError as e:
             yield Skipped(item.name, str(e))
             continue
+        except GrataError:  # a setting is wrong (GRATA_MAX_PIXELS): every image would fail
+            raise
         except Exception as e:  # noqa: BLE001  (one bad row never stops the stream)
             yield Skipped(item.name, f"{quote(item.image_path)}: cannot read: "
                                      f"{type(e).__name__}: {_one_line(e)}")
@@ -537,6 +539,7 @@ def validate_domains(root, domains: list[str]) -> None:
     with an image,mask header, and it has at least one usable row. Raises one
     `GrataError` (one line) naming the first problem and how many domains have one.
     Rows that will be skipped (missing files, bad rows) are not problems here."""
+    max_pixels()  # a bad GRATA_MAX_PIXELS is one line now, not a skip per image later
     problems = []
     for domain in domains:
         try:

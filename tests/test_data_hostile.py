@@ -146,6 +146,12 @@ def test_pixel_limit_is_configurable_and_jpeg_decodes_reduced(tmp_path, monkeypa
     monkeypatch.setenv("GRATA_MAX_PIXELS", "lots")
     with pytest.raises(GrataError, match="GRATA_MAX_PIXELS"):
         data.max_pixels()
+    root = tmp_path / "data"
+    _domain(root, "D")
+    with pytest.raises(GrataError, match="GRATA_MAX_PIXELS"):  # a setting stops the run,
+        data.validate_domains(root, ["D"])
+    with pytest.raises(GrataError, match="GRATA_MAX_PIXELS"):  # not one skip per image
+        list(data.stream_domain(root, "D", 8))
 
 
 # ------------------------------------------------------------------- reasons
