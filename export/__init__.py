@@ -23,7 +23,9 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     ``consistency_grad`` (image, strong_image, theta) -> (loss, grad), the six teacher
     views in one batch without gradient; and ``infer_source`` (image, theta) -> logits
     with the stored BN statistics (the source-only baseline). `size` is a multiple of 32,
-    at least 64; `opset` 17..21. An existing artifact folder is replaced. The folder
+    at least 64; `opset` 17..21. The folder is written beside `out_dir` and swapped in
+    atomically; an existing `out_dir` is replaced only if it is an artifact folder an export
+    wrote (verified manifest, nothing else in it), anything else is refused. The folder
     layout and manifest are described in this package's README.
     """
     from .exporter import export_artifacts as _export

@@ -31,7 +31,8 @@ from grata.errors import GrataError
 from grata.models import ResUnet, bn_parameters, load_checkpoint, set_norm_mode, theta_layout
 
 from .builder import GraphBuilder
-from .manifest import MANIFEST, write_manifest
+from .manifest import write_manifest
+from .output import check_out_folder, replace_folder_atomically
 from .trace import INPUTS, ROLES, trace
 
 MIN_OPSET = 17
@@ -58,6 +59,8 @@ def _resolve_model(model_or_checkpoint, arch: str) -> ResUnet:
     else:
         model = load_checkpoint(model_or_checkpoint, arch)
     model = model.to(device="cpu", dtype=torch.float32).eval()
+    from grata.models import check_finite
+    check_finite(model.state_dict(), "export")  # a NaN weight would predict NaN everywhere
     set_norm_mode(model, "sample")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,10 +124,7 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise GrataError(f"export: opset must be between {MIN_OPSET} and {top} "
                          f"(got {opset!r})")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir())
-                                              and not (out / MANIFEST).is_file())):
-        raise GrataError(f"export: {out} exists and is not an artifact folder")
+    out = check_out_folder(out_dir)  # before any work: never replace a foreign folder
     model = _resolve_model(model_or_checkpoint, arch)
     layout = theta_layout(model)
     theta0 = torch.cat([p.detach().reshape(-1) for p in bn_parameters(model)]).numpy()
@@ -181,9 +181,7 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
                        for e in layout],
             "theta0": THETA0, "n_theta": int(theta0.size), "versions": _versions(),
         })
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder_atomically(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
+import posixpath
+import stat
+from pathlib import Path, PureWindowsPath
+
+import numpy as np
 
 from grata.digest import file_sha256
 from grata.errors import GrataError
@@ -54,12 +59,99 @@ def _plain_name(name) -> bool:
             and "/" not in name and "\\" not in name)
 
 
+def _location_problem(folder: Path, location: str, listed: dict, offset: str | None,
+                      length: str | None, ranges: bool) -> str | None:
+    """Why an external-data reference may not be read (None when it may)."""
+    if not location:
+        return "has no location"
+    if ("\\" in location or location.startswith("/") or PureWindowsPath(location).drive
+            or "\0" in location):
+        return "is not a relative path inside the folder"
+    norm = posixpath.normpath(location)
+    if norm == ".." or norm.startswith("../"):
+        return "leaves the artifact folder"
+    if norm not in listed:
+        return f"is not a file listed in {MANIFEST}"
+    try:
+        real = (folder / norm).resolve(strict=True)
+        inside = real.parent == folder.resolve(strict=True)
+        size = real.stat().st_size
+    except (OSError, RuntimeError):
+        return "cannot be resolved"
+    if not inside or (folder / norm).is_symlink():
+        return "is a symlink (artifact files must be regular files inside the folder)"
+    if not ranges:
+        return None
+    try:
+        start = int(offset) if offset is not None else 0
+        count = int(length) if length is not None else size - start
+    except ValueError:
+        return "has a non-numeric offset or length"
+    if start < 0 or count < 0 or start + count > size:
+        return f"asks for bytes {start}..{start + count} of a {size}-byte file"
+    return None
+
+
+def load_theta0(folder, manifest: dict) -> np.ndarray:
+    """The source theta of an artifact folder: a plain float32 .npy (never a pickle) of
+    shape [n_theta] with finite values; anything else raises `GrataError` (one line)."""
+    path = Path(folder) / manifest["theta0"]
+    where = f"artifact {folder}: {manifest['theta0']}"
+    try:
+        theta0 = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as exc:
+        text = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise GrataError(f"{where} is not a float32 .npy array ({text})") from None
+    if not isinstance(theta0, np.ndarray) or theta0.dtype != np.float32:
+        kind = getattr(theta0, "dtype", type(theta0).__name__)
+        raise GrataError(f"{where} holds {kind}, expected float32")
+    if theta0.shape != (manifest["n_theta"],):
+        raise GrataError(f"{where} has shape {theta0.shape}, the manifest says "
+                         f"({manifest['n_theta']},)")
+    if not np.isfinite(theta0).all():
+        raise GrataError(f"{where} holds NaN or infinite values")
+    return theta0
+
+
+def check_external_data(folder, manifest: dict, ranges: bool = True) -> None:
+    """Check every external-data reference of every graph listed in `manifest` before
+    any session reads it: the location must be a relative path that stays inside
+    `folder` (no `..`, not absolute, no symlink leaving it), name a file listed in the
+    manifest, and (with `ranges`) the offset/length must lie within that file. Raises `GrataError` (one
+    line) otherwise. Reads the protobuf itself: needs neither onnx nor onnxruntime."""
+    from .protoscan import ProtoError, external_tensors
+
+    folder = Path(folder)
+    listed = manifest["sha256"]
+    for role, name in sorted(manifest["graphs"].items()):
+        where = f"artifact {folder}: graph {name}"
+        try:
+            tensors = external_tensors((folder / name).read_bytes())
+        except OSError as exc:
+            raise GrataError(f"{where} cannot be read ({exc.strerror or exc})") from None
+        except ProtoError as exc:
+            raise GrataError(f"{where} is not a valid ONNX file ({exc})") from None
+        for t in tensors:
+            locations = t.values("location") or [""]
+            offsets, lengths = t.values("offset"), t.values("length")
+            if len(locations) > 1 or len(offsets) > 1 or len(lengths) > 1:
+                raise GrataError(f"{where}: tensor {t.name!r:.80} repeats an external-data "
+                                 f"key")
+            problem = _location_problem(folder, locations[0], listed,
+                                        offsets[0] if offsets else None,
+                                        lengths[0] if lengths else None, ranges)
+            if problem:
+                raise GrataError(f"{where}: external data {locations[0]!r:.120} of tensor "
+                                 f"{t.name!r:.80} {problem}; refused")
+
+
 def load_manifest(folder, verify: bool = True) -> dict:
     """Read and check an artifact folder's manifest; return it as a dict.
 
-    Always checks the format version, the fields, and that every listed file exists; with
-    `verify` also the manifest's own digest and every file's SHA-256. Any problem raises
-    `GrataError` with one line.
+    Always checks the format version, the fields, that every listed file exists and is a
+    regular file (not a symlink), every graph's external-data references
+    (`check_external_data`) and theta0 (`load_theta0`); with `verify` also the manifest's
+    own digest and every file's SHA-256. Any problem raises `GrataError` with one line.
     """
     folder = Path(folder)
     where = f"artifact {folder}"
@@ -114,7 +206,13 @@ def load_manifest(folder, verify: bool = True) -> dict:
         f = folder / name
         if not f.is_file():
             raise GrataError(f"{where}: {name} is missing")
+        if not stat.S_ISREG(os.lstat(f).st_mode):  # a digest says nothing about a link
+            raise GrataError(f"{where}: {name} is a symlink; artifact files must be "
+                             f"regular files inside the folder")
         if verify and file_sha256(f) != digest:
             raise GrataError(f"{where}: {name} does not match its sha256 (corrupt or "
                              f"modified)")
+    # always (the paths): a session would follow them; the byte ranges with the contents
+    check_external_data(folder, manifest, ranges=verify)
+    load_theta0(folder, manifest)  # every engine reads it next: refuse junk here, in one line
     return manifest

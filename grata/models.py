@@ -215,6 +215,19 @@ def _unwrap(state) -> dict:
     return state
 
 
+def check_finite(state: dict, source: str = "checkpoint") -> None:
+    """Refuse (GrataError, one line) a state dict with a NaN or infinite value, or a
+    negative BN running variance: such a model predicts NaN on every image."""
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise GrataError(f"{source}: {k} holds {bad} NaN or infinite value(s); refused")
+        if k.endswith("running_var") and bool((v < 0).any()):
+            raise GrataError(f"{source}: {k} has a negative variance; refused")
+
+
 def load_state(model: ResUnet, state: dict, source: str = "checkpoint") -> list[str]:
     """Load a state dict in the authors' layout; return the auxiliary keys ignored.
 
@@ -238,6 +251,7 @@ def load_state(model: ResUnet, state: dict, source: str = "checkpoint") -> list[
         if tuple(v.shape) != tuple(own[k].shape):
             raise GrataError(f"{source} does not match arch {model.arch!r}: {k} has shape "
                              f"{tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    check_finite(state, source)
     model.load_state_dict(state, strict=True)
     if aux:
         log.warning("%s: ignored %d auxiliary-branch keys (%s...)", source, len(aux), aux[0])

@@ -92,11 +92,15 @@ def test_16bit_grey_image_is_not_clipped(tmp_path):
 # ------------------------------------------------------------------------- masks
 
 def test_mask_channel_mapping(tmp_path):
-    m = np.array([[255, 128, 1, 254, 0]], np.uint8)
+    m = np.array([[255, 100, 100, 255, 0]], np.uint8)  # one rim level: any value between
     t = data.load_mask(_png(tmp_path / "m.png", m, "L"), 5)
     assert t.shape == (2, 5, 5) and t.dtype == np.float32
-    np.testing.assert_array_equal(t[0, 0], [0, 1, 1, 1, 1])  # disc incl. cup: < 255
+    np.testing.assert_array_equal(t[0, 0], [0, 1, 1, 0, 1])  # disc incl. cup: < 255
     np.testing.assert_array_equal(t[1, 0], [0, 0, 0, 0, 1])  # cup: == 0
+    m = np.array([[255, 128, 1, 254, 0]], np.uint8)  # several levels: nearest of 0/128/255
+    t = data.load_mask(_png(tmp_path / "n.png", m, "L"), 5)
+    np.testing.assert_array_equal(t[0, 0], [0, 1, 1, 0, 1])
+    np.testing.assert_array_equal(t[1, 0], [0, 0, 1, 0, 1])
 
 
 def test_rgb_mask_read_as_grey(tmp_path):

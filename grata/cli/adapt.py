@@ -81,6 +81,7 @@ def cmd_adapt(args) -> int:
     from ..artifacts import cached_artifacts
     from ..data import resolve_targets
     from ..engines import engine_factory
+    from ..outdir import check_out_dir
     from ..report import (
         build_report,
         format_table,
@@ -90,6 +91,7 @@ def cmd_adapt(args) -> int:
         write_json_atomic,
     )
     from ..run_config import run_config
+    check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
     check_names(args.methods, args.protocol)
     hp = hyperparameters(args, args.methods)
     checkpoint, arch, size = model_choice(args)
