@@ -111,7 +111,7 @@ def table(head: list[str], rows: list[str], cls: str = "", caption: str = "") ->
 
 
 CSS = """
-:root{--fg:#1b1f24;--mute:#5b636e;--line:#d6dae0;--best:#e3f4e1;--flag:#fde2e1;--head:#f3f5f7}
+:root{--fg:#1b1f24;--mute:#5b636e;--line:#d6dae0;--best:#e3f4e1;--flag:#fdeceb;--head:#f3f5f7}
 *{box-sizing:border-box}
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
 margin:0 auto;padding:16px;max-width:1400px}

@@ -229,20 +229,19 @@ def _image_table(report: dict, run_dir: Path) -> str:
         else:
             thumb = '<span class="missing">\u2013</span>'
         body.append(
-            "<tr>" + num_cell(rank, 0) + text_cell(t, "t") + text_cell(i.get("file", ""), "t")
-            + text_cell(m, "t") + num_cell(i.get("dice_od")) + num_cell(i.get("dice_oc"))
+            "<tr>" + num_cell(rank, 0) + f"<td>{thumb}</td>" + text_cell(t, "t")
+            + text_cell(i.get("file", ""), "t") + text_cell(m, "t") + num_cell(i.get("dice_od")) + num_cell(i.get("dice_oc"))
             + num_cell(i.get("dice_mean")) + num_cell(i.get("vcdr_pred"), 3)
             + num_cell(i.get("vcdr_gt"), 3) + num_cell(i.get("vcdr_error"), 3)
             + num_cell(i.get("asd_od")) + num_cell(i.get("asd_oc"))
-            + num_cell(i["time_s"] * 1e3 if is_number(i.get("time_s")) else None, 1)
-            + f"<td>{thumb}</td></tr>")
+            + num_cell(i["time_s"] * 1e3 if is_number(i.get("time_s")) else None, 1) + "</tr>")
     note = ("Overlay: prediction filled (disc green, cup blue), ground truth outlined (disc "
             "yellow, cup magenta)." if have_overlays else
             "No overlays in this run (grata adapt --overlays writes them).")
     return (f'<p class="legend">{esc(note)} Click a column header to sort.</p>'
-            + table(["#", "target", "image", "method", "Dice OD", "Dice OC", "Dice mean",
-                     "vCDR pred", "vCDR truth", "vCDR error", "ASD OD", "ASD OC", "ms",
-                     "overlay"], body, "sortable"))
+            + table(["#", "overlay", "target", "image", "method", "Dice OD", "Dice OC",
+                     "Dice mean", "vCDR pred", "vCDR truth", "vCDR error", "ASD OD", "ASD OC",
+                     "ms"], body, "sortable"))
 
 
 def _events_table(report: dict) -> str:
