@@ -485,3 +485,16 @@ def test_refusals_are_one_line_errors(tmp_path, monkeypatch):
         write_adapt_html(tmp_path)
     assert "\n" not in str(exc.value)
     assert write_adapt_html(tmp_path, plots=False).is_file()  # no matplotlib needed
+    outbox = tmp_path / "outbox"  # nor for a serve page (the device has no matplotlib)
+    outbox.mkdir()
+    (outbox / "a.png.abc.json").write_text(json.dumps(serve_record("a.png", 0.7, "t")))
+    assert write_report(outbox) == outbox / "report.html"
+    with pytest.raises(GrataError, match="must be positive"):
+        write_serve_html(outbox, vcdr_threshold=0)
+
+
+def test_unfinished_run_says_so(tmp_path):
+    report = hand_report()
+    assert "did not finish" not in render_adapt(report, tmp_path, plots=False)
+    report["complete"] = False
+    assert "did not finish" in render_adapt(report, tmp_path, plots=False)
