@@ -8,10 +8,12 @@ stick and never touches the network.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
 import math
+import os
 import re
 
 # C0 controls (but tab, newline, carriage return) are not allowed in HTML text.
@@ -57,6 +59,16 @@ def thumbnail_uri(path, max_px: int) -> str | None:
     """An image file downscaled (aspect kept) to at most `max_px` a side, as a JPEG data:
     URI (a quarter of a PNG's size on noisy photographs); None when the file is missing
     or not an image."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _thumbnail(str(path), st.st_mtime_ns, st.st_size, max_px)
+
+
+# A server rewrites its page after every image: thumbnails of unchanged files are reused.
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(path: str, mtime_ns: int, size: int, max_px: int) -> str | None:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:

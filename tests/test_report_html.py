@@ -498,3 +498,23 @@ def test_unfinished_run_says_so(tmp_path):
     assert "did not finish" not in render_adapt(report, tmp_path, plots=False)
     report["complete"] = False
     assert "did not finish" in render_adapt(report, tmp_path, plots=False)
+
+
+def test_thumbnails_are_downscaled_and_follow_file_changes(tmp_path):
+    import base64
+    import io
+
+    from grata.html_page import thumbnail_uri
+    path = tmp_path / "o.png"
+    Image.new("RGB", (300, 150), (255, 0, 0)).save(path)
+    first = thumbnail_uri(path, 96)
+    im = Image.open(io.BytesIO(base64.b64decode(first.split(",", 1)[1])))
+    assert im.size == (96, 48) and im.getpixel((48, 24))[0] > 240
+    Image.new("RGB", (300, 150), (0, 0, 255)).save(path)  # same size, new content
+    os.utime(path, ns=(10**18, 10**18))
+    second = thumbnail_uri(path, 96)
+    im = Image.open(io.BytesIO(base64.b64decode(second.split(",", 1)[1])))
+    assert im.getpixel((48, 24))[2] > 240  # not the cached red one
+    assert thumbnail_uri(tmp_path / "missing.png", 96) is None
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert thumbnail_uri(tmp_path / "bad.png", 96) is None
