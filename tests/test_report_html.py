@@ -518,3 +518,13 @@ def test_thumbnails_are_downscaled_and_follow_file_changes(tmp_path):
     assert thumbnail_uri(tmp_path / "missing.png", 96) is None
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert thumbnail_uri(tmp_path / "bad.png", 96) is None
+
+
+def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="must run in CI"):
+        chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        chromium()
