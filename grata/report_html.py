@@ -125,7 +125,11 @@ def write_adapt_html(run_dir, *, plots: bool = True) -> Path:
     """
     run_dir = Path(run_dir)
     report = load_report(run_dir)
-    html = render_adapt(report, run_dir, plots=plots)
+    try:
+        html = render_adapt(report, run_dir, plots=plots)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a hand-edited file
+        raise GrataError(f"{run_dir / 'report.json'}: not a grata adapt report "
+                         f"({type(exc).__name__}: {exc})") from None
     out = run_dir / REPORT_FILE
     write_atomic(out, html.encode("utf-8"))
     return out

@@ -478,6 +478,9 @@ def test_refusals_are_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "report.json").write_text("{not json")
     with pytest.raises(GrataError, match="cannot be read as JSON"):
         write_report(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"results": [{"method": "x"}]}))
+    with pytest.raises(GrataError, match="not a grata adapt report"):
+        write_report(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps(hand_report()))
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
