@@ -287,12 +287,20 @@ def test_adapt_page_in_a_browser_holds_the_reports_numbers(adapt_run, tmp_path):
                               else "null" if value is None else str(value)), key
 
 
-def test_adapt_page_fits_a_tablet(adapt_run, tmp_path):
+def test_adapt_page_fits_a_tablet_and_prints(adapt_run, tmp_path):
     page = write_adapt_html(adapt_run)
     dom = Dom(browse(page, tmp_path, width=768))
     check_loaded(dom)
     # wide tables scroll inside their own box: the page itself does not scroll sideways
     assert int(dom.root["data-scroll"]) <= int(dom.root["data-inner"]) == 768
+    pdf = tmp_path / "report.pdf"
+    out = subprocess.run([chromium(), "--headless=new", "--disable-gpu", "--no-sandbox",
+                          f"--user-data-dir={tmp_path / 'chr'}", "--proxy-server=127.0.0.1:9",
+                          "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF-") and len(re.findall(rb"/Type\s*/Page\b", data)) >= 2
 
 
 @pytest.fixture(scope="module")
