@@ -51,7 +51,7 @@ def adapt_run(work: Path) -> Path:
     rc = main(["adapt", "--data", str(work / "data"), "--source", SOURCE_DOMAIN,
                "--targets", "Handheld,Widefield", "--checkpoint", str(defaults.checkpoint()),
                "--arch", defaults.DEFAULT_ARCH, "--size", str(defaults.DEFAULT_SIZE),
-               "--backend", "torch", "--methods", "source,bn,grata", "--overlays", "--plot",
+               "--engine", "torch", "--methods", "source,bn,grata", "--overlays", "--plot",
                "--quiet", "--out", str(out)])
     if rc != 0:
         sys.exit("make_screenshots: grata adapt failed")
@@ -62,7 +62,8 @@ def serve_run(work: Path) -> Path:
     from grata.export import export_artifacts
 
     from grata import defaults
-    from grata.serve import Session, serve
+    from grata.runtime.adaptive import AdaptiveModel
+    from grata.runtime.inbox import serve
 
     art = work / "artifacts"
     export_artifacts(defaults.checkpoint(), defaults.DEFAULT_ARCH, defaults.DEFAULT_SIZE, art)
@@ -76,7 +77,7 @@ def serve_run(work: Path) -> Path:
         dest = inbox / f"patient{k + 1:02d}_OD{p.suffix}"
         shutil.copy(p, dest)
         os.utime(dest, ns=(base + k * 10**9, base + k * 10**9))
-    with Session(art, outbox / ".state", backend="onnxruntime", device="cpu") as s:
+    with AdaptiveModel(art, outbox / ".state", predictor="onnxruntime", device="cpu") as s:
         serve(inbox, outbox, s, once=True, settle_s=0.1, poll_s=0.05, log=None)
     return outbox
 

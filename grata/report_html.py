@@ -166,7 +166,7 @@ def _adapt_subtitle(report: dict, cfg: dict, tab: dict) -> str:
     if cfg.get("source") is not None:
         bits.append(f"source {cfg['source']}")
     bits.append(f"{len(tab['targets'])} target domain(s), {len(tab['methods'])} method(s)")
-    for key in ("protocol", "backend", "arch", "size", "seed"):
+    for key in ("protocol", "engine", "device", "arch", "size", "seed"):
         if cfg.get(key) is not None:
             bits.append(f"{key} {cfg[key]}")
     n = sum(r.get("n_images", 0) or 0 for r in report.get("results", []))
@@ -344,7 +344,7 @@ def render_serve(records: list[dict], outbox: Path, *,
     last = records[-1] if records else {}
     bits = [f"{len(records)} photograph(s)",
             f"{flagged} with vCDR above {vcdr_threshold:g}", f"{n_resets} guard reset(s)"]
-    for key in ("method", "backend", "precision", "model_size"):
+    for key in ("method", "predictor", "precision", "model_size"):
         if last.get(key) is not None:
             bits.append(f"{key} {last[key]}")
     parts = [f"<h1>{esc(title)}</h1>", f'<p class="sub">{esc(" · ".join(bits))}</p>',

@@ -140,7 +140,7 @@ def check_folders(inbox: Path, outbox: Path) -> None:
 
 def serve(inbox, outbox, model: AdaptiveModel, *, once: bool = False,
           poll_s: float = 0.5, settle_s: float = 1.0, processed_dir=None, rejected_dir=None,
-          stop: threading.Event | None = None, log=log_stderr) -> dict:
+          stop: threading.Event | None = None, log=log_stderr, after_image=None) -> dict:
     """Watch `inbox`; adapt `model` on each new image, segment it and write it to
     `outbox`, in arrival order (see the module docstring for the files and the crash
     rules). Returns counts.
@@ -148,7 +148,8 @@ def serve(inbox, outbox, model: AdaptiveModel, *, once: bool = False,
     `once`: process what is there (waiting for files still being written) and return.
     Otherwise run until `stop` is set. Images move to `processed_dir` (default
     INBOX/processed) after their result exists, or to `rejected_dir` (INBOX/rejected)
-    with ``<name>.reason.txt``. `log` gets one line per image (None: silent).
+    with ``<name>.reason.txt``. `log` gets one line per image (None: silent);
+    `after_image()` runs after each image's result or rejection is on disk (e.g. a report).
     """
     inbox, outbox = Path(inbox), Path(outbox)
     check_folders(inbox, outbox)
@@ -168,6 +169,8 @@ def serve(inbox, outbox, model: AdaptiveModel, *, once: bool = False,
             if stop.is_set():
                 break
             _serve_one(path, outbox, processed, rejected, model, counts, log)
+            if after_image is not None:
+                after_image()
         if once and not ready and not pending:
             break
         if not ready:

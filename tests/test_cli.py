@@ -13,7 +13,7 @@ def test_every_verb_registers_the_same_way():
         assert handlers and all(callable(h) for h in handlers.values())
         assert set(handlers) == set(sub.choices)
     cli.build_parser()
-    assert set(cli.COMMANDS) == {"synth", "train-source", "export", "adapt", "serve", "bench",
+    assert set(cli.COMMANDS) == {"synth", "train-source", "export", "adapt", "serve", "report", "bench",
                                  "calibrate"}
 
 

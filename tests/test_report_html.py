@@ -211,7 +211,7 @@ def adapt_run(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_run") / "run"
     rc = main(["adapt", "--data", str(bench / "data"), "--source", SOURCE_DOMAIN,
                "--targets", ",".join(TARGETS), "--checkpoint", str(bench / "edge.pt"),
-               "--arch", "edge", "--size", "64", "--backend", "torch", "--quiet",
+               "--arch", "edge", "--size", "64", "--engine", "torch", "--quiet",
                "--methods", "source,bn,grata", "--overlays", "--out", str(out)])
     assert rc == 0
     return out
@@ -280,11 +280,19 @@ def test_adapt_page_in_a_browser_holds_the_reports_numbers(adapt_run, tmp_path):
     assert len([i for i in dom.images if "plot" in i.get("class", "")]) == len(TARGETS)
     assert len(dom.images) == len(rows) + len(TARGETS)
     # the configuration, generically: every key and value of report.json's config is shown
-    shown = {row[0]["text"]: row[1]["text"] for t in dom.tables.values() for row in t["body"]
+    shown = {(row[0]["text"], row[1]["text"]) for t in dom.tables.values() for row in t["body"]
              if len(row) == 2 and row[0]["tag"] == "th"}
-    for key, value in report["config"].items():
-        assert shown[key] == (", ".join(map(str, value)) if isinstance(value, list)
-                              else "null" if value is None else str(value)), key
+    def leaves(d):  # nested objects are nested tables: their leaves are rows too
+        for key, value in d.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value)
+            else:
+                yield key, value
+
+    for key, value in leaves(report["config"]):
+        want = ("empty" if value == {} else ", ".join(map(str, value))
+                if isinstance(value, list) else "null" if value is None else str(value))
+        assert (key, want) in shown, key
 
 
 def test_adapt_page_fits_a_tablet_and_prints(adapt_run, tmp_path):
@@ -307,7 +315,8 @@ def test_adapt_page_fits_a_tablet_and_prints(adapt_run, tmp_path):
 def served(bench, edge64, tmp_path_factory):
     """A real grata serve run over six photographs (one with a hostile name), arriving in
     a known order."""
-    from grata.serve import Session, serve
+    from grata.runtime.adaptive import AdaptiveModel
+    from grata.runtime.inbox import serve
     root = tmp_path_factory.mktemp("report_serve")
     inbox, outbox = root / "inbox", root / "outbox"
     inbox.mkdir()
@@ -318,7 +327,7 @@ def served(bench, edge64, tmp_path_factory):
     for k, name in enumerate(names):
         shutil.copy(sources[k % len(sources)], inbox / name)
         os.utime(inbox / name, ns=(base + k * 10**7, base + k * 10**7))
-    with Session(edge64[1], None, backend="onnxruntime", device="cpu", threads=1) as s:
+    with AdaptiveModel(edge64[1], None, predictor="onnxruntime", device="cpu", threads=1) as s:
         counts = serve(inbox, outbox, s, once=True, settle_s=0.1, poll_s=0.02, log=None)
     assert counts["served"] == len(names)
     return outbox, names
@@ -539,3 +548,41 @@ def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="not installed"):
         chromium()
+
+
+# ---------------------------------------------------------------------- the command line
+
+def test_report_verb_and_adapt_html_write_the_same_page(adapt_run, tmp_path):
+    """`grata report RUN` writes RUN/report.html from report.json: the page holds every
+    method x target of report.json (the browser tests check the numbers themselves)."""
+    page = adapt_run / "report.html"
+    page.unlink(missing_ok=True)
+    assert main(["report", str(adapt_run), "--no-plots"]) == 0
+    dom = Dom(page.read_text())
+    report = json.loads((adapt_run / "report.json").read_text())
+    text = page.read_text()
+    for r in report["results"]:
+        assert r["method"] in text and r["target"] in text
+    assert dom.images, "overlay thumbnails expected"
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_serve_html_flag_rewrites_the_page_after_each_image(bench, edge64, tmp_path):
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    photos = sorted((bench / "data" / TARGETS[0]).rglob("image/*.png"))[:2]
+    for k, p in enumerate(photos):
+        shutil.copy(p, inbox / f"eye{k}.png")
+    rc = main(["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts",
+               str(edge64[1]), "--predictor", "onnxruntime", "--device", "cpu", "--once",
+               "--settle", "0.1", "--poll", "0.02", "--quiet", "--html",
+               "--vcdr-threshold", "0.05"])
+    assert rc == 0
+    text = (outbox / "report.html").read_text()
+    for k in range(len(photos)):
+        assert f"eye{k}.png" in text
+    assert "2 photograph(s)" in text
+    with pytest.raises(SystemExit) as exit_:  # a typo is refused before any work
+        main(["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts",
+              str(edge64[1]), "--html", "--vcdr-threshold", "six"])
+    assert exit_.value.code == 2

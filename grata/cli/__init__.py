@@ -15,8 +15,8 @@ import sys
 from .. import __version__
 from ..errors import GrataError
 
-VERBS: tuple[str, ...] = ("synth", "train_source", "export", "adapt", "serve", "bench",
-                          "calibrate")
+VERBS: tuple[str, ...] = ("synth", "train_source", "export", "adapt", "serve", "report",
+                          "bench", "calibrate")
 
 
 COMMANDS: dict = {}  # verb name -> handler(args) -> exit code, filled by build_parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .common import (
     hyperparameters,
     model_choice,
 )
+from .report import add_html_args
 
 EPILOG = """\
 examples:
@@ -71,6 +73,7 @@ def register(subparsers) -> dict:
     add_threads(a)
     a.add_argument("--overlays", action="store_true", help="write PNG overlays per image")
     a.add_argument("--plot", action="store_true", help="write a Dice-over-stream PNG")
+    add_html_args(a, "OUT")
     add_quiet(a)
     a.add_argument("--out", required=True, type=Path, help="output folder")
     return {"adapt": cmd_adapt}
@@ -146,11 +149,23 @@ def cmd_adapt(args) -> int:
     write_json_atomic(out / "report.json", report)
     if args.plot:
         plot_stream(report, out / "dice_stream.png")
+    page = _html(out) if args.html else None
     print(f"\nDice (%) on {len(targets)} target domain(s), protocol {args.protocol}, "
           f"engine {args.engine} on {args.device}:")
     print(format_table(report))
-    print(f"\nreport: {out / 'report.json'}  ({report['elapsed_s']:.0f} s)")
+    print(f"\nreport: {out / 'report.json'}  ({report['elapsed_s']:.0f} s)"
+          + (f"; {page}" if page else ""))
     return 0
+
+
+def _html(out: Path) -> Path | None:
+    """The HTML page of a finished run; a failure here never costs the run its report."""
+    from ..report_html import write_adapt_html
+    try:
+        return write_adapt_html(out)
+    except GrataError as exc:
+        print(f"grata adapt: warning: no report.html: {exc}", file=sys.stderr)
+        return None
 
 
 __all__ = ["cmd_adapt", "register"]

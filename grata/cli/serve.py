@@ -12,6 +12,7 @@ from ..export.manifest import PRECISIONS
 from ..runtime.adaptive import DEFAULT_MAX_DRIFT
 from ..runtime.predictors import ORT_DEVICES, PREDICTORS
 from .common import add_alias, add_hyperparameters, add_quiet, add_seed, add_threads
+from .report import add_html_args
 
 EPILOG = """\
 files: for each image NAME that lands in INBOX (names starting with '.' or ending in
@@ -65,6 +66,7 @@ def register(subparsers) -> dict:
     s.add_argument("--poll", type=float, default=0.5, help="seconds between inbox scans")
     s.add_argument("--settle", type=float, default=1.0,
                    help="a file unchanged this long (or across two scans) is complete")
+    add_html_args(s, "OUTBOX")
     add_quiet(s, "no line per image")
     return {"serve": cmd_serve}
 
@@ -100,8 +102,9 @@ def cmd_serve(args) -> int:
                 previous[sig] = signal.signal(sig, lambda *_: stop.set())
             except ValueError:  # not the main thread
                 pass
+        after = _html_writer(args.outbox, args.vcdr_threshold) if args.html else None
         counts = serve(args.inbox, args.outbox, model, once=args.once, poll_s=args.poll,
-                       settle_s=args.settle, stop=stop, log=log)
+                       settle_s=args.settle, stop=stop, log=log, after_image=after)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -112,3 +115,17 @@ def cmd_serve(args) -> int:
                f"v{model.theta_version} {theta_digest(model.theta)}, drift "
                f"{model.drift:.4f}")
     return 0
+
+
+def _html_writer(outbox: Path, vcdr_threshold: float):
+    """Rewrites OUTBOX/report.html after each image; a failure is a warning, never a stop."""
+    from ..errors import GrataError
+    from ..report_html import write_serve_html
+    from ..runtime.inbox import log_stderr
+
+    def write() -> None:
+        try:
+            write_serve_html(outbox, vcdr_threshold=vcdr_threshold)
+        except (GrataError, OSError) as exc:
+            log_stderr(f"grata serve: warning: report.html not rewritten: {exc}")
+    return write
