@@ -31,7 +31,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp16", "fp32", "int8")
 ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 # graph role per normalisation of the method: current-image statistics or stored ones
-GRAPHS = {"sample": "infer", "running": "infer_source"}
+GRAPHS = {"sample": "infer", "running": "infer_source", "source": "infer_source"}
 
 
 @runtime_checkable

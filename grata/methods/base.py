@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..augment import strong_augment
+from ..norm import NormSpec, ema_update
 
 
 class Method:
@@ -16,14 +17,17 @@ class Method:
     """
 
     name = "base"
-    norm = "sample"          # statistics used for the prediction
+    norm = NormSpec("sample")  # BN statistics of every pass (`grata.norm`)
+    fixed_norm = False       # True: the method ignores a norm choice (source)
     needs_strong = False     # whether step() consumes a strong view
     updates = False          # whether theta changes
 
-    def __init__(self, engine, seed: int = 0, **hyperparameters):
+    def __init__(self, engine, seed: int = 0, norm="sample", **hyperparameters):
         if hyperparameters:
             raise TypeError(f"{self.name}: unknown hyperparameters "
                             f"{', '.join(sorted(hyperparameters))}")
+        if not self.fixed_norm:
+            self.norm = NormSpec(norm)
         self.engine = engine
         self.seed = seed
         self.events: list[dict] = []
@@ -34,6 +38,8 @@ class Method:
         """Back to the source theta, fresh optimiser state and augmentation stream."""
         e = self.engine
         e.assign(e.theta, e.theta0)
+        if getattr(e, "stats", None) is not None:  # the stream statistics (ema)
+            e.assign(e.stats, e.stats0)
         self.m, self.v, self.t = e.zeros(), e.zeros(), 0
         self.good = None
         self.rng = np.random.default_rng(self.seed)
@@ -71,7 +77,20 @@ class Method:
                 self.t = self.good[3]
                 self.events.append({"image": self.n_seen, "event": "non-finite",
                                     "action": "restored last good theta and moments"})
-        return self.engine.infer(x, norm=self.norm)
+        logits = self.engine.infer(x, norm=self.norm)
+        if self.norm.kind == "ema":
+            self.update_stream()
+        return logits
+
+    def update_stream(self) -> None:
+        """ema: move the stream statistics to the mixture with the predicted image's own
+        (non-finite image statistics leave them unchanged, recorded in `events`)."""
+        e = self.engine
+        if e.all_finite(e.img_stats):
+            ema_update(e.stats, e.img_stats, self.norm.momentum, e.layout)
+        else:
+            self.events.append({"image": self.n_seen, "event": "non-finite statistics",
+                                "action": "kept the stream statistics"})
 
     def step(self, x, strong) -> None:
         """Update theta (and the moments) from x. Losses go to `self.last`, unsynced."""
