@@ -515,8 +515,9 @@ def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
             self.theta0 = np.load(self.folder / m["theta0"]).astype(np.float32)
             self.theta = self.theta0.copy()
             self.dtype = np.float32
-            keep = m["graphs"] if roles == "all" else \
-                {r: f for r, f in m["graphs"].items() if r != "infer_source"}
+            # (the mixed-statistics graphs open on first use in the runtime too)
+            keep = {r: f for r, f in m["graphs"].items() if not r.endswith("_mix")
+                    and (roles == "all" or r != "infer_source")}
             self.sessions = {}
             self._shared = None
             if options.get("share") == "1":  # kept alive as long as the sessions

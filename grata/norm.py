@@ -128,12 +128,6 @@ class NormSpec(str):
     def __repr__(self) -> str:
         return f"NormSpec({str(self)!r})"
 
-    @property
-    def mixed(self) -> bool:
-        """Whether the graphs with mixed statistics are needed (mix, ema; and source
-        for gradients, as mix at a = 0)."""
-        return self.kind in ("mix", "ema")
-
 
 def parse_norm(norm="sample", alpha: float | None = None, prior_n: float | None = None,
                momentum: float | None = None) -> NormSpec:
