@@ -47,11 +47,11 @@ class FakeEngine:
     def infer(self, x, norm="sample"):
         return np.zeros((1, 2, 4, 4))
 
-    def entropy_grad(self, x, norm="sample"):
+    def entropy_grad(self, x):
         self.seen["entropy"] = self.theta.copy()
         return 0.1, self.g_a.copy()
 
-    def consistency_grad(self, x, strong, norm="sample"):
+    def consistency_grad(self, x, strong):
         self.seen["consistency"] = self.theta.copy()
         return 0.2, self.g_p.copy()
 

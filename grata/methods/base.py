@@ -82,6 +82,12 @@ class Method:
             self.update_stream()
         return logits
 
+    @property
+    def norm_kw(self) -> dict:
+        """The `norm` keyword for the engine's gradient calls: none for the paper's
+        setting, so engines written before the choice existed keep working."""
+        return {} if self.norm == "sample" else {"norm": self.norm}
+
     def update_stream(self) -> None:
         """ema: move the stream statistics to the mixture with the predicted image's own
         (non-finite image statistics leave them unchanged, recorded in `events`)."""
