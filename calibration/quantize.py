@@ -245,7 +245,8 @@ def quantize_artifacts(artifacts, images, out_dir, method: str = "percentile",
         for role, name in manifest["graphs"].items():
             if role != "infer":
                 shutil.copy2(src / name, tmp / name)
-        for name in {manifest["theta0"], manifest.get("weights")} - {None}:
+        for name in {manifest["theta0"], manifest.get("weights"),
+                     manifest.get("stats0")} - {None}:
             shutil.copy2(src / name, tmp / name)
         fields = _manifest_fields(manifest)
         fields["graphs"]["infer"] = INT8_GRAPH
@@ -356,7 +357,8 @@ def convert_fp16(artifacts, out_dir) -> dict:
             name = Path(manifest["graphs"][role]).stem + "_fp16.onnx"
             onnx.save(model, str(tmp / name))
             fields["graphs"][role] = name
-        shutil.copy2(src / manifest["theta0"], tmp / manifest["theta0"])
+        for name in {manifest["theta0"], manifest.get("stats0")} - {None}:
+            shutil.copy2(src / name, tmp / name)
         fields["weights"] = weights
         fields["precision"] = {role: "fp16" for role in fields["graphs"]}
         fields["fp16"] = {"io": "float32", "kept_float32_ops": list(FP16_KEEP_FLOAT32),

@@ -22,10 +22,13 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     ``infer`` (image, theta) -> logits; ``entropy_grad`` (image, theta) -> (loss, grad);
     ``consistency_grad`` (image, strong_image, theta) -> (loss, grad), the six teacher
     views in one batch without gradient; and ``infer_source`` (image, theta) -> logits
-    with the stored BN statistics (the source-only baseline). `size` is a multiple of 32,
-    at least 64; `opset` 17..21. The folder is written beside `out_dir` and swapped in
-    atomically; an existing `out_dir` is replaced only if it is an artifact folder an export
-    wrote (verified manifest, nothing else in it), anything else is refused. The folder
+    with the stored BN statistics (the source-only baseline); and ``infer_mix``,
+    ``entropy_grad_mix``, ``consistency_grad_mix``: the same three with the image's BN
+    statistics mixed with the inputs ``stats`` (flat, theta's layout) at weight ``alpha``
+    (`infer_mix` also returns ``img_stats``). `size` is a multiple of 32, at least 64;
+    `opset` 17..21. The folder is written beside `out_dir` and swapped in atomically; an
+    existing `out_dir` is replaced only if it is an artifact folder an export wrote
+    (verified manifest, nothing else in it), anything else is refused. The folder
     layout and manifest are described in this package's README.
     """
     from .exporter import export_artifacts as _export

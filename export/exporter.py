@@ -7,9 +7,14 @@ Folder layout::
     entropy_grad.onnx      (image, theta) -> (loss, grad)
     consistency_grad.onnx  (image, strong_image, theta) -> (loss, grad)
     infer_source.onnx      (image, theta) -> logits with the stored BN statistics
+    infer_mix.onnx, entropy_grad_mix.onnx, consistency_grad_mix.onnx
+                           the same three with mixed BN statistics: extra inputs
+                           stats [n] and alpha [1]; infer_mix also outputs img_stats [n]
     weights.bin            frozen weights (convolutions, BN running statistics), once
                            for all graphs
     theta0.npy             the source theta (float32, theta's layout)
+    stats0.npy             the stored running statistics (float32, theta's layout: each
+                           BN layer's means, then its variances)
 """
 
 from __future__ import annotations
@@ -28,19 +33,29 @@ from torch import nn
 
 import grata
 from grata.errors import GrataError
-from grata.models import ResUnet, bn_parameters, load_checkpoint, set_norm_mode, theta_layout
+from grata.models import (
+    ResUnet,
+    bn_parameters,
+    load_checkpoint,
+    norm_layers,
+    set_norm_mode,
+    theta_layout,
+)
 
 from .builder import GraphBuilder
 from .manifest import write_manifest
 from .output import check_out_folder, replace_folder_atomically
-from .trace import INPUTS, ROLES, trace
+from .trace import INPUTS, MIX_ROLES, ROLES, trace
 
 MIN_OPSET = 17
 MAX_OPSET = 21
 WEIGHTS = "weights.bin"
 THETA0 = "theta0.npy"
-GRAPH_FILES = {role: f"{role}.onnx" for role in ROLES}
-_NAMES = ("image", "strong_image", "theta", "logits", "loss", "grad")
+STATS0 = "stats0.npy"
+NORMS = ["source", "sample", "mix", "ema"]  # the statistics choices these graphs serve
+GRAPH_FILES = {role: f"{role}.onnx" for role in (*ROLES, *MIX_ROLES)}
+_NAMES = ("image", "strong_image", "theta", "stats", "alpha", "logits", "loss", "grad",
+          "img_stats")
 _PAGE = 4096           # tensors of 1 MiB and more start on a page (memory-mappable)
 _ALIGN = 64
 
@@ -84,19 +99,25 @@ def _build_role(model: ResUnet, role: str, size: int, opset: int, layout: list[d
     from .lower import Lowering
 
     n_theta = sum(e["shape"][0] for e in layout)
-    gm = trace(model, role, size)
+    base = MIX_ROLES.get(role, role)
+    gm = trace(model, base, size)
     b = GraphBuilder(opset)
     b.reserve(*_NAMES)
-    forward = role in ("infer", "infer_source")
-    low = Lowering(gm, b, layout, grad=not forward,
-                   norm="running" if role == "infer_source" else "sample")
+    forward = base in ("infer", "infer_source")
+    norm = "running" if role == "infer_source" else "mix" if role in MIX_ROLES else "sample"
+    low = Lowering(gm, b, layout, grad=not forward, norm=norm)
     out = low.run()
-    inputs = [(n, [1, 3, size, size]) for n in INPUTS[role]] + [("theta", [n_theta])]
+    inputs = [(n, [1, 3, size, size]) for n in INPUTS[base]] + [("theta", [n_theta])]
+    if norm == "mix":
+        inputs += [("stats", [n_theta]), ("alpha", [1])]
     if forward:
         out_shape = list(low.shape(next(n for n in gm.graph.nodes if n.op == "output")
                                    .args[0]))
         b.op("Identity", [out], outputs=["logits"])
         outputs = [("logits", out_shape)]
+        if norm == "mix":
+            b.op("Identity", [low.img_stats_output()], outputs=["img_stats"])
+            outputs.append(("img_stats", [n_theta]))
     else:
         b.op("Identity", [out], outputs=["loss"])
         b.op("Identity", [low.theta_grad()], outputs=["grad"])
@@ -129,8 +150,10 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     layout = theta_layout(model)
     theta0 = torch.cat([p.detach().reshape(-1) for p in bn_parameters(model)]).numpy()
     theta0 = theta0.astype(np.float32)
+    stats0 = np.concatenate([t.detach().reshape(-1).numpy() for _, m in norm_layers(model)
+                             for t in (m.running_mean, m.running_var)]).astype(np.float32)
 
-    built = {role: _build_role(model, role, size, opset, layout) for role in ROLES}
+    built = {role: _build_role(model, role, size, opset, layout) for role in GRAPH_FILES}
 
     # One weights file: every frozen tensor once, in state-dict order.
     weights: dict[str, np.ndarray] = {}
@@ -174,12 +197,15 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
             io[role] = {"inputs": {n: list(s) for n, s in inputs},
                         "outputs": {n: list(s) for n, s in outputs}}
         np.save(tmp / THETA0, theta0)
+        np.save(tmp / STATS0, stats0)
         manifest = write_manifest(tmp, {
             "arch": arch, "size": size, "opset": opset, "batch": 1, "norm": "sample",
+            "norms": list(NORMS), "mix_graphs": dict(MIX_ROLES),
             "graphs": dict(GRAPH_FILES), "io": io, "weights": WEIGHTS,
             "params": [{"name": e["name"], "offset": e["offset"], "shape": list(e["shape"])}
                        for e in layout],
-            "theta0": THETA0, "n_theta": int(theta0.size), "versions": _versions(),
+            "theta0": THETA0, "stats0": STATS0, "n_theta": int(theta0.size),
+            "versions": _versions(),
         })
         replace_folder_atomically(tmp, out)
     except BaseException:

@@ -3,7 +3,10 @@
 Forward: each FX node becomes a few standard ONNX ops. BN layers take gamma/beta as
 slices of the flat `theta` input and use the statistics of each sample (the spec's
 current-image BN): InstanceNormalization where no gradient is needed, and an explicit
-mean/variance form that keeps the normalised activations where one is.
+mean/variance form that keeps the normalised activations where one is. With mixed
+statistics (``norm="mix"``) every BN layer mixes each sample's statistics with prior ones
+read from the flat `stats` input (theta's layout: means at the weight's offsets, variances
+at the bias's) at the weight given by the `alpha` input (see `grata.norm`).
 
 Backward (reverse mode, written here op by op): only the nodes that depend on theta and
 lie on a differentiable path to the loss get a backward; `detach` stops the gradient (the
@@ -17,7 +20,10 @@ teacher). Choices made for CPU speed with exact results:
   padding and interleaving, no ScatterElements;
 - BN (instance norm) backward exact: dbeta = sum dy, dgamma = sum dy * xhat,
   dx = gamma * rstd * (dy - mean dy - xhat * mean(dy * xhat)); per-channel sums run
-  row by row, then across rows (see `hw_sum`).
+  row by row, then across rows (see `hw_sum`);
+- BN with mixed statistics: the same with xhat normalised by the mixture and the two
+  mean terms scaled by alpha, dx = gamma * rstd * (dy - a mean dy - a xhat mean(dy * xhat))
+  (the between-means term's gradients through mu_img cancel: see `b_norm`).
 Frozen weights are registered with the builder under their state-dict names.
 """
 
@@ -65,13 +71,14 @@ class Lowering:
 
     `layout` is theta's layout (`grata.models.theta_layout`); with `grad=True` the graph
     also computes d(output)/d(theta) (the output must be a scalar). `norm` is
-    ``sample`` (statistics of each sample) or ``running`` (the stored statistics, forward
-    only).
+    ``sample`` (statistics of each sample), ``running`` (the stored statistics, forward
+    only) or ``mix`` (each sample's statistics mixed with the graph inputs `stats` at
+    weight `alpha`; `img_stats_output` then gives the per-image statistics).
     """
 
     def __init__(self, gm: fx.GraphModule, builder: GraphBuilder, layout: list[dict],
                  grad: bool, norm: str = "sample"):
-        if norm not in ("sample", "running") or (grad and norm != "sample"):
+        if norm not in ("sample", "running", "mix") or (grad and norm == "running"):
             raise GrataError(f"export: unsupported BN statistics {norm!r}")
         self.gm, self.b, self.grad, self.norm = gm, builder, grad, norm
         self.layout = layout
@@ -81,6 +88,7 @@ class Lowering:
         self.saved: dict[fx.Node, dict] = {}
         self.grads: dict[fx.Node, str] = {}
         self.theta_grads: dict[str, list[str]] = {}
+        self.img_stats: dict[str, tuple[str, str]] = {}  # BN name -> (mean, var) [N,C,1,1]
         self.nodes = list(gm.graph.nodes)
         self.needs = self._needs_grad() if grad else set()
 
@@ -107,13 +115,14 @@ class Lowering:
             return self.b.scalar(float(a))
         raise GrataError(f"export: unsupported argument {a!r}")
 
-    def theta_slice(self, pname: str) -> str:
+    def theta_slice(self, pname: str, source: str = "theta") -> str:
+        """gamma/beta of `pname` from theta (or the same span of another flat input)."""
         e = self.entries.get(pname)
         if e is None:
             raise GrataError(f"export: {pname} is not in theta's layout")
         n = int(np.prod(e["shape"]))
-        return self.b.cached(("theta", pname), lambda: self.b.slice(
-            "theta", [e["offset"]], [e["offset"] + n], [0], hint=pname))
+        return self.b.cached((source, pname), lambda: self.b.slice(
+            source, [e["offset"]], [e["offset"] + n], [0], hint=f"{source}_{pname}"))
 
     def _needs_grad(self) -> set[fx.Node]:
         """Nodes that depend on theta and reach the output through no `detach`."""
@@ -306,6 +315,8 @@ class Lowering:
                      self.b.weight(name + ".running_var", _numpy(m.running_var))]
             return self.b.op("BatchNormalization", [x, gamma, beta, *stats], n.name,
                              epsilon=float(m.eps))
+        if self.norm == "mix":
+            return self._mix_norm(n, m, name, gamma, beta, x)
         if n not in self.needs:
             return self.b.op("InstanceNormalization", [x, gamma, beta], n.name,
                              epsilon=float(m.eps))
@@ -325,6 +336,56 @@ class Lowering:
         self.saved[n] = {"xhat": xhat, "a": self.b.op("Mul", [g4, rstd], n.name + "_a"),
                          "hw": hw}
         return self.b.op("Add", [self.b.op("Mul", [xhat, g4]), b4], n.name)
+
+    def _mix_norm(self, n, m, name: str, gamma: str, beta: str, x: str) -> str:
+        """BN with each sample's statistics mixed with the prior ones (`stats`) at `alpha`:
+        mu = (1-a) mu_p + a mu_i, var = (1-a) var_p + a var_i + a (1-a) (mu_i - mu_p)^2.
+        (1-a) and a multiply separately so that a = 1 gives the sample form and a = 0 the
+        prior exactly."""
+        b = self.b
+        c = self.shape(n)[1]
+        hw = math.prod(self.shape(n)[2:])
+        g4 = b.cached(("g4", name), lambda: b.reshape(gamma, [1, c, 1, 1]))
+        b4 = b.cached(("b4", name), lambda: b.reshape(beta, [1, c, 1, 1]))
+        mean_p = b.cached(("mean_p", name), lambda: b.reshape(
+            self.theta_slice(name + ".weight", "stats"), [1, c, 1, 1]))
+        var_p = b.cached(("var_p", name), lambda: b.reshape(
+            self.theta_slice(name + ".bias", "stats"), [1, c, 1, 1]))
+        one_minus = b.cached(("1-a",), lambda: b.op("Sub", [b.scalar(1.0), "alpha"],
+                                                     "one_minus_alpha"))
+        aa = b.cached(("a(1-a)",), lambda: b.op("Mul", ["alpha", one_minus], "alpha_1ma"))
+        inv_hw = b.scalar(1.0 / hw)
+        mu_i = b.op("Mul", [self.hw_sum(x, n.name + "_sum"), inv_hw], n.name + "_mu_img")
+        xc_i = b.op("Sub", [x, mu_i], n.name + "_xc_img")
+        var_i = b.op("Mul", [self.hw_sum(xc_i, n.name + "_ss", square=True), inv_hw],
+                     n.name + "_var_img")
+        if self.shape(n)[0] == 1:
+            self.img_stats.setdefault(name, (mu_i, var_i))
+        d = b.op("Sub", [mu_i, mean_p], n.name + "_d")
+        mu = b.op("Add", [b.op("Mul", [one_minus, mean_p]), b.op("Mul", ["alpha", mu_i])],
+                  n.name + "_mu")
+        var = b.op("Add", [b.op("Add", [b.op("Mul", [one_minus, var_p]),
+                                        b.op("Mul", ["alpha", var_i])]),
+                           b.op("Mul", [aa, b.op("Mul", [d, d])])], n.name + "_var")
+        std = b.op("Sqrt", [b.op("Add", [var, b.scalar(float(m.eps))])])
+        rstd = b.op("Reciprocal", [std], n.name + "_rstd")
+        xhat = b.op("Mul", [b.op("Sub", [x, mu], n.name + "_xc"), rstd], n.name + "_xhat")
+        if n in self.needs:
+            self.saved[n] = {"xhat": xhat, "a": b.op("Mul", [g4, rstd], n.name + "_a"),
+                             "hw": hw}
+        return b.op("Add", [b.op("Mul", [xhat, g4]), b4], n.name)
+
+    def img_stats_output(self) -> str:
+        """The per-image statistics of a batch-1 mixed graph as one flat vector in theta's
+        layout (each BN layer's means, then its biased variances)."""
+        parts = []
+        for e in self.layout:
+            layer, kind = e["name"].rsplit(".", 1)
+            if layer not in self.img_stats:
+                raise GrataError(f"export: no image statistics for {layer}")
+            value = self.img_stats[layer][0 if kind == "weight" else 1]
+            parts.append(self.b.reshape(value, [int(np.prod(e["shape"]))]))
+        return self.b.op("Concat", parts, "img_stats_flat", axis=0)
 
     def hw_sum(self, x: str, hint: str, square: bool = False) -> str:
         """Per-(sample, channel) sum (of squares) over H, W, kept as [N, C, 1, 1].
@@ -349,8 +410,15 @@ class Lowering:
         x = n.args[0]
         if x not in self.needs:
             return
-        # dx = a * dy + k2 * xhat + k1, k_i = -a * s_i / HW
-        na = b.op("Mul", [sv["a"], b.scalar(-1.0 / sv["hw"])])
+        # dx = a * dy + k2 * xhat + k1, k_i = -a * s_i / HW. With mixed statistics the
+        # k_i carry a factor alpha: mu_i and var_i enter mu and var with weight alpha,
+        # and the between-means term's gradient through mu_i, 2 a (1-a) d dvar / HW,
+        # cancels against var_i's through (x - mu_i) = xhat / rstd - (1-a) d.
+        scale = b.scalar(-1.0 / sv["hw"])
+        if self.norm == "mix":
+            scale = b.cached(("alpha/hw", sv["hw"]), lambda: b.op(
+                "Mul", ["alpha", scale], "alpha_hw"))
+        na = b.op("Mul", [sv["a"], scale])
         k1 = b.op("Mul", [na, s1])
         k2 = b.op("Mul", [na, s2])
         dx = b.op("Add", [b.op("Mul", [dy, sv["a"]]), b.op("Mul", [sv["xhat"], k2])])

@@ -195,8 +195,9 @@ def load_manifest(folder, verify: bool = True) -> dict:
         raise GrataError(f"{where}: no graph for role {missing_roles[0]!r}")
     digests = manifest["sha256"]
     listed = list(manifest["graphs"].values()) + [manifest["theta0"]]
-    if "weights" in manifest:
-        listed.append(manifest["weights"])
+    for optional in ("weights", "stats0"):
+        if optional in manifest:
+            listed.append(manifest[optional])
     for name in listed + list(digests):
         if not _plain_name(name):
             raise GrataError(f"{where}: bad file name {name!r} in {MANIFEST}")

@@ -17,6 +17,9 @@ from grata.losses import consistency_loss, entropy_loss, teacher_batch, teacher_
 from grata.models import Norm2d
 
 ROLES = ("infer", "entropy_grad", "consistency_grad", "infer_source")
+# The same functions with mixed BN statistics (graph inputs `stats`, `alpha`).
+MIX_ROLES = {"infer_mix": "infer", "entropy_grad_mix": "entropy_grad",
+             "consistency_grad_mix": "consistency_grad"}
 
 
 class _Infer(nn.Module):

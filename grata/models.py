@@ -4,9 +4,10 @@
 same topology at a quarter of the width, small enough to adapt on a CPU.
 
 Every BatchNorm is a `Norm2d`, whose `mode` chooses the statistics:
-``running`` (stored statistics; eval), ``train`` (ordinary training BN) or ``sample``
-(statistics of each sample on its own: at batch 1 exactly the spec's current-image BN,
-and at batch N the same as N separate passes).
+``running`` (stored statistics; eval; alias ``source``), ``train`` (ordinary training
+BN), ``sample`` (statistics of each sample on its own: at batch 1 exactly the spec's
+current-image BN, and at batch N the same as N separate passes) or ``mix`` (each sample's
+statistics mixed with prior ones at weight `alpha`, see `grata.norm`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,23 @@ ARCHS: dict[str, ArchSpec] = {
     "edge": ArchSpec((2, 2, 2, 2), (16, 32, 64, 128), 16, 64, 16, False),
 }
 
-NORM_MODES = ("running", "train", "sample")
+NORM_MODES = ("running", "train", "sample", "mix")
+MODE_ALIASES = {"source": "running"}
 
 
 class Norm2d(nn.BatchNorm2d):
-    """BatchNorm2d with a selectable source of statistics (state dict unchanged)."""
+    """BatchNorm2d with a selectable source of statistics (state dict unchanged).
+
+    In ``mix`` mode each sample is normalised with mean (1-a) mu_p + a mu_img and
+    variance (1-a) var_p + a var_img + a (1-a) (mu_img - mu_p)^2, a = `alpha`; the prior
+    (mu_p, var_p) is `prior` (two [C] tensors, e.g. a stream estimate) or, when None, the
+    running statistics. The image's own statistics of the last call are kept in
+    `img_stats` ([N, C] mean and biased variance, detached) for a stream update."""
 
     mode = "running"
+    alpha = 1.0
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None
+    img_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "sample":
@@ -58,7 +69,25 @@ class Norm2d(nn.BatchNorm2d):
         if self.mode == "running":
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
+        if self.mode == "mix":
+            return self._mix(x)
         return super().forward(x)
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        a = float(self.alpha)
+        mean_p, var_p = self.prior if self.prior is not None else (self.running_mean,
+                                                                   self.running_var)
+        shape = (1, -1, 1, 1)
+        mean_p, var_p = mean_p.to(x.dtype).view(shape), var_p.to(x.dtype).view(shape)
+        mean_i = x.mean((2, 3), keepdim=True)
+        xc = x - mean_i
+        var_i = (xc * xc).mean((2, 3), keepdim=True)
+        self.img_stats = (mean_i.detach().flatten(1), var_i.detach().flatten(1))
+        d = mean_i - mean_p
+        mean = (1 - a) * mean_p + a * mean_i
+        var = (1 - a) * var_p + a * var_i + a * (1 - a) * d * d
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape)
 
 
 class BasicBlock(nn.Module):
@@ -148,11 +177,21 @@ def norm_layers(model: nn.Module) -> list[tuple[str, Norm2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Norm2d)]
 
 
-def set_norm_mode(model: nn.Module, mode: str) -> None:
+def set_norm_mode(model: nn.Module, mode: str, alpha: float = 1.0,
+                  priors: list | None = None) -> None:
+    """Set every BN layer's statistics: ``running`` (or ``source``), ``train``,
+    ``sample`` or ``mix`` with weight `alpha` and per-layer `priors` ((mean, var) per
+    layer in `norm_layers` order; None: the running statistics)."""
+    mode = MODE_ALIASES.get(mode, mode)
     if mode not in NORM_MODES:
         raise ValueError(f"norm mode must be one of {NORM_MODES}, not {mode!r}")
-    for _, m in norm_layers(model):
+    layers = norm_layers(model)
+    if priors is not None and len(priors) != len(layers):
+        raise ValueError(f"{len(priors)} priors for {len(layers)} BN layers")
+    for i, (_, m) in enumerate(layers):
         m.mode = mode
+        m.alpha = float(alpha)
+        m.prior = None if priors is None else priors[i]
 
 
 def theta_layout(model: nn.Module) -> list[dict]:

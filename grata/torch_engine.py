@@ -4,6 +4,13 @@ An engine owns theta (the flat vector of every BN gamma/beta) and answers the th
 questions every method asks: the logits, the entropy gradient and the consistency
 gradient at the current theta. `grata.runtime.OrtEngine` answers the same questions
 with ONNX graphs, so the methods run unchanged on either.
+
+Each question takes the BN statistics rule `norm` (a `grata.norm.NormSpec` or its text;
+the teacher views, the student and the prediction all use it). The engine also owns the
+statistics vectors (theta's layout, see `grata.norm`): `stats0` (the stored running
+statistics), `stats` (the stream estimate that ``ema`` mixes with each image, reset and
+checkpointed with theta: `norm_state` / `load_norm_state`) and `img_stats` (the current
+image's statistics from the last mixed `infer`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import numpy as np
 import torch
 
 from . import losses
-from .models import bn_parameters, flatten_theta, set_norm_mode, theta_layout
+from .errors import GrataError
+from .models import bn_parameters, flatten_theta, norm_layers, set_norm_mode, theta_layout
+from .norm import NormSpec, stats_views
 
 
 class TorchEngine:
@@ -36,6 +45,14 @@ class TorchEngine:
             p.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
+        self._views = stats_views(self.layout)
+        self.stats0 = torch.cat([t.detach().reshape(-1).to(self.dtype)
+                                 for _, m in norm_layers(self.model)
+                                 for t in (m.running_mean, m.running_var)])
+        self.stats = self.stats0.clone()
+        self.img_stats = torch.zeros_like(self.stats0)
+        self._priors = {"mix": None,  # the running statistics themselves
+                        "ema": [(self.stats[mv], self.stats[vv]) for mv, vv in self._views]}
 
     # array helpers, so methods need not know the backend
     def to_input(self, image: np.ndarray) -> torch.Tensor:
@@ -68,24 +85,49 @@ class TorchEngine:
         return torch.zeros(1, dtype=torch.float32, device=self.torch_device) \
             if self.device == "cuda" else None
 
+    # the stream statistics (ema): part of the adapted state
+    def norm_state(self) -> np.ndarray:
+        """A host copy of the stream statistics (float32, theta's layout)."""
+        return self.stats.detach().cpu().numpy().astype(np.float32)
+
+    def load_norm_state(self, stats) -> None:
+        a = np.asarray(stats, dtype=np.float32)
+        if a.shape != tuple(self.stats.shape):
+            raise GrataError(f"stream statistics of shape {a.shape}, expected "
+                             f"{tuple(self.stats.shape)}")
+        self.assign(self.stats, a)
+
+    def _set_norm(self, norm) -> NormSpec:
+        spec = NormSpec(norm)
+        if spec.kind in ("mix", "ema"):
+            set_norm_mode(self.model, "mix", spec.alpha, self._priors[spec.kind])
+        else:
+            set_norm_mode(self.model, "running" if spec.kind == "source" else "sample")
+        return spec
+
     # the three questions
     @torch.no_grad()
     def infer(self, x: torch.Tensor, norm: str = "sample") -> torch.Tensor:
-        set_norm_mode(self.model, norm)
-        return self.model(x)
+        spec = self._set_norm(norm)
+        out = self.model(x)
+        if spec.kind in ("mix", "ema"):
+            for (mv, vv), (_, m) in zip(self._views, norm_layers(self.model)):
+                self.img_stats[mv] = m.img_stats[0][0]
+                self.img_stats[vv] = m.img_stats[1][0]
+        return out
 
     def _grad(self, loss: torch.Tensor) -> torch.Tensor:
         grads = torch.autograd.grad(loss, self.params)
         return torch.cat([g.reshape(-1) for g in grads])
 
-    def entropy_grad(self, x: torch.Tensor):
-        set_norm_mode(self.model, "sample")
+    def entropy_grad(self, x: torch.Tensor, norm: str = "sample"):
+        self._set_norm(norm)
         with torch.enable_grad():
             loss = losses.entropy_loss(self.model(x))
             return loss.detach(), self._grad(loss)
 
-    def consistency_grad(self, x: torch.Tensor, strong: torch.Tensor):
-        set_norm_mode(self.model, "sample")
+    def consistency_grad(self, x: torch.Tensor, strong: torch.Tensor, norm: str = "sample"):
+        self._set_norm(norm)
         with torch.no_grad():  # the teacher: 6 views in one per-sample-normalised batch
             target = losses.teacher_target(self.model(losses.teacher_batch(x)))
         with torch.enable_grad():

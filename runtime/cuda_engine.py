@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import GrataError
 from ..export.manifest import load_manifest
 from ..kernels import adam_update
-from .engine import check_input, load_theta0
+from .engine import MIXED, check_input, load_stats0, load_theta0, route
 from .ort_session import available_providers, import_onnxruntime, session_options
 
 
@@ -132,15 +132,21 @@ class CudaEngine:
         self.size, self.layout, self.dtype = int(m["size"]), m["params"], np.float32
         self.theta0 = xp.asarray(load_theta0(self.folder, m))
         self.theta = self.theta0.copy()
+        stats0 = load_stats0(self.folder, m)  # statistics rules other than sample
+        self.stats0 = None if stats0 is None else xp.asarray(stats0)
+        self.stats = None if stats0 is None else self.stats0.copy()
+        self.img_stats = None if stats0 is None else xp.zeros_like(self.stats0)
+        self._alphas = {}
         try:  # compiles (or loads) the fused update now rather than at the first image
             adam_update(*(xp.zeros(1, dtype=xp.float32) for _ in range(4)), 1, 0.0)
         except Exception as e:  # noqa: BLE001  (KernelUnavailable, NVRTC, driver errors)
             raise GrataError(f"--device cuda: the fused update kernel cannot run "
                              f"({_first_line(e)}): pip install 'grata-edge[gpu]'") from None
         opts = session_options(threads)
-        self.sessions = {role: ort.InferenceSession(str(self.folder / f), sess_options=opts,
-                                                    providers=place.providers)
-                         for role, f in m["graphs"].items()}
+        self._open = lambda role: ort.InferenceSession(
+            str(self.folder / m["graphs"][role]), sess_options=opts, providers=place.providers)
+        self.sessions = {role: self._open(role) for role in m["graphs"]
+                         if role not in MIXED.values()}  # mixed graphs: on first use
         first = place.providers[0]
         wanted = first if isinstance(first, str) else first[0]
         for role, s in self.sessions.items():
@@ -153,11 +159,36 @@ class CudaEngine:
         self._bindings = {role: s.io_binding() for role, s in self.sessions.items()}
         self._outputs = {}
         for role in ("entropy_grad", "consistency_grad"):
-            out = {"loss": xp.zeros((), dtype=xp.float32), "grad": xp.zeros_like(self.theta)}
-            for name, a in out.items():
-                self._bindings[role].bind_output(name, place.kind, place.index, np.float32,
-                                                 list(a.shape), _ptr(a))
-            self._outputs[role] = out
+            self._bind_grad_outputs(role)
+
+    def _bind_grad_outputs(self, role: str) -> None:
+        p, xp = self._place, self.xp
+        out = {"loss": xp.zeros((), dtype=xp.float32), "grad": xp.zeros_like(self.theta)}
+        for name, a in out.items():
+            self._bindings[role].bind_output(name, p.kind, p.index, np.float32,
+                                             list(a.shape), _ptr(a))
+        self._outputs[role] = out
+
+    def _graph(self, role: str, norm) -> tuple[str, dict]:
+        """The graph for `role` under `norm` (opened and bound on first use) and the
+        statistics inputs it takes."""
+        graph, spec = route(self, role, norm)
+        if graph not in self.sessions:
+            self.sessions[graph] = self._open(graph)
+            self._bindings[graph] = self.sessions[graph].io_binding()
+            if graph != "infer_mix":
+                self._bind_grad_outputs(graph)
+            else:
+                p = self._place
+                self._bindings[graph].bind_output("img_stats", p.kind, p.index, np.float32,
+                                                  list(self.img_stats.shape),
+                                                  _ptr(self.img_stats))
+        if not graph.endswith("_mix"):
+            return graph, {}
+        if spec.alpha not in self._alphas:
+            self._alphas[spec.alpha] = self.xp.asarray([spec.alpha], dtype=self.xp.float32)
+        stats = self.stats if spec.kind == "ema" else self.stats0
+        return graph, {"stats": stats, "alpha": self._alphas[spec.alpha]}
 
     def _enter(self) -> None:
         p = self._place
@@ -211,23 +242,36 @@ class CudaEngine:
         self.sessions[role].run_with_iobinding(binding, self._run_options)
 
     def infer(self, x, norm: str = "sample"):
-        role = "infer" if norm == "sample" else "infer_source"
-        if role not in self.sessions:
-            raise GrataError(f"artifact {self.folder} has no {role!r} graph (needed for "
-                             f"norm={norm!r}); export again with this version")
+        role, stats = self._graph("infer", norm)
         logits = self.xp.empty((1, 2, self.size, self.size), dtype=self.xp.float32)
         p = self._place
         self._bindings[role].bind_output("logits", p.kind, p.index, np.float32,
                                          list(logits.shape), _ptr(logits))
-        self._run(role, image=x, theta=self.theta)
+        self._run(role, image=x, theta=self.theta, **stats)
         return logits
 
-    def entropy_grad(self, x):
-        self._run("entropy_grad", image=x, theta=self.theta)
-        out = self._outputs["entropy_grad"]
+    def entropy_grad(self, x, norm: str = "sample"):
+        role, stats = self._graph("entropy_grad", norm)
+        self._run(role, image=x, theta=self.theta, **stats)
+        out = self._outputs[role]
         return out["loss"], out["grad"]
 
-    def consistency_grad(self, x, strong):
-        self._run("consistency_grad", image=x, strong_image=strong, theta=self.theta)
-        out = self._outputs["consistency_grad"]
+    def consistency_grad(self, x, strong, norm: str = "sample"):
+        role, stats = self._graph("consistency_grad", norm)
+        self._run(role, image=x, strong_image=strong, theta=self.theta, **stats)
+        out = self._outputs[role]
         return out["loss"], out["grad"]
+
+    def norm_state(self) -> np.ndarray:
+        """A host copy of the stream statistics (float32, theta's layout)."""
+        if self.stats is None:
+            raise GrataError(f"artifact {self.folder} has no stream statistics; export again "
+                             f"with this version")
+        return np.array(self.to_numpy(self.stats), dtype=np.float32)
+
+    def load_norm_state(self, stats) -> None:
+        a = np.asarray(stats, dtype=np.float32)
+        if self.stats is None or a.shape != tuple(self.stats.shape):
+            raise GrataError(f"stream statistics of shape {a.shape} do not fit artifact "
+                             f"{self.folder}")
+        self.assign(self.stats, a)

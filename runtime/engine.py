@@ -2,6 +2,11 @@
 
 Needs numpy and onnxruntime only (never torch). theta is a flat float32 numpy vector
 fed to every graph; the update itself is `grata.kernels` (numpy on a CPU).
+
+Each question takes the BN statistics rule `norm` (`grata.norm`): ``sample`` runs the
+plain graphs, ``source`` ``infer_source`` (and the mixed gradient graphs at a = 0),
+``mix`` and ``ema`` the mixed graphs fed `stats0` (the stored statistics) or `stats` (the
+stream estimate) and the weight. The mixed graphs' sessions open on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +17,37 @@ import numpy as np
 
 from ..errors import GrataError
 from ..export.manifest import load_manifest
+from ..norm import NormSpec
 from .ort_session import import_onnxruntime, open_sessions, provider_list, tuned_options
+
+MIXED = {"infer": "infer_mix", "entropy_grad": "entropy_grad_mix",
+         "consistency_grad": "consistency_grad_mix"}
+
+
+def route(engine, role: str, norm) -> tuple[str, NormSpec]:
+    """The graph that answers `role` under `norm`, and the parsed rule; a graph the
+    artifacts lack is a one-line `GrataError`."""
+    spec = NormSpec(norm)
+    if spec.kind == "source" and role == "infer":
+        graph = "infer_source"
+    else:
+        graph = role if spec.kind == "sample" else MIXED[role]
+    if graph not in engine.manifest["graphs"] or (
+            graph.endswith("_mix") and getattr(engine, "stats0", None) is None):
+        raise GrataError(f"artifact {engine.folder} has no {graph!r} graph (needed for "
+                         f"norm {str(spec)!r}); export again with this version")
+    return graph, spec
+
+
+def load_stats0(folder: Path, manifest: dict) -> np.ndarray | None:
+    """The stored running statistics of an artifact folder (None before they existed)."""
+    if "stats0" not in manifest:
+        return None
+    stats0 = np.load(folder / manifest["stats0"]).astype(np.float32)
+    if stats0.shape != (manifest["n_theta"],):
+        raise GrataError(f"artifact {folder}: stats0 has shape {stats0.shape}, manifest "
+                         f"says {manifest['n_theta']}")
+    return stats0
 
 
 def check_input(image, size: int) -> np.ndarray:
@@ -60,11 +95,17 @@ class OrtEngine:
         self.theta0 = load_theta0(self.folder, m)
         self.theta = self.theta0.copy()
         self.dtype = np.float32
+        self.stats0 = load_stats0(self.folder, m)
+        self.stats = None if self.stats0 is None else self.stats0.copy()
+        self.img_stats = None if self.stats0 is None else np.zeros_like(self.stats0)
         opts, roles, share = tuned_options(threads, tuning)
-        graphs = m["graphs"] if roles == "all" else \
-            {r: f for r, f in m["graphs"].items() if r != "infer_source"}
+        # the mixed-statistics graphs open on first use: nothing extra loads for `sample`
+        graphs = {r: f for r, f in m["graphs"].items() if r not in MIXED.values()
+                  and (roles == "all" or r != "infer_source")}
         self.sessions, self._shared = open_sessions(self.folder, graphs, providers, opts,
                                                     share)
+        self._open = lambda role: open_sessions(self.folder, {role: m["graphs"][role]},
+                                                providers, opts, share)[0][role]
 
     # array helpers
     def to_input(self, image) -> np.ndarray:
@@ -93,21 +134,47 @@ class OrtEngine:
     def scalar():
         return None
 
+    # the stream statistics (ema): part of the adapted state
+    def norm_state(self) -> np.ndarray:
+        """A copy of the stream statistics (float32, theta's layout)."""
+        if self.stats is None:
+            raise GrataError(f"artifact {self.folder} has no stream statistics; export again "
+                             f"with this version")
+        return np.array(self.to_numpy(self.stats), dtype=np.float32)
+
+    def load_norm_state(self, stats) -> None:
+        a = np.asarray(stats, dtype=np.float32)
+        if self.stats is None or a.shape != self.stats.shape:
+            raise GrataError(f"stream statistics of shape {a.shape} do not fit artifact "
+                             f"{self.folder}")
+        self.assign(self.stats, a)
+
+    def _feeds(self, role: str, norm, **feeds):
+        """(session, feeds) for `role` under `norm`."""
+        graph, spec = route(self, role, norm)
+        if graph not in self.sessions:
+            self.sessions[graph] = self._open(graph)
+        if graph.endswith("_mix"):
+            feeds["stats"] = self.stats if spec.kind == "ema" else self.stats0
+            feeds["alpha"] = np.array([spec.alpha], np.float32)
+        return self.sessions[graph], feeds
+
     # the three questions
     def infer(self, x: np.ndarray, norm: str = "sample") -> np.ndarray:
-        role = "infer" if norm == "sample" else "infer_source"
-        if role not in self.sessions:
-            raise GrataError(f"artifact {self.folder} has no {role!r} graph (needed for "
-                             f"norm={norm!r}); export again with this version")
-        return self.sessions[role].run(["logits"], {"image": x, "theta": self.theta})[0]
+        sess, feeds = self._feeds("infer", norm, image=x, theta=self.theta)
+        if "alpha" not in feeds:
+            return sess.run(["logits"], feeds)[0]
+        logits, self.img_stats[...] = sess.run(["logits", "img_stats"], feeds)
+        return logits
 
-    def entropy_grad(self, x: np.ndarray):
-        loss, grad = self.sessions["entropy_grad"].run(
-            ["loss", "grad"], {"image": x, "theta": self.theta})
+    def entropy_grad(self, x: np.ndarray, norm: str = "sample"):
+        sess, feeds = self._feeds("entropy_grad", norm, image=x, theta=self.theta)
+        loss, grad = sess.run(["loss", "grad"], feeds)
         return float(loss), grad
 
-    def consistency_grad(self, x: np.ndarray, strong: np.ndarray):
-        loss, grad = self.sessions["consistency_grad"].run(
-            ["loss", "grad"], {"image": x, "strong_image": strong, "theta": self.theta})
+    def consistency_grad(self, x: np.ndarray, strong: np.ndarray, norm: str = "sample"):
+        sess, feeds = self._feeds("consistency_grad", norm, image=x, strong_image=strong,
+                                  theta=self.theta)
+        loss, grad = sess.run(["loss", "grad"], feeds)
         return float(loss), grad
 

@@ -37,7 +37,7 @@ from .ort_session import (
 PREDICTORS = ("auto", "onnxruntime", "tensorrt")
 ORT_DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 # graph role per normalisation of the method: current-image statistics or stored ones
-GRAPHS = {"sample": "infer", "running": "infer_source"}
+GRAPHS = {"sample": "infer", "running": "infer_source", "source": "infer_source"}
 
 
 @runtime_checkable

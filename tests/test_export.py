@@ -43,6 +43,8 @@ from grata.models import (
 ort = pytest.importorskip("onnxruntime")
 
 ROLES = ("infer", "entropy_grad", "consistency_grad", "infer_source")
+MIX_ROLES = ("infer_mix", "entropy_grad_mix", "consistency_grad_mix")
+ALL_ROLES = ROLES + MIX_ROLES
 FLOOR = 2.0 ** -22          # 4 float32 ulps, relative: the floor for exact-looking errors
 
 
@@ -71,7 +73,7 @@ def art64(tmp_path_factory, edge):
 # -- graph hygiene --------------------------------------------------------------------------
 def test_graphs_standard_ops_opset_and_checker(art64):
     folder, manifest = art64
-    for role in ROLES:
+    for role in ALL_ROLES:
         path = folder / manifest["graphs"][role]
         model = onnx.load(str(path), load_external_data=False)
         domains = {node.domain for node in model.graph.node}
@@ -98,9 +100,15 @@ def test_io_names_and_shapes(art64):
         "consistency_grad": ({"image": [1, 3, s, s], "strong_image": [1, 3, s, s],
                               "theta": [n]}, {"loss": [], "grad": [n]}),
     }
-    for role in ROLES:
+    mixed = {"stats": [n], "alpha": [1]}
+    want["infer_mix"] = ({**want["infer"][0], **mixed},
+                         {"logits": [1, 2, s, s], "img_stats": [n]})
+    for role in ("entropy_grad", "consistency_grad"):
+        want[role + "_mix"] = ({**want[role][0], **mixed}, want[role][1])
+    for role in ALL_ROLES:
         model = onnx.load(str(folder / manifest["graphs"][role]), load_external_data=False)
         assert _io(model) == want[role], role
+        assert manifest["io"][role] == {"inputs": want[role][0], "outputs": want[role][1]}
         for v in list(model.graph.input) + list(model.graph.output):
             assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         # the run agrees with the declared shapes
@@ -116,8 +124,16 @@ def test_manifest_fields(art64, edge):
     assert manifest == json.loads((folder / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and type(manifest["format_version"]) is int
     assert (manifest["arch"], manifest["size"], manifest["opset"]) == ("edge", 64, 17)
-    assert manifest["graphs"] == {r: f"{r}.onnx" for r in ROLES}
+    assert manifest["graphs"] == {r: f"{r}.onnx" for r in ALL_ROLES}
+    assert manifest["norms"] == ["source", "sample", "mix", "ema"]
     assert manifest["params"] == theta_layout(edge)
+    stats0 = np.load(folder / manifest["stats0"])  # running mean, then var, per BN layer
+    assert stats0.dtype == np.float32 and stats0.shape == (manifest["n_theta"],)
+    for e in manifest["params"]:
+        layer, kind = e["name"].rsplit(".", 1)
+        buf = edge.get_buffer(f"{layer}.running_{'mean' if kind == 'weight' else 'var'}")
+        np.testing.assert_array_equal(stats0[e["offset"]:e["offset"] + e["shape"][0]],
+                                      buf.numpy())
     theta0 = np.load(folder / manifest["theta0"])
     assert theta0.dtype == np.float32 and theta0.shape == (manifest["n_theta"],)
     ref = torch.cat([p.detach().reshape(-1) for p in bn_parameters(edge)]).numpy()
@@ -137,7 +153,7 @@ def test_weights_stored_once(art64, edge):
     weights = (folder / manifest["weights"]).read_bytes()
     state = edge.state_dict()
     where = {}
-    for role in ROLES:
+    for role in ALL_ROLES:
         model = onnx.load(str(folder / manifest["graphs"][role]), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
@@ -344,14 +360,26 @@ def _branch(bf):
 
 
 class TorchRef:
-    def __init__(self, model, dtype):
+    """The torch function of a graph role; with `alpha` and `stats` (flat, theta's
+    layout) every BN layer runs in ``mix`` mode with those prior statistics."""
+
+    def __init__(self, model, dtype, alpha=None, stats=None):
         self.dtype = dtype
         self.model = copy.deepcopy(model).to(dtype)
         set_norm_mode(self.model, "sample")
         self.flat = flatten_theta(self.model)
         self.params = bn_parameters(self.model)
+        self.mixed = alpha is not None
+        if self.mixed:
+            s = torch.from_numpy(stats).to(dtype)
+            layout = theta_layout(self.model)
+            priors = [(s[w["offset"]:w["offset"] + w["shape"][0]],
+                       s[b["offset"]:b["offset"] + b["shape"][0]])
+                      for w, b in zip(layout[0::2], layout[1::2])]
+            set_norm_mode(self.model, "mix", alpha, priors)
 
     def run(self, role, theta, image, strong, branch):
+        role = role.removesuffix("_mix")
         with torch.no_grad():
             self.flat.copy_(torch.from_numpy(theta).to(self.dtype))
         x = torch.from_numpy(image).to(self.dtype)
@@ -365,7 +393,12 @@ class TorchRef:
                     set_norm_mode(self.model, "sample")
             if role == "infer":
                 with torch.no_grad():
-                    return {"logits": self.model(x).double().numpy()}
+                    out = {"logits": self.model(x).double().numpy()}
+                if self.mixed:
+                    out["img_stats"] = torch.cat(
+                        [t[0] for _, m in gmodels.norm_layers(self.model)
+                         for t in m.img_stats]).double().numpy()
+                return out
             if role == "entropy_grad":
                 loss = entropy_loss(self.model(x))
             else:
@@ -412,7 +445,8 @@ def _onnx_run(folder, role, feeds, work):
         _, i = F.max_pool2d(torch.from_numpy(values[name]), list(k), list(s), list(p),
                             return_indices=True)
         idx.append(i)
-    outs = {k: values[k].astype(np.float64) for k in ("logits", "loss", "grad") if k in values}
+    outs = {k: values[k].astype(np.float64) for k in ("logits", "loss", "grad", "img_stats")
+            if k in values}
     return outs, (masks, idx)
 
 
@@ -420,38 +454,104 @@ def _rel(a, ref) -> float:
     return float(np.linalg.norm(np.asarray(a) - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _parity(model, arch, size, tmp_path, seed=0):
-    folder = tmp_path / "art"
-    manifest = export_artifacts(model, arch, size, folder)
+def _parity(model, arch, size, tmp_path, seed=0, alphas=None, folder=None):
+    """Every role's outputs against torch on the same branch; with `alphas` the mixed
+    graphs at each weight, fed prior statistics that differ from the stored ones (as a
+    stream estimate would)."""
+    if folder is None:
+        folder = tmp_path / "art"
+        export_artifacts(model, arch, size, folder)
+    manifest = load_manifest(folder)
     rng = np.random.default_rng(seed)
     theta0 = np.load(folder / manifest["theta0"])
     theta = (theta0 + 0.2 * rng.standard_normal(theta0.size) * (np.abs(theta0) + 0.5))
     theta = theta.astype(np.float32)
     image = rng.random((1, 3, size, size), dtype=np.float32)
     strong = rng.random((1, 3, size, size), dtype=np.float32)
-    ref64, ref32 = TorchRef(model, torch.float64), TorchRef(model, torch.float32)
+    if alphas is None:
+        runs = [(None, ROLES)]
+    else:
+        stats = np.load(folder / manifest["stats0"]).astype(np.float64)
+        noise = rng.standard_normal(stats.size)
+        for e in manifest["params"]:  # means shift, variances scale (stay positive)
+            sl = slice(e["offset"], e["offset"] + e["shape"][0])
+            stats[sl] = stats[sl] + 0.2 * noise[sl] if e["name"].endswith(".weight") \
+                else stats[sl] * np.exp(0.2 * noise[sl])
+        stats = stats.astype(np.float32)
+        runs = [(a, MIX_ROLES) for a in alphas]
     report = {}
-    for role in ROLES:
-        feeds = {"image": image, "theta": theta}
-        if role == "consistency_grad":
-            feeds["strong_image"] = strong
-        got, decisions = _onnx_run(folder, role, feeds, tmp_path / role)
-        # torch float32 and the float64 reference, both on the branch the ONNX run took
-        t32 = ref32.run(role, theta, image, strong, _BranchF(*decisions))
-        ref = ref64.run(role, theta, image, strong, _BranchF(*decisions))
-        for key, value in got.items():
-            e_onnx, e_torch = _rel(value, ref[key]), _rel(t32[key], ref[key])
-            report[f"{role}.{key}"] = (e_onnx, e_torch)
+    for alpha, roles in runs:
+        mixed = {} if alpha is None else {"stats": stats, "alpha": np.array([alpha], np.float32)}
+        _parity_roles(model, folder, roles, theta, image, strong, mixed, tmp_path, report)
     bad = {k: v for k, v in report.items() if not v[0] <= 3 * v[1] + FLOOR}
     lines = "; ".join(f"{k}: onnx {a:.2e} torch {b:.2e}" for k, (a, b) in report.items())
     assert not bad, f"ONNX error above 3x torch float32's: {lines}"
-    assert len(report) == 6
     return report
+
+
+def _parity_roles(model, folder, roles, theta, image, strong, mixed, tmp_path, report):
+    stats = mixed.get("stats")
+    alpha = None if not mixed else float(mixed["alpha"][0])
+    ref64 = TorchRef(model, torch.float64, alpha, stats)
+    ref32 = TorchRef(model, torch.float32, alpha, stats)
+    tag = "" if alpha is None else f"@{alpha:g}"
+    for role in roles:
+        feeds = {"image": image, "theta": theta, **mixed}
+        if role.startswith("consistency_grad"):
+            feeds["strong_image"] = strong
+        got, decisions = _onnx_run(folder, role, feeds, tmp_path / (role + tag))
+        # torch float32 and the float64 reference, both on the branch the ONNX run took
+        t32 = ref32.run(role, theta, image, strong, _BranchF(*decisions))
+        ref = ref64.run(role, theta, image, strong, _BranchF(*decisions))
+        assert set(got) == set(ref), (role, sorted(got), sorted(ref))
+        for key, value in got.items():
+            e_onnx, e_torch = _rel(value, ref[key]), _rel(t32[key], ref[key])
+            report[f"{role}{tag}.{key}"] = (e_onnx, e_torch)
 
 
 @pytest.mark.parametrize("size", [128, 256])
 def test_parity_edge(edge, size, tmp_path):
-    _parity(edge, "edge", size, tmp_path, seed=size)
+    assert len(_parity(edge, "edge", size, tmp_path, seed=size)) == 6
+
+
+def test_parity_edge_mixed_statistics(edge, tmp_path):
+    """The mixed graphs' loss, gradient, logits and image statistics at a = 0, 0.3, 1."""
+    report = _parity(edge, "edge", 128, tmp_path, seed=5, alphas=(0.0, 0.3, 1.0))
+    assert len(report) == 3 * 6
+
+
+def test_mixed_graphs_at_one_and_zero_are_sample_and_source(art64):
+    """a = 1 gives the sample graphs' results (entropy: bit for bit); a = 0 with the stored
+    statistics gives infer_source's logits."""
+    folder, manifest = art64
+    sess = {r: ort.InferenceSession(str(folder / manifest["graphs"][r]), session_options(1),
+                                    providers=["CPUExecutionProvider"]) for r in ALL_ROLES}
+    rng = np.random.default_rng(9)
+    theta = np.load(folder / manifest["theta0"]) + 0.1
+    stats0 = np.load(folder / manifest["stats0"])
+    image = rng.random((1, 3, 64, 64), dtype=np.float32)
+    strong = rng.random((1, 3, 64, 64), dtype=np.float32)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    base = {"image": image, "theta": theta}
+    mix1 = {**base, "stats": stats0, "alpha": one}
+    ent = sess["entropy_grad"].run(None, base)
+    ent1 = sess["entropy_grad_mix"].run(None, mix1)
+    np.testing.assert_array_equal(ent1[0], ent[0])
+    np.testing.assert_array_equal(ent1[1], ent[1])
+    con = sess["consistency_grad"].run(None, {**base, "strong_image": strong})
+    con1 = sess["consistency_grad_mix"].run(None, {**mix1, "strong_image": strong})
+    # (the sample graph's teacher runs InstanceNormalization: rounding differs slightly)
+    np.testing.assert_allclose(con1[0], con[0], rtol=1e-6)
+    np.testing.assert_allclose(con1[1], con[1], rtol=1e-4, atol=1e-6 * np.abs(con[1]).max())
+    logits1, stats1 = sess["infer_mix"].run(None, mix1)
+    np.testing.assert_allclose(logits1, sess["infer"].run(None, base)[0], rtol=1e-4, atol=1e-4)
+    logits0, stats_zero = sess["infer_mix"].run(None, {**mix1, "alpha": zero})
+    np.testing.assert_allclose(logits0, sess["infer_source"].run(None, base)[0],
+                               rtol=1e-5, atol=1e-5)
+    # the image statistics do not depend on the weight in the first BN layer
+    c = manifest["params"][0]["shape"][0]
+    np.testing.assert_array_equal(stats1[:2 * c], stats_zero[:2 * c])
+    assert not np.allclose(logits0, logits1, atol=1e-2)  # the weight matters
 
 
 @pytest.mark.slow

@@ -142,6 +142,25 @@ def test_host_buffers_follow_the_cpu_engine(host_engine, art, images, name):
     assert not method.events
 
 
+@pytest.mark.parametrize("name, norm", [("grata", "mix:0.3"), ("tent", "ema:0.2"),
+                                        ("tent", "source")])
+def test_host_buffers_follow_the_cpu_engine_with_other_statistics(art, images, name, norm,
+                                                                   monkeypatch):
+    monkeypatch.setattr(cuda_engine, "_cuda_place", lambda device_id, tf32: cuda_engine._Place(
+        np, "cpu", 0, ["CPUExecutionProvider"], None))
+    e = cuda_engine.CudaEngine(art, threads=2)
+    hp = {"lr": 1e-3} if name == "tent" else {"beta": 1e-3}
+    method = create(name, e, seed=2, norm=norm, **hp)
+    ref = create(name, OrtEngine(art, threads=2), seed=2, norm=norm, **hp)
+    preds, preds_ref = run_stream(method, images), run_stream(ref, images)
+    assert np.linalg.norm(ref.engine.theta - ref.engine.theta0) > 1e-4
+    assert rel(e.theta, ref.engine.theta) <= 1e-6
+    assert rel(e.norm_state(), ref.engine.norm_state()) <= 1e-6
+    for p, q in zip(preds, preds_ref):
+        np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-4)
+    assert not method.events
+
+
 # ---------------------------------------------------------------- GPU
 
 

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 
 from ..augment import strong_augment
+from ..norm import NormSpec, ema_update
 
 
 class Method:
@@ -19,14 +20,17 @@ class Method:
     """
 
     name = "base"
-    norm = "sample"          # statistics used for the prediction
+    norm = NormSpec("sample")  # BN statistics of every pass (`grata.norm`)
+    fixed_norm = False       # True: the method ignores a norm choice (source)
     needs_strong = False     # whether step() consumes a strong view
     updates = False          # whether theta changes
 
-    def __init__(self, engine, seed: int = 0, **hyperparameters):
+    def __init__(self, engine, seed: int = 0, norm="sample", **hyperparameters):
         if hyperparameters:
             raise TypeError(f"{self.name}: unknown hyperparameters "
                             f"{', '.join(sorted(hyperparameters))}")
+        if not self.fixed_norm:
+            self.norm = NormSpec(norm)
         self.engine = engine
         self.seed = seed
         self.events: list[dict] = []
@@ -37,6 +41,8 @@ class Method:
         """Back to the source theta, fresh optimiser state and augmentation stream."""
         e = self.engine
         e.assign(e.theta, e.theta0)
+        if getattr(e, "stats", None) is not None:  # the stream statistics (ema)
+            e.assign(e.stats, e.stats0)
         self.m, self.v, self.t = e.zeros(), e.zeros(), 0
         self.good = None
         self.rng = np.random.default_rng(self.seed)
@@ -69,7 +75,8 @@ class Method:
         return {"method": self.name, "seed": self.seed, "theta": host(e.theta),
                 "m": host(self.m), "v": host(self.v), "t": int(self.t), "good": good,
                 "rng": copy.deepcopy(self.rng.bit_generator.state),
-                "n_seen": int(self.n_seen), "events": copy.deepcopy(self.events)}
+                "n_seen": int(self.n_seen), "events": copy.deepcopy(self.events),
+                "stats": None if getattr(e, "stats", None) is None else host(e.norm_state())}
 
     def load_state(self, state: dict) -> None:
         """Restore a `state()` (theta and moments of the same length as this engine's)."""
@@ -88,6 +95,8 @@ class Method:
         self.rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.n_seen = int(state["n_seen"])
         self.events = copy.deepcopy(list(state.get("events", [])))
+        if state.get("stats") is not None and getattr(e, "stats", None) is not None:
+            e.load_norm_state(state["stats"])
 
     # -- one image ---------------------------------------------------------------------
     def draw_strong(self, image: np.ndarray):
@@ -101,7 +110,10 @@ class Method:
         image as a host [3,S,S] array) spares a device-to-host copy when drawing it.
         """
         self.update(x, strong, image)
-        return self.engine.infer(x, norm=self.norm)
+        logits = self.engine.infer(x, norm=self.norm)
+        if self.norm.kind == "ema":
+            self.update_stream()
+        return logits
 
     def update(self, x, strong=None, image: np.ndarray | None = None) -> None:
         """The adaptation step of `adapt` without the prediction (a server that predicts
@@ -128,6 +140,22 @@ class Method:
                 self.t = self.good[3]
                 self.events.append({"image": self.n_seen, "event": "non-finite",
                                     "action": "restored last good theta and moments"})
+
+    @property
+    def norm_kw(self) -> dict:
+        """The `norm` keyword for the engine's gradient calls: none for the paper's
+        setting, so engines written before the choice existed keep working."""
+        return {} if self.norm == "sample" else {"norm": self.norm}
+
+    def update_stream(self) -> None:
+        """ema: move the stream statistics to the mixture with the predicted image's own
+        (non-finite image statistics leave them unchanged, recorded in `events`)."""
+        e = self.engine
+        if e.all_finite(e.img_stats):
+            ema_update(e.stats, e.img_stats, self.norm.momentum, e.layout)
+        else:
+            self.events.append({"image": self.n_seen, "event": "non-finite statistics",
+                                "action": "kept the stream statistics"})
 
     def step(self, x, strong) -> None:
         """Update theta (and the moments) from x. Losses go to `self.last`, unsynced."""

@@ -22,14 +22,14 @@ class GraTa(Method):
 
     def step(self, x, strong) -> None:
         e = self.engine
-        loss_a, g_a = e.entropy_grad(x)
+        loss_a, g_a = e.entropy_grad(x, **self.norm_kw)
         if self.align:
             saved = e.copy(e.theta)
             e.theta -= g_a  # theta' = theta - g_a: step size exactly 1
-            loss_p, g_p = e.consistency_grad(x, strong)
+            loss_p, g_p = e.consistency_grad(x, strong, **self.norm_kw)
             e.assign(e.theta, saved)
         else:
-            loss_p, g_p = e.consistency_grad(x, strong)
+            loss_p, g_p = e.consistency_grad(x, strong, **self.norm_kw)
         self.t += 1
         if self.dynamic_lr:
             # On a GPU cos lands in a device scalar, so nothing waits for it here.

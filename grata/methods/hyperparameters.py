@@ -10,8 +10,9 @@ from pathlib import Path
 from ..errors import GrataError
 from .base import Method
 
-# constructor arguments that are not hyperparameters (the engine, the run's seed)
-_NOT_HYPER = ("self", "engine", "seed", "kw", "hyperparameters")
+# constructor arguments that are not hyperparameters: the engine, the run's seed, and the
+# statistics rule (chosen per method with --norm / METHOD@RULE and recorded on its own)
+_NOT_HYPER = ("self", "engine", "seed", "norm", "kw", "hyperparameters")
 
 
 def defaults_of(cls: type[Method]) -> dict:

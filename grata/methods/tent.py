@@ -14,7 +14,7 @@ class Tent(Method):
 
     def step(self, x, strong) -> None:
         e = self.engine
-        loss, g = e.entropy_grad(x)
+        loss, g = e.entropy_grad(x, **self.norm_kw)
         self.last = {"loss_ent": loss}
         self.t += 1
         adam_update(e.theta, self.m, self.v, g, self.t, self.lr, self.betas, self.eps)
