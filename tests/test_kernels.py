@@ -202,12 +202,24 @@ def test_learning_rate_rule():
     assert kernels.lr_from_cos(-1.0, 2.0) == 0.0
 
 
-def test_reduction_is_deterministic():
+def test_reduction_matches_exact_sums_and_ignores_order():
+    """cos against math.fsum (exactly rounded float64 sums) and against the same vectors in
+    another order: the pairwise sums stay within a few ulps of the exact value."""
+    import math
     rng = np.random.default_rng(3)
-    gp, ga = rng.standard_normal(10**5), rng.standard_normal(10**5)
-    assert kernels.alignment(gp, ga) == kernels.alignment(gp.copy(), ga.copy())
-    out = [one_step(gp, ga)[2] for _ in range(2)]
-    assert np.array_equal(out[0], out[1])
+    gp = rng.standard_normal(10**5)
+    ga = rng.standard_normal(10**5) + 0.3 * gp
+    exact = math.fsum(gp * ga) / (math.sqrt(math.fsum(gp * gp)) * math.sqrt(math.fsum(ga * ga))
+                                  + 1e-12)
+    assert kernels.alignment(gp, ga) == pytest.approx(exact, rel=1e-13, abs=0)
+    perm = rng.permutation(gp.size)
+    assert kernels.alignment(gp[perm], ga[perm]) == pytest.approx(exact, rel=1e-13, abs=0)
+    # float32 inputs are summed in float64: no float32 accumulation error
+    g32p, g32a = gp.astype(np.float32), ga.astype(np.float32)
+    p64, a64 = g32p.astype(np.float64), g32a.astype(np.float64)
+    exact32 = math.fsum(p64 * a64) / (math.sqrt(math.fsum(p64 * p64))
+                                      * math.sqrt(math.fsum(a64 * a64)) + 1e-12)
+    assert kernels.alignment(g32p, g32a) == pytest.approx(exact32, rel=1e-13, abs=0)
 
 
 def test_cos_out_and_torch_cpu_tensors_in_place():
