@@ -185,6 +185,25 @@ def test_fixedlr_steps_with_beta_and_grata_with_the_cos_rule(problem, grata_ref)
                                rtol=1e-9, atol=TOL)
 
 
+def test_defaults_are_the_papers_beta_and_adam():
+    """create('grata') without hyperparameters: beta 1e-4, Adam (0.9, 0.999, 1e-8); two
+    steps on known gradients, computed by hand."""
+    engine = SpyEngine()
+    method = create("grata", engine)
+    theta = engine.theta0.copy()
+    m = v = np.zeros(4)
+    for t in (1, 2):
+        g_a = np.sin(2e4 * theta) + np.array([0.5, -0.2, 0.1, 0.3])
+        g_p = np.cos(3e4 * (theta - g_a)) + np.array([0.2, -0.6, 0.4, 0.1])
+        cos = g_p @ g_a / (np.linalg.norm(g_p) * np.linalg.norm(g_a) + 1e-12)
+        m, v = 0.9 * m + 0.1 * g_p, 0.999 * v + 0.001 * g_p ** 2
+        eta = 1e-4 * (cos + 1) ** 2 / 4
+        theta = theta - eta * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        method.adapt(np.zeros((1, 3, 4, 4)), strong=np.zeros((1, 3, 4, 4)))
+        np.testing.assert_allclose(engine.theta, theta, rtol=0, atol=1e-14)
+    assert np.abs(theta - engine.theta0).max() > 1e-5
+
+
 # ------------------------------------------------------------------ protocols
 
 class SpyEngine:
