@@ -43,24 +43,36 @@ def gaussian_blur(channel: np.ndarray, sigma: float) -> np.ndarray:
     return out.astype(channel.dtype)
 
 
+def brightness(x: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Each channel of [C,H,W] multiplied by its factor."""
+    return x * np.asarray(factors, x.dtype).reshape(-1, 1, 1)
+
+
+def contrast(channel: np.ndarray, factor: float) -> np.ndarray:
+    """One channel scaled around its mean, clipped to its previous min/max."""
+    lo, hi, mean = channel.min(), channel.max(), channel.mean()
+    return np.clip((channel - mean) * factor + mean, lo, hi)
+
+
+def gamma(channel: np.ndarray, g: float) -> np.ndarray:
+    """Gamma on the inverted channel: rescale to [0,1], power g, restore range, invert back."""
+    inv = -channel
+    lo, span = inv.min(), inv.max() - inv.min()
+    return -(np.power((inv - lo) / (span + 1e-7), g) * span + lo)
+
+
 def strong_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Strong style view of a [3,H,W] image in [0,1]; returns a new float32 array in [0,1]."""
     x = np.array(image, dtype=np.float32, copy=True)
     c = x.shape[0]
     if rng.uniform() < 0.75:  # brightness
-        x *= rng.uniform(0.5, 1.5, size=(c, 1, 1)).astype(np.float32)
+        x = brightness(x, rng.uniform(0.5, 1.5, size=(c, 1, 1)).astype(np.float32))
     if rng.uniform() < 0.75:  # contrast, clipped to each channel's previous range
         for i in range(c):
-            f = _low_or_high(rng, (0.5, 1.0), (1.0, 1.5))
-            lo, hi, mean = x[i].min(), x[i].max(), x[i].mean()
-            x[i] = np.clip((x[i] - mean) * f + mean, lo, hi)
+            x[i] = contrast(x[i], _low_or_high(rng, (0.5, 1.0), (1.0, 1.5)))
     if rng.uniform() < 0.75:  # gamma on the inverted image
         for i in range(c):
-            g = _low_or_high(rng, (0.5, 1.0), (1.0, 2.0))
-            inv = -x[i]
-            lo, rng_ = inv.min(), inv.max() - inv.min()
-            inv = np.power((inv - lo) / (rng_ + 1e-7), g) * rng_ + lo
-            x[i] = -inv
+            x[i] = gamma(x[i], _low_or_high(rng, (0.5, 1.0), (1.0, 2.0)))
     if rng.uniform() < 0.5:  # Gaussian noise; the spec draws the variance
         var = rng.uniform(0.0, 0.05)
         x += rng.normal(0.0, np.sqrt(var), size=x.shape).astype(np.float32)

@@ -109,9 +109,14 @@ def test_kill9_at_random_moments(artifacts, tmp_path):
                     deadline = time.monotonic() + rnd.uniform(0.05, 0.8)
                 else:  # after a random number of images (whatever the machine's speed)
                     target = rnd.randint(1, 6)
+                    give_up = time.monotonic() + 120  # a hung server fails, never hangs
                     while proc.poll() is None and not (
                             ("resumed" in log.read_text() or " the source theta" in
                              log.read_text()) and log.read_text().count("\neye") >= target):
+                        if time.monotonic() > give_up:
+                            proc.kill()
+                            proc.wait()
+                            pytest.fail(f"server made no progress in 120 s: {log.read_text()}")
                         time.sleep(0.005)
                     deadline = time.monotonic() + rnd.uniform(0.0, 0.06)
                 while proc.poll() is None and time.monotonic() < deadline:

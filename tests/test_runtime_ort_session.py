@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
@@ -19,10 +20,32 @@ def test_manifest_and_session_options_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _physical_cores_capped() -> int:
+    import os
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(),
+                       (topo / "core_id").read_text().strip()))
+        except OSError:
+            return len(os.sched_getaffinity(0))
+    n = len(cores)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def test_session_options_defaults():
     opts = session_options()
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert 1 <= opts.intra_op_num_threads
+    # the default is the physical cores capped by a cgroup quota, both read here directly
+    assert opts.intra_op_num_threads == _physical_cores_capped()
+    assert session_options(2).intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
     assert not opts.enable_cpu_mem_arena and not opts.enable_mem_pattern
 
 
