@@ -81,8 +81,8 @@ MUTANTS = [
            "self.m, self.v, self.t = getattr(self, 'm', e.zeros()), "
            "getattr(self, 'v', e.zeros()), getattr(self, 't', 0)",
            "tests/test_adaptation.py -k protocol"),
-    Mutant("bn predicts with stored statistics", "grata/methods/base.py",
-           'norm = "sample"', 'norm = "running"',
+    Mutant("bn predicts with stored statistics", "grata/methods/__init__.py",
+           'def create(name: str, model, norm="sample",', 'def create(name: str, model, norm="source",',
            "tests/test_methods.py -k source_uses_running"),
     # -- the update (numpy path) ----------------------------------------------------------
     Mutant("lr rule not squared", "kernels/numpy_update.py",
