@@ -8,7 +8,12 @@ exactly follow the annotated cup), branching vessels leaving the cup and crossin
 rim, and in some images a pale peripapillary atrophy crescent beside the disc.
 Masks: 255 background, 128 disc rim, 0 cup.
 
-One source domain and target domains that differ as centres/cameras do:
+One source domain and target domains that differ as centres/cameras do. The first four
+targets change the camera; the last five keep the source's camera and change what the
+crop holds (disc size and position, black borders, anatomy), as crops from other
+centres, detectors and populations do. The per-image mean and variance of every feature
+map follow that composition, so per-image normalisation (BN at batch 1) shifts with it
+even though the camera did not change:
 
 ============  ==========================================================================
 domain        shift (beyond each domain's per-image jitter)
@@ -24,6 +29,16 @@ LowLight      under-exposed non-mydriatic shots: dark, high gamma, strong signal
 Legacy        scanned film / old archive: yellow faded colours with a raised black level,
               low contrast, stored as JPEG (quality 25); tighter crop (disc 34-46 %) and a
               glaucoma-clinic population (more large cups, vCDR 0.45-0.85)
+OffCentre     the crop missed the disc's centre: disc centre 15-30 % of the ROI from the
+              crop centre (the disc stays inside); size as the source
+WideCrop      crop at a larger scale: small disc (12-20 %), vessel calibre and texture grain
+              scaled with it, more background retina and vessels, the macula in view
+TightCrop     crop at a smaller scale: the disc fills the ROI (50-65 %), thick vessels
+BorderFOV     the crop reaches the photograph's edge: a black circular field-of-view border
+              with its dark rim (2 in 3 images) or black bands along one or two sides (a
+              corner), about 10-45 % of the crop black; the disc stays visible
+Atypical      anatomy: tilted oval discs (width 60-85 % of height), large pale atrophy
+              beside every disc, small cups (vCDR 0.12-0.3), 1-3 bright specular reflexes
 ============  ==========================================================================
 
 Pixel sizes (blur) are given at S=320 and scale with the size.
@@ -31,6 +46,8 @@ Pixel sizes (blur) are given at S=320 and scale with the size.
 Determinism: every image is drawn from its own PCG64 generator seeded by (seed,
 domain, split, index), so changing counts does not change the other images; the same
 seed writes byte-identical files (with the same numpy, scipy, Pillow/zlib/libjpeg).
+Version 4 added the five content targets; the files of the other domains are those of
+version 3 (Clinic's those of version 1).
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ import io
 import json
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +67,12 @@ from scipy import ndimage
 from .errors import GrataError
 
 SOURCE_DOMAIN = "Clinic"
-TARGET_DOMAINS = ("Handheld", "Widefield", "LowLight", "Legacy")
-VERSION = 3  # bump whenever the same seed would give different files
+# Targets whose camera differs from the source's (unchanged since version 3) ...
+CAMERA_DOMAINS = ("Handheld", "Widefield", "LowLight", "Legacy")
+# ... and targets with the source's camera whose crops hold other content.
+CONTENT_DOMAINS = ("OffCentre", "WideCrop", "TightCrop", "BorderFOV", "Atypical")
+TARGET_DOMAINS = CAMERA_DOMAINS + CONTENT_DOMAINS
+VERSION = 4  # bump whenever the same seed would give different files
 JPEG_QUALITY = 25
 
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -76,6 +97,19 @@ class _Domain:
     ppa: float = 0.4                   # share of images with peripapillary atrophy
     jpeg: bool = False
     shift: str = ""
+    # Content of the crop (the defaults are the source's; each non-default value draws
+    # its own random numbers, so the domains that keep the defaults keep their bytes).
+    centre: tuple[float, float] | None = None  # disc centre's distance from the crop
+    #                                            centre (fraction of S); None: small jitter
+    aspect: tuple[float, float] = (0.85, 1.0)  # disc width / height
+    tilt: float = 0.15                 # standard deviation of the disc's rotation, rad
+    ppa_size: tuple[float, float] = (1.12, 1.35)  # atrophy extent, in disc radii
+    ppa_alpha: tuple[float, float] = (0.5, 0.9)   # atrophy pallor
+    rescale: bool = False              # crop at another scale: vessel calibre, vessel
+    #                                    length and texture grain follow the disc size
+    macula: bool = False               # the darker macula enters the crop temporally
+    fov: bool = False                  # the crop reaches the photograph's black border
+    reflex: tuple[int, int] = (0, 0)   # number of bright specular reflexes (low, high)
 
 
 DOMAINS: dict[str, _Domain] = {
@@ -104,6 +138,30 @@ DOMAINS: dict[str, _Domain] = {
         shift="yellow faded film, raised black level, low contrast, JPEG q25, large disc "
               "and cups"),
 }
+_CLINIC = DOMAINS[SOURCE_DOMAIN]
+# Same camera as the source: only what the crop shows changes, and with it the per-image
+# statistics of every feature map (how much of the crop is disc, retina, vessel, black).
+DOMAINS.update({
+    "OffCentre": replace(
+        _CLINIC, centre=(0.15, 0.3),
+        shift="disc off-centre (centre 15-30 % of the ROI from the crop centre)"),
+    "WideCrop": replace(
+        _CLINIC, disc=(0.12, 0.2), rescale=True, macula=True,
+        shift="crop at a larger scale: small disc (12-20 %), more retina and vessels, "
+              "macula in view"),
+    "TightCrop": replace(
+        _CLINIC, disc=(0.5, 0.65), rescale=True,
+        shift="crop at a smaller scale: the disc fills the ROI (50-65 %)"),
+    "BorderFOV": replace(
+        _CLINIC, fov=True,
+        shift="black field-of-view border in the crop (circular aperture edge or black "
+              "corner)"),
+    "Atypical": replace(
+        _CLINIC, aspect=(0.6, 0.85), tilt=0.4, ppa=1.0, ppa_size=(1.3, 1.7),
+        ppa_alpha=(0.7, 1.0), cdr=(0.12, 0.3, 0.0), reflex=(1, 3),
+        shift="tilted oval discs, large atrophy, small cups (vCDR 0.12-0.3), bright "
+              "reflexes"),
+})
 assert set(DOMAINS) == {SOURCE_DOMAIN, *TARGET_DOMAINS}
 
 # Scene colours (linear RGB, before the camera).
@@ -152,18 +210,19 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
 
 
-def _vessels(rng, size: int, origin, side: float, cup_r: float):
+def _vessels(rng, size: int, origin, side: float, cup_r: float, scale: float = 1.0):
     """Vessel opacity maps (veins, arteries) [S, S] in [0, 1], drawn at 2x for smooth
     edges: arcades leaving the cup up and down and bending temporally, smaller nasal
-    and temporal vessels, random branching, tapering width."""
+    and temporal vessels, random branching, tapering width. `scale`: anatomy size
+    relative to the source's crops (calibre and step scale with it, length against it)."""
     k = 2  # supersampling
     canv = {"vein": Image.new("L", (size * k, size * k)),
             "artery": Image.new("L", (size * k, size * k))}
     draws = {n: ImageDraw.Draw(c) for n, c in canv.items()}
     temporal = 0.0 if side > 0 else np.pi
     nasal = np.pi - temporal
-    step = size / 70.0
-    w_main = rng.uniform(0.018, 0.024) * size
+    step = size * scale / 70.0
+    w_main = rng.uniform(0.018, 0.024) * size * scale
 
     trunks = []
     for up in (-1.0, 1.0):  # superior and inferior arcades: a vein and an artery each
@@ -184,6 +243,8 @@ def _vessels(rng, size: int, origin, side: float, cup_r: float):
         r = cup_r * rng.uniform(0.0, 0.35)
         stack.append((kind, origin[0] + r * np.cos(a), origin[1] + r * np.sin(a), h, w, bend,
                       steps, 0))
+    if scale != 1.0:  # smaller anatomy: longer in steps, to reach the crop's edge
+        stack = [(*t[:6], round(t[6] / scale), t[7]) for t in stack]
     while stack:
         kind, x, y, h, w, bend, steps, depth = stack.pop()
         draw = draws[kind]
@@ -223,9 +284,16 @@ def render(rng: np.random.Generator, domain: str, size: int):
     # Geometry: disc, cup (offset temporally), optional atrophy crescent.
     dv = rng.uniform(*d.disc) * S
     ry = dv / 2
-    rx = ry * rng.uniform(0.85, 1.0)
-    cx, cy = (S / 2 + np.clip(rng.normal(0, 0.05 * S, 2), -0.1 * S, 0.1 * S))
-    tilt = rng.normal(0, 0.15)
+    rx = ry * rng.uniform(*d.aspect)
+    if d.centre is None:
+        cx, cy = (S / 2 + np.clip(rng.normal(0, 0.05 * S, 2), -0.1 * S, 0.1 * S))
+    else:  # a detector's crop that missed the centre; the disc stays inside the crop
+        off, ang, lim = rng.uniform(*d.centre) * S, rng.uniform(0, 2 * np.pi), S / 2 - 1.1 * ry
+        cx = S / 2 + np.clip(off * np.cos(ang), -lim, lim)
+        cy = S / 2 + np.clip(off * np.sin(ang), -lim, lim)
+    tilt = rng.normal(0, d.tilt)
+    # Anatomy scale against the source's crops (disc about 35 % of the ROI).
+    anat = dv / (0.35 * S) if d.rescale else 1.0
     lo, hi, large = d.cdr
     cdr = rng.uniform(hi, min(hi + 0.2, 0.85)) if rng.random() < large else rng.uniform(lo, hi)
     cry = cdr * ry
@@ -241,22 +309,30 @@ def render(rng: np.random.Generator, domain: str, size: int):
     mask[cup] = 0
 
     # Retina: pigmentation, low-frequency texture, darker toward the ROI edges.
-    tex = _smooth_noise(rng, S, 4) * 0.08 + _smooth_noise(rng, S, 16) * 0.035
+    tex = (_smooth_noise(rng, S, _cells(4, anat)) * 0.08
+           + _smooth_noise(rng, S, _cells(16, anat)) * 0.035)
     pig = rng.uniform(0.8, 1.1)
     bg = _BG[:, None, None] * pig * np.stack([np.ones_like(xx),
                                               np.full_like(xx, rng.uniform(0.85, 1.15)),
                                               np.full_like(xx, rng.uniform(0.8, 1.2))])
     r2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / (0.75 * S) ** 2
     img = bg * (1.0 + tex) * (1.0 - 0.35 * np.clip(r2, 0, 1.5))[None]
+    if d.macula:  # darker (red least), about 2.5 disc diameters temporal, a little lower
+        mx = cx + side * rng.uniform(2.2, 2.8) * dv
+        my = cy + rng.uniform(0.1, 0.4) * dv
+        dark = rng.uniform(0.3, 0.5) * np.exp(
+            -((xx - mx) ** 2 + (yy - my) ** 2) / (2 * (rng.uniform(0.5, 0.8) * dv) ** 2))
+        img = img * (1.0 - dark[None] * np.array([0.8, 1.0, 1.0], np.float32)[:, None, None])
 
     # Peripapillary atrophy: pale mottled crescent on the temporal side of the disc.
     if rng.random() < d.ppa:
-        grow = rng.uniform(1.12, 1.35)
+        grow = rng.uniform(*d.ppa_size)
         shift = side * (grow - 1.0) * rx * rng.uniform(0.6, 1.0)
         rho_p = _radius(xx, yy, cx + shift, cy, rx * grow, ry * rng.uniform(1.0, 1.1), tilt,
                         _wobble(rng, 0.08))
         a = _sigmoid((1.0 - rho_p) / 0.05) * _sigmoid((rho_d - 1.0) / 0.04)
-        a = a * np.clip(0.75 + 0.5 * _smooth_noise(rng, S, 24), 0, 1) * rng.uniform(0.5, 0.9)
+        a = (a * np.clip(0.75 + 0.5 * _smooth_noise(rng, S, _cells(24, anat)), 0, 1)
+             * rng.uniform(*d.ppa_alpha))
         img = img * (1 - a) + _PPA[:, None, None] * a
 
     # Disc with a blurred edge; its rim is orange-pink, brightening toward the cup.
@@ -273,12 +349,64 @@ def render(rng: np.random.Generator, domain: str, size: int):
     img = img * (1 - a_c) + cupc * a_c
 
     # Vessels over everything (they occlude the rim).
-    vein, artery = _vessels(rng, S, (ccx, ccy), side, min(crx, cry))
+    vein, artery = _vessels(rng, S, (ccx, ccy), side, min(crx, cry), anat)
     for v, col, op in ((artery, _ARTERY, 0.7), (vein, _VEIN, 0.8)):
         a = (v * op * rng.uniform(0.85, 1.0))[None]
         img = img * (1 - a) + col[:, None, None] * a
 
+    if d.reflex[1] > 0:
+        img = img + _reflexes(rng, d.reflex, xx, yy)
+    if d.fov:
+        img = img * _field_of_view(rng, xx, yy, cx, cy, 1.2 * max(rx, ry), px)[None]
     return _camera(rng, d, img, xx, yy, px), mask
+
+
+def _cells(cells: int, scale: float) -> int:
+    """Grid cells of a texture whose grain follows the anatomy's scale."""
+    return cells if scale == 1.0 else max(2, round(cells / scale))
+
+
+def _reflexes(rng, count, xx, yy):
+    """Additive whitish light [3, S, S] of specular reflexes (retinal sheen, lens or
+    cornea): elongated soft-edged patches anywhere in the crop."""
+    S = xx.shape[0]
+    light = np.zeros_like(xx)
+    for _ in range(rng.integers(count[0], count[1] + 1)):
+        x0, y0 = rng.uniform(0.1, 0.9, 2) * S
+        ry = rng.uniform(0.02, 0.07) * S
+        rho = _radius(xx, yy, x0, y0, ry * rng.uniform(0.25, 1.0), ry, rng.uniform(0, np.pi),
+                      _wobble(rng, 0.15))
+        light += rng.uniform(0.4, 1.0) * _sigmoid((1.0 - rho) / 0.25)
+    return light[None] * np.array([1.0, 0.97, 0.92], np.float32)[:, None, None]
+
+
+def _field_of_view(rng, xx, yy, cx, cy, keep, px):
+    """Transmission [S, S] of the photograph's field of view where the crop reaches its
+    edge: a black circular aperture edge with the dark rim inside it (illumination falls
+    off toward the aperture), or, for a crop that runs past the photograph, black bands
+    on one or two adjacent sides (a corner). The disc (radius `keep`) stays visible."""
+    S = xx.shape[0]
+    if rng.random() < 0.65:
+        ang = rng.uniform(0, 2 * np.pi)
+        big = rng.uniform(1.2, 2.5) * S  # aperture radius: the edge curves gently
+        gap = max(rng.uniform(0.16, 0.36) * S, keep)  # disc centre to the edge
+        ox, oy = cx + (gap - big) * np.cos(ang), cy + (gap - big) * np.sin(ang)
+        inside = big - np.sqrt((xx - ox) ** 2 + (yy - oy) ** 2)
+        rim = rng.uniform(0.3, 0.6) * np.exp(-np.maximum(inside, 0) / (
+            rng.uniform(0.03, 0.07) * S))
+        return _sigmoid(inside / (0.6 * px)) * (1.0 - rim)
+    # Room between the disc and each side (left, right, top, bottom).
+    room = np.array([cx - keep, S - cx - keep, cy - keep, S - cy - keep])
+    first = int(rng.integers(4))
+    sides = [first]
+    if rng.random() < 0.5:  # a corner: one vertical and one horizontal side
+        sides.append(int(rng.integers(2)) + (2 if first < 2 else 0))
+    out = np.ones_like(xx)
+    for k in sides:
+        width = min(rng.uniform(0.1, 0.3) * S, room[k] - 0.02 * S)
+        dist = (xx, S - xx, yy, S - yy)[k] - width  # > 0: inside the photograph
+        out *= _sigmoid(dist / (0.6 * px))
+    return out
 
 
 def _camera(rng, d: _Domain, img, xx, yy, px):

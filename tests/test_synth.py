@@ -1,6 +1,7 @@
 """The synthetic benchmark: deterministic, readable by grata.data, well-formed masks,
-measurably shifted target domains."""
+measurably shifted target domains, version-3 domains unchanged."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -28,10 +29,39 @@ def bench(tmp_path_factory):
 
 def test_domains_declared():
     assert synth.SOURCE_DOMAIN not in synth.TARGET_DOMAINS
+    assert synth.TARGET_DOMAINS == synth.CAMERA_DOMAINS + synth.CONTENT_DOMAINS
+    assert len(synth.CONTENT_DOMAINS) >= 3
     assert len(synth.TARGET_DOMAINS) >= 4 and len(set(synth.TARGET_DOMAINS)) == len(
         synth.TARGET_DOMAINS)
     for name in (synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS):
         assert name in synth.__doc__
+        assert synth.DOMAINS[name].shift
+
+
+# SHA-256 (first 16 hex digits) of the rendered arrays (image bytes + mask bytes) of the
+# version-3 generator, recorded before version 4 added the content domains.
+V3_RENDERS = {
+    ("Clinic", 0, "train", 0, 96): "b53195b052a15267",
+    ("Clinic", 3, "test", 1, 64): "92f5740212b0813e",
+    ("Clinic", 0, "test", 11, 128): "c5d5aa86297df9c3",
+    ("Handheld", 0, "train", 0, 96): "d4916ace976e1f9f",
+    ("Handheld", 3, "test", 1, 64): "bb01b7a34b14a170",
+    ("Widefield", 0, "train", 0, 96): "371533176175ab24",
+    ("Widefield", 3, "test", 1, 64): "53861bd59dbe8ca8",
+    ("LowLight", 0, "train", 0, 96): "9a38c1ec67014885",
+    ("LowLight", 3, "test", 1, 64): "884647d7a817a557",
+    ("Legacy", 0, "train", 0, 96): "7d986b4803e1cd1e",
+    ("Legacy", 3, "test", 1, 64): "54f0cd6e2579d54e",
+    ("Legacy", 0, "test", 11, 128): "e9d1ac4a84837224",
+}
+
+
+@pytest.mark.parametrize("key", sorted(V3_RENDERS), ids=lambda k: "-".join(map(str, k)))
+def test_version_3_domains_render_the_same_pixels(key):
+    domain, seed, split, index, size = key
+    image, mask = synth.render(synth._rng(seed, domain, split, index), domain, size)
+    digest = hashlib.sha256(image.tobytes() + mask.tobytes()).hexdigest()[:16]
+    assert digest == V3_RENDERS[key]
 
 
 def test_same_seed_same_bytes_other_seed_differs(bench, tmp_path):
@@ -82,8 +112,9 @@ def test_layout_readable_by_data(bench):
 def test_masks_follow_the_encoding(bench):
     root, _, _ = bench
     masks = sorted(root.rglob("*/mask/*.png"))
-    assert masks
+    assert len(masks) == N_IMAGES
     for p in masks:
+        d = synth.DOMAINS[p.parent.parent.parent.name]
         im = Image.open(p)
         assert im.mode == "L" and im.size == (96, 96)
         m = np.asarray(im)
@@ -94,14 +125,17 @@ def test_masks_follow_the_encoding(bench):
         rows = np.flatnonzero(disc.any(1))
         cup_rows = np.flatnonzero(cup.any(1))
         vcdr = (np.ptp(cup_rows) + 1) / (np.ptp(rows) + 1)
-        assert 0.2 < vcdr < 0.95
-        assert 0.12 < (np.ptp(rows) + 1) / 96 < 0.6
+        assert 0.6 * d.cdr[0] < vcdr < 0.95
+        # vertical extent: the domain's disc range, give or take the outline's wobble,
+        # rotation (oval discs) and a pixel at each end
+        height = (np.ptp(rows) + 1) / 96
+        assert 0.85 * d.disc[0] * d.aspect[0] - 2 / 96 < height < 1.1 * d.disc[1] + 2 / 96
         img = Image.open(str(p).replace("/mask/", "/image/").replace(
             ".png", ".jpg" if "Legacy" in p.name else ".png"))
         assert img.size == im.size and img.mode == "RGB"
 
 
-def test_targets_differ_in_colour_from_source(tmp_path):
+def test_camera_targets_differ_in_colour_from_source(tmp_path):
     root = tmp_path / "colour"
     synth.generate(root, seed=0, n_source=(6, 0), n_target=(6, 0), size=64, progress=False)
 
@@ -111,8 +145,77 @@ def test_targets_differ_in_colour_from_source(tmp_path):
         return np.mean([np.r_[x.mean((1, 2)), x.std((1, 2))] for x in imgs], axis=0)
 
     src = stats(synth.SOURCE_DOMAIN)
-    for t in synth.TARGET_DOMAINS:
+    for t in synth.CAMERA_DOMAINS:
         assert (np.abs(stats(t) - src) / src).max() > 0.2, t
+
+
+def _geometry(domain, n=12, size=96):
+    """Per image: disc centre's distance from the crop centre and vertical extent (both
+    fractions of the crop), disc minor/major axis ratio (second moments), vCDR, share of
+    black pixels, whether any black pixel lies on the disc, whether the disc touches the
+    crop's edge. Measured from the rendered masks and images."""
+    out = []
+    for i in range(n):
+        image, mask = synth.render(synth._rng(0, domain, "test", i), domain, size)
+        disc, cup = mask < 255, mask == 0
+        ys, xs = np.nonzero(disc)
+        centre = np.hypot(xs.mean() + 0.5 - size / 2, ys.mean() + 0.5 - size / 2) / size
+        minor, major = np.sqrt(np.linalg.eigvalsh(np.cov(np.stack([xs, ys]))))
+        black = image.max(axis=2) < 20
+        edge = disc[0].any() or disc[-1].any() or disc[:, 0].any() or disc[:, -1].any()
+        out.append({"centre": centre, "height": (np.ptp(ys) + 1) / size,
+                    "ratio": minor / major,
+                    "vcdr": (np.ptp(np.flatnonzero(cup.any(1))) + 1) / (np.ptp(ys) + 1),
+                    "black": black.mean(), "black_on_disc": bool((black & disc).any()),
+                    "edge": edge})
+    return {k: np.array([g[k] for g in out]) for k in out[0]}
+
+
+@pytest.fixture(scope="module")
+def geometry():
+    return {d: _geometry(d) for d in (synth.SOURCE_DOMAIN, *synth.CONTENT_DOMAINS)}
+
+
+def test_content_domains_keep_the_source_camera():
+    fields = ("gains", "exposure", "gamma", "contrast", "black", "vignette", "gradient",
+              "blur", "noise", "blue_keep", "haze", "jpeg")
+    src = synth.DOMAINS[synth.SOURCE_DOMAIN]
+    for t in synth.CONTENT_DOMAINS:
+        assert all(getattr(synth.DOMAINS[t], f) == getattr(src, f) for f in fields), t
+
+
+def test_source_discs_are_centred_and_clean(geometry):
+    g = geometry[synth.SOURCE_DOMAIN]
+    assert g["centre"].max() < 0.145 and not g["edge"].any()
+    assert ((0.26 < g["height"]) & (g["height"] < 0.45)).all()
+    assert g["black"].max() == 0 and np.median(g["ratio"]) > 0.85
+    assert g["vcdr"].min() > 0.25
+
+
+def test_off_centre_discs_lie_away_from_the_centre_inside_the_crop(geometry):
+    g = geometry["OffCentre"]
+    assert g["centre"].min() > 0.14 and g["centre"].max() < 0.32
+    assert g["centre"].min() > geometry[synth.SOURCE_DOMAIN]["centre"].max()
+    assert not g["edge"].any()
+
+
+def test_crops_at_other_scales_change_the_disc_size(geometry):
+    wide, tight = geometry["WideCrop"]["height"], geometry["TightCrop"]["height"]
+    assert ((0.11 < wide) & (wide < 0.23)).all()
+    assert ((0.46 < tight) & (tight < 0.72)).all()
+    assert not geometry["TightCrop"]["edge"].any()
+
+
+def test_border_fov_blackens_part_of_every_crop_but_never_the_disc(geometry):
+    g = geometry["BorderFOV"]
+    assert ((0.05 < g["black"]) & (g["black"] < 0.6)).all()
+    assert not g["black_on_disc"].any()
+
+
+def test_atypical_discs_are_oval_with_small_cups(geometry):
+    g = geometry["Atypical"]
+    assert g["ratio"].max() < 0.87 and np.median(g["ratio"]) < 0.8
+    assert g["vcdr"].max() < 0.4
 
 
 def test_generation_writes_every_image_and_renders_the_default_size(bench):
