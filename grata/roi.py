@@ -83,7 +83,7 @@ def _fov_threshold(chan: np.ndarray) -> tuple[float, float, float]:
     """(threshold, black level, retina level) of the brightest-channel thumbnail."""
     lo = float(np.percentile(chan, 1))
     hi = float(np.percentile(chan, 80))
-    return lo + 0.25 * (hi - lo), lo, hi
+    return max(lo + 0.12 * (hi - lo), lo + 3.0), lo, hi
 
 
 def _block_mean(x: np.ndarray) -> np.ndarray:

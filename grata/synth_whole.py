@@ -213,6 +213,12 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
     cam_x = xx - fcx + W / 2
     cam_y = yy - fcy + W / 2
     out = _camera(rng, d, img.astype(np.float32), cam_x, cam_y, roi / 320.0)
+    # Stray light stays inside the aperture: outside the FOV only the camera's black
+    # level and read noise remain.
+    black = 255.0 * d.black + 255.0 * float(np.mean(d.noise)) * np.sqrt(0.2) \
+        * rng.standard_normal((H, W), dtype=np.float32)
+    keep = _sigmoid((1.015 - rr) / 0.004)[..., None]
+    out = np.clip(out * keep + black[..., None] * (1 - keep) + 0.5, 0, 255).astype(np.uint8)
     info = {"cx": round(float(cx), 2), "cy": round(float(cy), 2),
             "rx": round(float(rx), 2), "ry": round(float(ry), 2),
             "r": round(float(np.sqrt(rx * ry)), 2),
