@@ -15,19 +15,24 @@ Localisation (:func:`locate_disc`), classical and offline (numpy/scipy/Pillow):
 
 1. field of view: the brightest channel, box-reduced to a thumbnail, thresholded
    between the black surround and the retina; largest component;
-2. the FOV is resampled so its diameter is :data:`WORK_D` pixels (speed does not
-   depend on the camera's resolution); an eroded FOV mask keeps rim artefacts out;
+2. the FOV is resampled so its diameter is :data:`WORK_D` pixels (the search cost does not
+   depend on the camera's resolution beyond one box reduction); an eroded FOV mask
+   keeps rim artefacts out;
 3. illumination: luminance and green are divided by a large-scale background
    (masked normalised convolution of the image clipped at its 90th percentile, so the
    disc does not raise its own background);
 4. brightness cue: multi-scale centre-surround contrast of a disc-sized blob;
-5. vessel cue: black top-hat of the normalised green (thin dark vessels), weighted
+5. vessel cue: black top-hat of the normalised green (thin dark vessels) above a
+   noise floor (twice its median in the FOV), weighted
    toward vertical vessels (the arcades leave the disc up and down), averaged over a
    tall window of a disc's size: vessels converge, and are thickest, at the disc;
 6. vote: the candidates are the brightness peaks; each is scored by its contrast and
    its vessel enrichment (vessel density at the candidate / mean density in the FOV);
-   the best product wins; ``score`` (0-1) is the geometric mean of the two cues'
-   confidences times a prominence term (best against second-best candidate);
+   the best product wins; ``score`` (0-1) is the product of the two cues'
+   confidences (logistic in the contrast and in the enrichment) and a prominence term
+   (best against second-best candidate), so a bright blob without converging vessels
+   (a reflection, a lesion) or vessels without a bright disc (a macula photograph
+   whose disc is out of the field) scores low;
 7. the centre and radius are refined from the bright component around the peak.
 
 :data:`SCORE_THRESHOLD` is the default below which :func:`prepare` rejects.
@@ -45,6 +50,7 @@ ROI_FRACTION = 800 / 2124
 WORK_D = 320           # FOV diameter (px) at which the disc is searched for
 SCORE_THRESHOLD = 0.5  # prepare() rejects photographs scoring below this
 _COARSE = 4            # the smooth cues' grid is this much coarser than the work grid
+_FLOOR = 2.0  # vessel top-hat floor, in multiples of its median in the FOV
 _FRAC = 0.3  # share of the core-to-surround step that bounds the disc
 _THUMB = 160           # long side of the thumbnail the FOV is found on
 _RADII = (0.04, 0.055, 0.075, 0.1)  # disc radius candidates, fraction of the FOV diameter
@@ -202,6 +208,9 @@ def locate_disc(image) -> dict:
     gs = ndimage.gaussian_filter(ng, 0.7)
     th = ndimage.grey_closing(gs, size=(7, 7)) - gs
     th = np.where(inside, th, 0.0)
+    # Noise alone gives every pixel some top-hat; what stands above twice the typical
+    # level (most pixels are not vessels) is vessel.
+    th = np.maximum(th - _FLOOR * np.median(th[inside]), 0.0)
     gx = ndimage.sobel(gs, axis=1)
     gy = ndimage.sobel(gs, axis=0)
     jxx = ndimage.gaussian_filter(gx * gx, 2.0)
@@ -209,7 +218,7 @@ def locate_disc(image) -> dict:
     vert = jxx / (jxx + jyy + 1e-6)
     rv = 0.065 * WORK_D / _COARSE
     dens = _normconv(_block_mean(th * (0.25 + vert)), mc, (1.5 * rv, 0.6 * rv))
-    mean_dens = float(dens[inner].mean()) + 1e-6
+    mean_dens = float(dens[inner].mean()) + 1e-3  # a vessel-free image has no enrichment
 
     # Candidates: local maxima of the brightness contrast.
     peaks = (best == ndimage.maximum_filter(best, size=int(0.1 * WORK_D / _COARSE) | 1)) \
@@ -221,13 +230,13 @@ def locate_disc(image) -> dict:
     ys, xs = ys[order], xs[order]
     b = best[ys, xs]
     v = dens[ys, xs] / mean_dens
-    s_b = _sigmoid((b - 0.1) / 0.03)
-    s_v = _sigmoid((v - 1.5) / 0.25)
+    s_b = _sigmoid((b - 0.12) / 0.03)
+    s_v = _sigmoid((v - 2.0) / 0.4)
     vote = b * np.clip(v, 0.2, None)
     i = int(np.argmax(vote))
     second = float(np.sort(vote)[-2]) if len(vote) > 1 else 0.0
     prominence = _sigmoid((vote[i] / max(second, 1e-6) - 1.15) / 0.1) if second > 0 else 1.0
-    score = float(np.sqrt(s_b[i] * s_v[i]) * (0.5 + 0.5 * prominence))
+    score = float(s_b[i] * s_v[i] * (0.5 + 0.5 * prominence))
 
     py, px = int(ys[i]) * _COARSE + _COARSE // 2, int(xs[i]) * _COARSE + _COARSE // 2
     r0 = float(scale[ys[i], xs[i]])
