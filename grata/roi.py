@@ -341,3 +341,18 @@ def prepare(image, threshold: float = SCORE_THRESHOLD):
         raise RoiRejected(reason, info)
     box = roi_box(a.shape, info, info["fov"])
     return crop(a, box), box, info
+
+
+def record(info: dict, box=None) -> dict:
+    """A JSON-safe summary of a localisation (and its box) for reports: rounded
+    numbers, None for what was not found."""
+    def num(v, nd=2):
+        return None if v is None or not np.isfinite(v) else round(float(v), nd)
+
+    fov = info.get("fov")
+    out = {"cx": num(info["cx"]), "cy": num(info["cy"]), "r": num(info["r"]),
+           "score": num(info["score"], 4), "reason": info.get("reason", ""),
+           "fov": None if fov is None else {k: num(fov[k]) for k in ("cx", "cy", "d")}}
+    if box is not None:
+        out["box"] = [int(v) for v in box]
+    return out

@@ -273,3 +273,16 @@ def test_prepare_crops_around_the_disc():
     assert lo - 0.03 <= (rows[-1] - rows[0] + 1) / side <= hi + 0.03
     with pytest.raises(GrataError):
         roi.crop(image, (5, 5, 5, 10))
+
+
+def test_record_is_json_safe():
+    import json
+
+    image, _, _ = _render(14, "Clinic", 0)
+    crop, box, info = roi.prepare(image)
+    rec = json.loads(json.dumps(roi.record(info, box), allow_nan=False))
+    assert rec["box"] == list(box) and rec["score"] == pytest.approx(info["score"], abs=1e-4)
+    assert rec["cx"] == pytest.approx(info["cx"], abs=0.01)
+    black = roi.locate_disc(np.zeros((64, 64, 3), np.uint8))
+    rec = json.loads(json.dumps(roi.record(black), allow_nan=False))
+    assert rec["cx"] is None and rec["fov"] is None and rec["score"] == 0 and rec["reason"]
