@@ -14,7 +14,9 @@ photograph, the crop is padded with black (masks with background, 255).
 Localisation (:func:`locate_disc`), classical and offline (numpy/scipy/Pillow):
 
 1. field of view: the brightest channel, box-reduced to a thumbnail, thresholded
-   between the black surround and the retina; largest component;
+   between the black surround and the retina; largest component; its diameter is
+   the larger side of its box, or the circle through its free edge when the frame
+   cuts it on more than two sides;
 2. the FOV is resampled so its diameter is :data:`WORK_D` pixels (the search cost does not
    depend on the camera's resolution beyond one box reduction); an eroded FOV mask
    keeps rim artefacts out;
@@ -127,11 +129,42 @@ def find_fov(image) -> dict | None:
     if m.sum() < 0.05 * m.size:
         return None
     rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-    sx, sy = W / thumb.shape[1], H / thumb.shape[0]
-    x0, x1 = cols[0] * sx, (cols[-1] + 1) * sx
-    y0, y1 = rows[0] * sy, (rows[-1] + 1) * sy
-    return {"cx": (x0 + x1) / 2, "cy": (y0 + y1) / 2, "d": max(x1 - x0, y1 - y0),
-            "threshold": t}
+    x0, x1 = cols[0] * k, min((cols[-1] + 1) * k, W)
+    y0, y1 = rows[0] * k, min((rows[-1] + 1) * k, H)
+    fov = {"cx": (x0 + x1) / 2, "cy": (y0 + y1) / 2, "d": max(x1 - x0, y1 - y0),
+           "threshold": t}
+    circle = _fit_circle(m)
+    # A field of view cut by the frame on more than two sides is wider than the mask:
+    # the circle through its free edge says how wide. Trust it only when the edge is a
+    # circle and it is not smaller than the mask.
+    if circle is not None and 2 * circle[2] * k > fov["d"] * 1.01:
+        fov.update(cx=(circle[0] + 0.5) * k, cy=(circle[1] + 0.5) * k, d=2 * circle[2] * k)
+    return fov
+
+
+def _fit_circle(m: np.ndarray):
+    """Least-squares circle (cx, cy, r in mask pixels, centres at integers) through the
+    mask's edge pixels away from the frame; None when too few or not a circle."""
+    edge = m & ~ndimage.binary_erosion(m)
+    edge[[0, -1], :] = False
+    edge[:, [0, -1]] = False
+    ys, xs = np.nonzero(edge)
+    if len(xs) < 20:
+        return None
+    x, y = xs.astype(np.float64), ys.astype(np.float64)
+    A = np.stack([x, y, np.ones_like(x)], axis=1)
+    sol, *_ = np.linalg.lstsq(A, x * x + y * y, rcond=None)
+    cx, cy = sol[0] / 2, sol[1] / 2
+    r2 = sol[2] + cx * cx + cy * cy
+    if r2 <= 0:
+        return None
+    r = np.sqrt(r2)
+    resid = np.abs(np.hypot(x - cx, y - cy) - r)
+    # the arc must span enough angle for the radius to mean something
+    ang = np.arctan2(y - cy, x - cx)
+    if np.median(resid) > 0.02 * r + 0.5 or np.ptp(np.unwrap(np.sort(ang))) < 1.5:
+        return None
+    return cx, cy, r + 0.5  # edge pixel centres lie half a pixel inside the edge
 
 
 def locate_disc(image) -> dict:
@@ -261,7 +294,7 @@ def _sigmoid(x):
 
 def _refine(nl: np.ndarray, px: int, py: int, r0: float) -> tuple[float, float, float]:
     """Centre (continuous, working pixels) and radius of the bright component around
-    the peak: threshold halfway between the blob's core and its surround."""
+    the peak, thresholded at _FRAC of the way from its surround up to its core."""
     h, w = nl.shape
     k = int(np.ceil(2.2 * r0))
     y0, y1, x0, x1 = max(0, py - k), min(h, py + k + 1), max(0, px - k), min(w, px + k + 1)

@@ -286,3 +286,16 @@ def test_record_is_json_safe():
     black = roi.locate_disc(np.zeros((64, 64, 3), np.uint8))
     rec = json.loads(json.dumps(roi.record(black), allow_nan=False))
     assert rec["cx"] is None and rec["fov"] is None and rec["score"] == 0 and rec["reason"]
+
+
+def test_field_of_view_cut_on_all_sides():
+    """A photograph framed inside its field of view (cut left, right, top and bottom):
+    the FOV diameter comes from the circle through the free edge, not the frame."""
+    image, mask, t = _render(3, "Clinic", 0)
+    f = t["fov"]
+    c, half = int(f["cx"]), int(0.40 * f["d"])
+    cut = np.ascontiguousarray(image[:, c - half:c + half])
+    assert cut.shape[1] < 0.85 * f["d"]
+    d = roi.locate_disc(cut)
+    assert d["fov"]["d"] == pytest.approx(f["d"], rel=0.03)
+    assert _err_dd(d["cx"] + (c - half), d["cy"], t) <= 0.1
