@@ -71,7 +71,7 @@ def main() -> None:
     print(f"{'domain':18s} {'n':>4s} | {'err/DD':>6s} {'in%':>6s} {'crop%':>6s} {'rej%':>6s} "
           f"| {'err/DD':>6s} {'in%':>6s} {'crop%':>6s}")
     every = []
-    domains = [synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS]
+    domains = [synth.SOURCE_DOMAIN, *synth_whole.TARGET_DOMAINS]
     for domain in domains:
         renders = (synth_whole.render_whole(synth_whole._rng(args.seed, domain, "test", i),
                                             domain, args.width) for i in range(args.n))

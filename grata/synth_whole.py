@@ -39,6 +39,10 @@ from .errors import GrataError
 from .roi import ROI_FRACTION
 from .synth import _camera, _radius, _save, _sigmoid, _wobble  # one scene and camera model
 
+# The cameras of the crop benchmark. Its content targets (crop scale, position, border) are
+# what the ROI rule itself produces from a whole photograph, so they have no whole version.
+TARGET_DOMAINS = synth.CAMERA_DOMAINS
+
 VERSION = 1
 ASPECT = 0.78125  # height / width (1024 x 800)
 _SALT = zlib.crc32(b"whole")
@@ -238,7 +242,7 @@ def generate_whole(root, seed: int = 0, n_source: tuple[int, int] = (4, 4),
     Returns the summary."""
     from tqdm import tqdm
 
-    source, targets = synth.SOURCE_DOMAIN, tuple(synth.TARGET_DOMAINS)
+    source, targets = synth.SOURCE_DOMAIN, TARGET_DOMAINS
     counts = {source: tuple(n_source), **{t: tuple(n_target) for t in targets}}
     if size < 128 or any(len(c) != 2 or min(c) < 0 for c in counts.values()):
         raise GrataError(f"synthetic photographs: need size >= 128 and (train, test) counts "

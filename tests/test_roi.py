@@ -43,7 +43,7 @@ def _disc_in_box(mask, box):
 @pytest.fixture(scope="module")
 def located():
     rows = []
-    for domain in (synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS):
+    for domain in (synth.SOURCE_DOMAIN, *synth_whole.TARGET_DOMAINS):
         for i in range(PER_DOMAIN):
             image, mask, truth = _render(11, domain, i)
             rows.append((domain, image, mask, truth, roi.locate_disc(image)))

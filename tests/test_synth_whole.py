@@ -11,7 +11,7 @@ from grata import data, roi, synth, synth_whole
 from grata.errors import GrataError
 
 SMALL = {"n_source": (2, 1), "n_target": (1, 1), "size": 256, "progress": False}
-N_IMAGES = 3 + 2 * len(synth.TARGET_DOMAINS)
+N_IMAGES = 3 + 2 * len(synth_whole.TARGET_DOMAINS)
 
 
 def _files(root):
@@ -39,7 +39,7 @@ def test_same_seed_same_bytes_other_seed_differs(bench, tmp_path):
 
 def test_csv_layout_and_full_size_masks(bench):
     root, _ = bench
-    assert set(data.list_domains(root)) == {synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS}
+    assert set(data.list_domains(root)) == {synth.SOURCE_DOMAIN, *synth_whole.TARGET_DOMAINS}
     entries, skipped = data.domain_entries(root, synth.SOURCE_DOMAIN)
     assert not skipped
     assert len(entries) == 3
@@ -53,7 +53,7 @@ def test_csv_layout_and_full_size_masks(bench):
 
 
 def test_masks_agree_with_the_recorded_discs():
-    for domain in (synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS):
+    for domain in (synth.SOURCE_DOMAIN, *synth_whole.TARGET_DOMAINS):
         for i in range(2):
             image, mask, t = synth_whole.render_whole(
                 synth_whole._rng(1, domain, "train", i), domain, 512)
