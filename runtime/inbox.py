@@ -28,6 +28,9 @@ For each inbox image, in arrival order:
     predicted with, and written (``recovered`` in its record); not adapted again;
   - otherwise it is new and goes through steps 1-4.
 
+The image named by ``last_key`` (when it has no result yet) is served before any other,
+even one that sorts earlier, so that it is predicted, not adapted a second time.
+
 Invariant: every image has at most one result, and an image leaves the inbox only after
 its result (or its rejection reason) is on disk. With ``checkpoint_every=1`` the state
 includes the update of every image that has a result and of no other, so the theta that
@@ -300,6 +303,10 @@ def _loop(inbox, outbox, model, *, once, poll_s, settle_s, stable_s, processed_d
     counts = {"served": 0, "recovered": 0, "already_served": 0, "rejected": 0, "resets": 0,
               "retried": 0, "left": 0}
     watcher = Watcher(inbox, settle_s)
+    # the image whose update the state holds without a result goes first, else it would
+    # be adapted again after an image that sorts before it (e.g. an older copy)
+    held = _held_image(inbox, outbox, model)
+    hold_until = time.monotonic() + max(30.0, 5 * settle_s)
     waiting: dict[str, tuple] = {}  # name -> (size/mtime when left, retry time)
     tries: dict[str, int] = {}  # transient failures per name
     left: set[str] = set()  # --once: given up after ONCE_TRIES transient failures
@@ -308,6 +315,13 @@ def _loop(inbox, outbox, model, *, once, poll_s, settle_s, stable_s, processed_d
         now = time.time()
         for name in [n for n in waiting if n not in watcher.seen]:
             del waiting[name]  # taken away
+        if held is not None and (not os.path.lexists(held[0]) or time.monotonic() > hold_until
+                                 or model.last_key != held[1]
+                                 or (outbox / f"{held[1]}.json").exists()):
+            held = None
+        if held is not None:  # nothing else until it is served
+            pending += sum(p != held[0] for p in ready)
+            ready = [p for p in ready if p == held[0]]
         todo = []
         for path in ready:
             if path.name in left:
@@ -351,6 +365,25 @@ def _loop(inbox, outbox, model, *, once, poll_s, settle_s, stable_s, processed_d
             stop.wait(poll_s)
     model.checkpoint()
     return counts
+
+
+def _held_image(inbox: Path, outbox: Path, model) -> tuple[Path, str] | None:
+    """(path, key) of the inbox image named by the state's ``last_key`` when it has no
+    result yet (the crash fell between the checkpoint and its outputs), else None."""
+    key = getattr(model, "last_key", None)
+    if not key or (outbox / f"{key}.json").exists():
+        return None
+    stem = key.rsplit(".", 1)[0]
+    try:
+        with os.scandir(inbox) as it:
+            names = [e.name for e in it if safe_name(e.name) == stem
+                     and e.is_file(follow_symlinks=False)]
+        for name in names:
+            if result_key(name, (inbox / name).read_bytes()) == key:
+                return inbox / name, key
+    except OSError:
+        pass
+    return None
 
 
 def _serve_one(path: Path, outbox: Path, processed: Path, rejected: Path,

@@ -505,3 +505,28 @@ def test_outbox_mistakes_are_one_line_before_any_work(artifacts, tmp_path, capsy
     assert main(serve_args(inbox, tmp_path / "o", artifacts, "--once", "--max-drift",
                            "-1")) == 2
     assert "--max-drift must be" in capsys.readouterr().err
+
+
+def test_after_a_crash_the_image_the_state_holds_is_served_before_older_arrivals(
+        artifacts, tmp_path):
+    """Killed between the checkpoint of image X and its outputs; meanwhile an image Y
+    with an older modification time (e.g. a copy that keeps its original time) is in the
+    inbox. X must be recovered (predicted at the checkpointed theta, not adapted again)
+    before Y is adapted: every image adapted exactly once."""
+    inbox, outbox, state = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state"
+    older, name = make_inbox(inbox, 2, seed=14)  # `older` sorts first in arrival order
+    data = (inbox / name).read_bytes()
+    opts = {"predictor": "onnxruntime", "device": "cpu", "threads": 1}
+    s = AdaptiveModel(artifacts, state, **opts)
+    first = s.process(data, name=name, key=result_key(name, data))  # checkpointed
+    s._unlock()  # the process dies here
+    with AdaptiveModel(artifacts, state, **opts) as s2:
+        counts = serve(inbox, outbox, s2, once=True, poll_s=0.02, settle_s=0.1,
+                       stable_s=0.0, log=None)
+        assert s2.n_images == 2
+    assert counts["recovered"] == 1 and counts["served"] == 1
+    recs = {json.loads(p.read_text())["image"]: json.loads(p.read_text())
+            for p in outbox.glob("*.json")}
+    assert recs[name]["recovered"] and recs[name]["images_adapted"] == 1
+    assert recs[name]["theta_sha256"] == first["record"]["theta_sha256"]
+    assert recs[older]["images_adapted"] == 2 and not recs[older]["recovered"]
