@@ -469,8 +469,12 @@ def _move(src: Path, folder: Path, digest: str, sig) -> None:
     """Move a served image out of the inbox, unless it changed since it was read."""
     if _stat_sig(src) != sig:
         raise _Leave("changed after it was read", 0.0)
-    dest = folder / _free_name(folder, src.name, digest)
-    os.replace(src, dest)
+    try:
+        dest = folder / _free_name(folder, src.name, digest)
+        os.replace(src, dest)
+    except OSError as exc:  # its result exists: never rejected, moved at the next try
+        raise _Leave(f"served, but not moved to {folder.name}/: {describe_error(exc)}",
+                     time.time() + RETRY_S, transient=True) from None
     fsync_dir(folder)
     fsync_dir(src.parent)
 
@@ -507,5 +511,8 @@ def _serve_image(path, name, data, digest, key, sig, outbox, processed, model, c
         + "".join(f"; RESET ({r['reason']}): {r['action']}" for r in record["resets"]))
     try:
         _move(path, processed, digest, sig)
-    except _Leave:  # served, but the file changed after it was read: it is read again
+    except _Leave as leave:
+        if leave.transient:
+            raise
+        # served, but the file changed after it was read: it is read again
         log(f"{quote(name)}: changed after it was served; left in the inbox")

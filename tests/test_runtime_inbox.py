@@ -530,3 +530,30 @@ def test_after_a_crash_the_image_the_state_holds_is_served_before_older_arrivals
     assert recs[name]["recovered"] and recs[name]["images_adapted"] == 1
     assert recs[name]["theta_sha256"] == first["record"]["theta_sha256"]
     assert recs[older]["images_adapted"] == 2 and not recs[older]["recovered"]
+
+
+def test_a_served_image_that_cannot_be_moved_is_retried_never_rejected(artifacts, tmp_path,
+                                                                        monkeypatch):
+    import errno
+
+    import grata.runtime.inbox as inbox_mod
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    (name,) = make_inbox(inbox, 1, seed=15)
+    real, failures = os.replace, []
+
+    def flaky_replace(src, dst):
+        if "processed" in str(dst) and len(failures) < 2:
+            failures.append(dst)
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(src, dst)
+    monkeypatch.setattr(inbox_mod.os, "replace", flaky_replace)
+    monkeypatch.setattr(inbox_mod, "RETRY_S", 0.01)
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu",
+                       threads=1) as model:
+        counts = serve(inbox, outbox, model, once=True, poll_s=0.02, settle_s=0.1,
+                       stable_s=0.0, log=None)
+        assert model.n_images == 1  # adapted once; the retry found its result
+    assert len(failures) == 2 and counts["rejected"] == 0
+    assert counts["served"] == 1 and counts["already_served"] == 1
+    assert (inbox / "processed" / name).exists() and not list((inbox / "rejected").iterdir())
+    assert len(list(outbox.glob("*.json"))) == 1
