@@ -20,7 +20,11 @@ files: for each image NAME that lands in INBOX (names starting with '.' or endin
 .tmp/.part are left alone until renamed): OUTBOX/NAME.<hash>.mask.png (255 background,
 128 disc rim, 0 cup, at the image's size), .overlay.png, and .json (disc/cup areas,
 vCDR, timings of adapt and predict, theta version, drift, resets), written atomically;
-then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt).
+then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt, once
+unchanged for --stable-for seconds). In OUTBOX and rejected/, NAME is made safe and
+bounded (other characters than letters, digits and ._+- as _, at most 96 characters,
+then ~ and a hash of the name); the record keeps the original name. One server per
+inbox and per state.
 The adapted state lives in STATE (default OUTBOX/.state); a restart resumes from it;
 STATE/config.json records the run's configuration (method, hyperparameters, artifacts).
 """
