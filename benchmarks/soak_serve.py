@@ -14,9 +14,10 @@ Arrivals: most images are written under a hidden temp name and renamed into the 
 `--stalls` of them are written in place, half first, then after a pause shorter than
 `--stable-for`, the rest. Hostile rounds rename a whole `inbox_files` set into the inbox
 (names prefixed by the round). `--kills` times, at random points of the feed, the
-server gets SIGKILL after a random delay (sometimes again while it is starting) and is
-restarted at once. After the feed, the inbox is drained, the server gets SIGTERM, and
-the outcome of every input is checked. Prints a table (markdown) and exits 1 when any
+server (once up) gets SIGKILL after a random delay, and now and then again while it is
+starting; it is restarted at once. After the feed, the inbox is drained, the server
+gets SIGTERM, and the outcome of every input is checked, with each served image adapted
+exactly once (images_adapted = 1..N). Prints a table (markdown) and exits 1 when any
 input is lost, duplicated, or ended other than expected.
 """
 
@@ -89,6 +90,13 @@ class Server:
     def started(self) -> bool:
         text = self.log.read_text(errors="replace")
         return "resumed " in text or "starting from the source theta" in text
+
+    def wait_started(self, timeout: float) -> None:
+        """Until the server has loaded its model (at most `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while not self.started() and time.monotonic() < deadline:
+            self.check()
+            time.sleep(0.05)
 
     def check(self) -> None:
         """Restart a server that exited on its own (counted: it must never happen)."""
@@ -189,11 +197,12 @@ def run_soak(work, artifacts, *, images=500, kills=20, stalls=40, hostile_rounds
                 tmp.write_bytes(item["data"])
                 os.rename(tmp, dest)
             if idx in kill_after:
-                time.sleep(rnd.uniform(0.0, 2.0))
+                server.wait_started(120)
+                time.sleep(rnd.uniform(0.0, 1.5))  # mostly in the middle of an image
                 faults[f"kill -9 {server.kill()}"] += 1
                 server.start()
                 if rnd.random() < 0.3:  # now and then again before it is up
-                    time.sleep(rnd.uniform(0.05, 2.0))
+                    time.sleep(rnd.uniform(0.05, 1.5))
                     faults[f"kill -9 {server.kill()}"] += 1
                     server.start()
             elif rnd.random() < 0.2:
