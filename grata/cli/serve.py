@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..export.manifest import PRECISIONS
 from ..runtime.adaptive import DEFAULT_MAX_DRIFT
+from ..runtime.inbox import DEFAULT_STABLE_S
 from ..runtime.predictors import ORT_DEVICES, PREDICTORS
 from .common import add_alias, add_hyperparameters, add_quiet, add_seed, add_threads
 from .report import add_html_args
@@ -19,7 +20,11 @@ files: for each image NAME that lands in INBOX (names starting with '.' or endin
 .tmp/.part are left alone until renamed): OUTBOX/NAME.<hash>.mask.png (255 background,
 128 disc rim, 0 cup, at the image's size), .overlay.png, and .json (disc/cup areas,
 vCDR, timings of adapt and predict, theta version, drift, resets), written atomically;
-then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt).
+then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt, once
+unchanged for --stable-for seconds). In OUTBOX and rejected/, NAME is made safe and
+bounded (other characters than letters, digits and ._+- as _, at most 96 characters,
+then ~ and a hash of the name); the record keeps the original name. One server per
+inbox and per state.
 The adapted state lives in STATE (default OUTBOX/.state); a restart resumes from it;
 STATE/config.json records the run's configuration (method, hyperparameters, artifacts).
 """
@@ -66,17 +71,38 @@ def register(subparsers) -> dict:
     s.add_argument("--poll", type=float, default=0.5, help="seconds between inbox scans")
     s.add_argument("--settle", type=float, default=1.0,
                    help="a file unchanged this long (or across two scans) is complete")
+    s.add_argument("--stable-for", type=float, default=DEFAULT_STABLE_S, metavar="SECONDS",
+                   help="a file that cannot be served is rejected only once its size and "
+                   "time have been unchanged this long; until then it is tried again, so "
+                   f"a stalled copy is served once it completes (default {DEFAULT_STABLE_S:g})")
     add_html_args(s, "OUTBOX")
     add_quiet(s, "no line per image")
     return {"serve": cmd_serve}
 
 
 def cmd_serve(args) -> int:
+    import os
+
+    from ..errors import GrataError
+    from ..runtime.inbox import check_folders, lock_inbox
+
+    for flag, value in (("--max-drift", args.max_drift), ("--stable-for", args.stable_for),
+                        ("--poll", args.poll), ("--settle", args.settle)):
+        if not value >= 0:
+            raise GrataError(f"{flag} must be a number >= 0, not {value}")
+    check_folders(args.inbox, args.outbox)  # before loading anything
+    inbox_lock = lock_inbox(args.inbox)  # one server per inbox, refused before any work
+    try:
+        return _serve(args)
+    finally:
+        os.close(inbox_lock)
+
+
+def _serve(args) -> int:
     from ..runtime.adaptive import AdaptiveModel, theta_digest
-    from ..runtime.inbox import check_folders, log_stderr, serve
+    from ..runtime.inbox import log_stderr, serve
     from .common import hyperparameters
 
-    check_folders(args.inbox, args.outbox)  # before loading anything
     hp = hyperparameters(args, [args.method]) if args.hp or args.config else {}
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
@@ -104,13 +130,15 @@ def cmd_serve(args) -> int:
                 pass
         after = _html_writer(args.outbox, args.vcdr_threshold) if args.html else None
         counts = serve(args.inbox, args.outbox, model, once=args.once, poll_s=args.poll,
-                       settle_s=args.settle, stop=stop, log=log, after_image=after)
+                       settle_s=args.settle, stable_s=args.stable_for, stop=stop, log=log,
+                       after_image=after, locked=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         model.close()
     log_stderr(f"grata serve: {counts['served']} served, {counts['recovered']} recovered, "
                f"{counts['already_served']} already served, {counts['rejected']} rejected, "
+               f"{counts['left']} left for a later run, "
                f"{counts['resets']} resets; {model.n_images} images adapted, theta "
                f"v{model.theta_version} {theta_digest(model.theta)}, drift "
                f"{model.drift:.4f}")
