@@ -557,3 +557,37 @@ def test_a_served_image_that_cannot_be_moved_is_retried_never_rejected(artifacts
     assert counts["served"] == 1 and counts["already_served"] == 1
     assert (inbox / "processed" / name).exists() and not list((inbox / "rejected").iterdir())
     assert len(list(outbox.glob("*.json"))) == 1
+
+
+class _Rewriting(_Faulty):
+    """An AdaptiveModel during whose first process() of a named image a camera rewrites
+    that inbox file with other content (a second exposure under the same name)."""
+
+    def __init__(self, model, inbox, name, new_bytes):
+        super().__init__(model, {})
+        self.path, self.name, self.new, self.done = inbox / name, name, new_bytes, False
+
+    def process(self, data, *, name=None, key=None):
+        result = self.model.process(data, name=name, key=key)
+        if name == self.name and not self.done:
+            self.done = True
+            self.path.write_bytes(self.new)
+            st = self.path.stat()  # a different modification time, whatever the clock's grain
+            os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return result
+
+
+def test_a_file_rewritten_while_served_is_not_moved_and_its_new_content_is_served(
+        artifacts, tmp_path):
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    names = make_inbox(inbox, 2, seed=9)
+    other = (inbox / names[1]).read_bytes()
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu",
+                       threads=1) as model:
+        counts = serve(inbox, outbox, _Rewriting(model, inbox, names[0], other), once=True,
+                       poll_s=0.02, settle_s=0.1, stable_s=0.0, log=None)
+    digests = sorted(json.loads(p.read_text())["input_sha256"] for p in outbox.glob("*.json"))
+    first = hashlib.sha256((inbox / "processed" / names[1]).read_bytes()).hexdigest()
+    # the first content's result stands, the rewritten file was served again, never lost
+    assert counts["served"] == 3 and first in digests and len(digests) == 3
+    assert (inbox / "processed" / names[0]).read_bytes() == other

@@ -197,6 +197,31 @@ MUTANTS = [
     Mutant("test rows stream before train rows", "grata/data.py",
            '_SPLITS = ("train", "test")', '_SPLITS = ("test", "train")',
            "tests/test_data.py -k layout"),
+    # -- serving: guards and crash safety ------------------------------------------------
+    Mutant("drift bound never trips", "runtime/adaptive.py",
+           "if self.max_drift is not None and not drift <= self.max_drift:",
+           "if self.max_drift is not None and drift > 10 * self.max_drift:",
+           "tests/test_runtime_adaptive.py -k drift"),
+    Mutant("drift restore never falls back to the source", "runtime/adaptive.py",
+           'relative_drift(back["theta"], e.theta0) > self.max_drift:',
+           'relative_drift(back["theta"], e.theta0) > 1e9:',
+           "tests/test_runtime_adaptive.py -k falls_back"),
+    Mutant("second server on an inbox not refused", "runtime/inbox.py",
+           'return exclusive_lock(inbox, f"inbox {quote(inbox)} is watched by another grata serve",',
+           'return os.open(inbox, os.O_RDONLY) if True else exclusive_lock(inbox, "",',
+           "tests/test_runtime_inbox.py -k second_server"),
+    Mutant("truncated file rejected before it is stable", "runtime/inbox.py",
+           "    stable_at = sig[1] / 1e9 + stable_s",
+           "    stable_at = 0.0",
+           "tests/test_runtime_inbox.py -k stalled"),
+    Mutant("image moved although it changed after reading", "runtime/inbox.py",
+           "    if _stat_sig(src) != sig:\n        raise _Leave(\"changed after it was read\", 0.0)",
+           "    if False:\n        raise _Leave(\"changed after it was read\", 0.0)",
+           "tests/test_runtime_inbox.py -k rewritten"),
+    Mutant("result JSON (completion mark) written before the mask", "runtime/inbox.py",
+           "write_atomic(outbox / f\"{key}.json\", json_bytes(record))  # the completion mark",
+           "pass  # the completion mark",
+           "tests/test_runtime_inbox.py -k end_to_end"),
 ]
 
 
@@ -304,10 +329,12 @@ def baseline(mutants) -> list[list[str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-k", dest="pattern", help="only mutants whose name contains this")
+    ap.add_argument("-k", dest="pattern", help="only mutants whose name contains this "
+                    "(several: 'a|b')")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = ap.parse_args(argv)
-    mutants = [m for m in MUTANTS if not args.pattern or args.pattern in m.name]
+    patterns = args.pattern.split("|") if args.pattern else []
+    mutants = [m for m in MUTANTS if not patterns or any(p in m.name for p in patterns)]
     if args.list:
         for m in mutants:
             print(f"{m.name:45} {m.file:28} {m.tests}")
