@@ -65,6 +65,7 @@ class Runner:
         self.method = create(spec.method, engine, norm=spec.norm, seed=seed,
                              **hyperparameters)
         self.gate = None
+        self.pair = None
         if spec.gate:
             from .gate import Gate, GateConfig
             self.gate = Gate(gate_config or GateConfig())
@@ -94,12 +95,13 @@ class Runner:
             return e.to_numpy(m.adapt(x, image=image))[0], {}
         from .gate import gated_predict, source_logits
         m.update(x, image=image)
-        chosen, _, _, decision = gated_predict(
+        chosen, adapted, source, decision = gated_predict(
             self.gate, e.to_numpy(x),
             lambda xh: e.to_numpy(e.infer(e.to_input(xh), norm=m.norm)),
             lambda xh: e.to_numpy(source_logits(e, e.to_input(xh))))
         if m.norm.kind == "ema":
             m.update_stream()  # the adapted prediction of x was the last stream pass
+        self.pair = (adapted[0], source[0])  # both candidates, for measurements
         return chosen[0], decision
 
 

@@ -14,9 +14,11 @@ statistics: what the ``source`` method predicts), from the image alone:
   structure finds it in every view). 1 when they agree exactly.
 - entropy (`mean_entropy`): the mean binary entropy of the sigmoid maps, in [0, 1].
 
-`decide` compares the two: fewer failed plausibility checks wins; on a tie the one with
-the higher agreement (views given) or else the lower entropy, the adapted prediction
-keeping its place unless the source is better by `margin`. The per-stream part
+`decide` compares the two: fewer failed plausibility checks wins; on a tie the source
+replaces the adapted prediction when it agrees better across the views by more than
+`margin`, or when its entropy is below `entropy_ratio` times the adapted one's (an
+adapted model that over-segments stays self-consistent, agreement being larger for
+larger masks, but loses its confidence; measured in benchmarks/gate_accuracy.py). The per-stream part
 (`Gate`): when the adapted prediction lost the comparison on at least `fallback_share`
 of the last `window` images, the stream falls back to the source prediction for every
 image until that share drops to `recover_share` (it keeps being compared meanwhile).
@@ -48,12 +50,14 @@ VIEWS: dict[str, tuple[Callable, Callable]] = {
 @dataclass(frozen=True)
 class GateConfig:
     """The gate's settings (recorded in a run's config). `views`: names of `VIEWS` for
-    the agreement score (none: entropy decides ties); `margin`: how much better the
-    source's score must be to replace the adapted prediction; `window`, `fallback_share`,
+    the agreement score (none: entropy alone decides ties); `margin`: how much better the
+    source's agreement must be to replace the adapted prediction; `entropy_ratio`: the
+    source replaces it when its entropy is below this share of the adapted one's; `window`, `fallback_share`,
     `recover_share`: the per-stream rule; the plausibility bounds."""
 
     views: tuple[str, ...] = ("hflip",)
     margin: float = 0.02
+    entropy_ratio: float = 0.75
     window: int = 8
     fallback_share: float = 0.75
     recover_share: float = 0.4
@@ -186,20 +190,18 @@ def score(logits, view_logits: list, cfg: GateConfig | None = None) -> Scores:
 
 
 def decide(adapted: Scores, source: Scores, margin: float = 0.02,
-           use_agreement: bool = True) -> tuple[str, str]:
+           entropy_ratio: float = 0.75, use_agreement: bool = True) -> tuple[str, str]:
     """("adapted" | "source", reason) for one image from both predictions' scores."""
     na, ns = len(adapted.fails), len(source.fails)
     if na > ns:
         return "source", "adapted implausible: " + "; ".join(adapted.fails)
     if ns > na:
         return "adapted", "source implausible: " + "; ".join(source.fails)
-    if use_agreement:
-        if source.agreement > adapted.agreement + margin:
-            return "source", "source agrees better across views"
-        return "adapted", "adapted agrees as well across views"
-    if source.entropy + margin < adapted.entropy:
-        return "source", "source more confident"
-    return "adapted", "adapted as confident"
+    if use_agreement and source.agreement > adapted.agreement + margin:
+        return "source", "source agrees better across views"
+    if source.entropy < entropy_ratio * adapted.entropy:
+        return "source", "source much more confident"
+    return "adapted", "adapted as consistent and confident"
 
 
 # -- the gate over a stream ----------------------------------------------------------------
@@ -228,7 +230,8 @@ class Gate:
     def judge(self, adapted: Scores, source: Scores) -> dict:
         """The decision of one image: per image (`decide`), then the stream rule."""
         cfg = self.config
-        choice, reason = decide(adapted, source, cfg.margin, bool(cfg.views))
+        choice, reason = decide(adapted, source, cfg.margin, cfg.entropy_ratio,
+                                bool(cfg.views))
         self.lost.append(choice == "source")
         share = sum(self.lost) / len(self.lost)
         full = len(self.lost) >= max(1, cfg.window // 2)

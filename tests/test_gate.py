@@ -98,14 +98,16 @@ def test_decision_rule_cases():
     assert decide(bad, ok())[0] == "source"
     assert "adapted implausible" in decide(bad, ok())[1]
     assert decide(ok(), bad)[0] == "adapted"
-    # both plausible: the source replaces the adapted one only when it agrees better by
-    # more than the margin
+    # both plausible: the source replaces the adapted one when it agrees better by more
+    # than the margin, or when its entropy is below entropy_ratio times the adapted one's
     assert decide(ok(0.80), ok(0.90), margin=0.02)[0] == "source"
     assert decide(ok(0.89), ok(0.90), margin=0.02)[0] == "adapted"
     assert decide(ok(0.9), ok(0.9))[0] == "adapted"
-    # without views, entropy decides
+    assert decide(ok(0.9, ent=0.4), ok(0.8, ent=0.2), entropy_ratio=0.75)[0] == "source"
+    assert decide(ok(0.9, ent=0.4), ok(0.8, ent=0.35), entropy_ratio=0.75)[0] == "adapted"
+    # without views, entropy alone decides
+    assert decide(ok(0.1), ok(0.9), use_agreement=False)[0] == "adapted"
     assert decide(ok(ent=0.5), ok(ent=0.1), use_agreement=False)[0] == "source"
-    assert decide(ok(ent=0.1), ok(ent=0.5), use_agreement=False)[0] == "adapted"
     # both implausible alike: the comparison goes on to the scores
     assert decide(bad, Scores(["no disc"], 0.5, 0.5))[0] == "adapted"
 
