@@ -95,12 +95,17 @@ class Runner:
             return e.to_numpy(m.adapt(x, image=image))[0], {}
         from .gate import gated_predict, source_logits
         m.update(x, image=image)
+        logits = e.infer(x, norm=m.norm)
+        # the gate's view passes overwrite the image statistics a stream rule moves to
+        img_stats = e.copy(e.img_stats) if m.norm.kind == "ema" else None
         chosen, adapted, source, decision = gated_predict(
             self.gate, e.to_numpy(x),
             lambda xh: e.to_numpy(e.infer(e.to_input(xh), norm=m.norm)),
-            lambda xh: e.to_numpy(source_logits(e, e.to_input(xh))))
-        if m.norm.kind == "ema":
-            m.update_stream()  # the adapted prediction of x was the last stream pass
+            lambda xh: e.to_numpy(source_logits(e, e.to_input(xh))),
+            adapted_logits=e.to_numpy(logits))
+        if img_stats is not None:
+            e.assign(e.img_stats, img_stats)
+            m.update_stream()
         self.pair = (adapted[0], source[0])  # both candidates, for measurements
         return chosen[0], decision
 

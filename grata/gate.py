@@ -269,18 +269,19 @@ def source_logits(engine, x):
         engine.assign(engine.theta, saved)
 
 
-def gated_predict(gate: Gate, x_host: np.ndarray, adapted: Callable, source: Callable):
-    """Judge one image: `adapted` and `source` map a host [1, 3, S, S] image to host logits.
-    Returns (chosen logits, adapted logits, source logits, decision); the decision's
-    ``forward_passes`` counts the passes made here (the adapted prediction included)."""
+def gated_predict(gate: Gate, x_host: np.ndarray, adapted: Callable, source: Callable,
+                  adapted_logits=None):
+    """Judge one image: `adapted` and `source` map a host [1, 3, S, S] image to host logits
+    (`adapted_logits`: the adapted prediction of x when already made). Returns (chosen
+    logits, adapted logits, source logits, decision); the decision's ``extra_forwards``
+    counts the passes the gate added (the adapted prediction itself not included)."""
     views = gate.config.views
-    va = view_logits(adapted, x_host, views)
-    la = np.asarray(adapted(x_host))  # after its views: a stream rule reads this pass last
+    la = np.asarray(adapted(x_host) if adapted_logits is None else adapted_logits)
     ls = np.asarray(source(x_host))
-    sa = score(la, va, gate.config)
+    sa = score(la, view_logits(adapted, x_host, views), gate.config)
     ss = score(ls, view_logits(source, x_host, views), gate.config)
     decision = gate.judge(sa, ss)
-    decision["forward_passes"] = 2 + 2 * len(views)
+    decision["extra_forwards"] = gate.config.extra_forwards
     return (la if decision["chosen"] == "adapted" else ls), la, ls, decision
 
 

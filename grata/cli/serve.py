@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..export.manifest import PRECISIONS
 from ..runtime.adaptive import DEFAULT_MAX_DRIFT
 from ..runtime.predictors import ORT_DEVICES, PREDICTORS
@@ -37,9 +38,15 @@ def register(subparsers) -> dict:
     s.add_argument("--outbox", required=True, type=Path, help="folder results go to")
     s.add_argument("--artifacts", required=True, type=Path,
                    help="exported artifact folder (grata export)")
-    s.add_argument("--method", default="grata",
-                   help="bn, tent, grata, grata-noalign, grata-fixedlr or source "
-                   "(default grata)")
+    s.add_argument("--method", default=SERVE_METHOD, metavar="METHOD[@RULE][+gate]",
+                   help="bn, tent, grata, grata-noalign, grata-fixedlr or source, optionally "
+                   "with its statistics (grata@mix:0.2) and the safety gate (+gate: falls "
+                   "back to the source prediction when the adapted one looks worse; the "
+                   f"decision is the record's 'gate'); default {SERVE_METHOD}")
+    s.add_argument("--norm", default=DEFAULT_NORM, metavar="RULE",
+                   help="BN statistics when --method gives none: sample, source, mix:A, "
+                   "mix:nN, ema:M[,A] (mix and ema serve on onnxruntime); default "
+                   f"{DEFAULT_NORM}")
     s.add_argument("--predictor", default="auto", choices=PREDICTORS,
                    help="who serves the prediction: tensorrt where installed, else "
                    "onnxruntime (default auto)")
@@ -74,10 +81,12 @@ def register(subparsers) -> dict:
 def cmd_serve(args) -> int:
     from ..runtime.adaptive import AdaptiveModel, theta_digest
     from ..runtime.inbox import check_folders, log_stderr, serve
-    from .common import hyperparameters
+    from ..norm import NormSpec
+    from ..specs import parse_spec, spec_hyperparameters
 
     check_folders(args.inbox, args.outbox)  # before loading anything
-    hp = hyperparameters(args, [args.method]) if args.hp or args.config else {}
+    spec = parse_spec(args.method, NormSpec(args.norm))
+    hp = spec_hyperparameters([spec], args.hp, args.config, args.norm)
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
     model = AdaptiveModel(args.artifacts, state, method=args.method, predictor=args.predictor,
@@ -85,7 +94,7 @@ def cmd_serve(args) -> int:
                           checkpoint_every=args.checkpoint_every,
                           max_drift=args.max_drift if args.max_drift > 0 else None,
                           seed=args.seed, reset=args.reset, calibration=args.calibration,
-                          hyperparameters=hp.get(args.method))
+                          hyperparameters=hp[spec.key], norm=args.norm)
     stop = threading.Event()
     previous = {}
     try:
