@@ -247,3 +247,46 @@ def test_old_flag_spelling_still_works(tiny, tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["engine"] == "torch"
+
+
+def test_gated_spec_records_each_decision(tiny, tmp_path):
+    rc = main(adapt_args(tiny, tmp_path / "g", "--targets", TARGET_DOMAINS[0],
+                         "--methods", "bn,bn+gate,source"))
+    assert rc == 0
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    rows = {r["method"]: r["images"] for r in report["results"]}
+    assert report["config"]["gate"]["extra_forwards_per_image"] == 3
+    assert report["config"]["norms"]["bn+gate"] == "sample"
+    for plain, gated, src in zip(rows["bn"], rows["bn+gate"], rows["source"]):
+        assert gated["gate"] in ("adapted", "source") and gated["gate_reason"]
+        # the gated row scores the prediction it chose: bn's or the source model's
+        chosen = plain if gated["gate"] == "adapted" else src
+        assert gated["dice_mean"] == chosen["dice_mean"]
+        assert "gate" not in plain
+
+
+def test_gate_leaves_a_stream_rule_as_it_would_be(tiny):
+    """With ema the gate's extra passes must not move the stream statistics: the gated
+    runner's adapted predictions and statistics equal the plain runner's."""
+    from grata.adapt import Runner
+    from grata.data import Skipped, stream_domain
+    from grata.engines import engine_factory
+    from grata.specs import parse_spec
+    factory = engine_factory("torch", checkpoint=tiny / "edge.pt", arch="edge", device="cpu")
+    plain = Runner(parse_spec("tent@ema:0.3"), factory(), 0, {})
+    gated = Runner(parse_spec("tent@ema:0.3+gate"), factory(), 0, {})
+    n = 0
+    for item in stream_domain(tiny / "data", TARGET_DOMAINS[0], 64):
+        if isinstance(item, Skipped):
+            continue
+        lp, _ = plain.adapt(plain.engine.to_input(item.image), item.image)
+        _, decision = gated.adapt(gated.engine.to_input(item.image), item.image)
+        np.testing.assert_allclose(gated.pair[0], lp, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(gated.engine.to_numpy(gated.engine.stats),
+                                   plain.engine.to_numpy(plain.engine.stats), rtol=1e-6,
+                                   atol=1e-7)
+        assert decision["chosen"] in ("adapted", "source")
+        n += 1
+    assert n == 3
+    assert not np.allclose(plain.engine.to_numpy(plain.engine.stats),
+                           plain.engine.to_numpy(plain.engine.stats0))
