@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+from grata.runtime import OrtEngine
 
 from grata import defaults, metrics
 from grata.adapt import Runner
@@ -31,7 +32,6 @@ from grata.artifacts import cached_artifacts
 from grata.data import Skipped, resolve_targets, stream_domain
 from grata.errors import GrataError
 from grata.gate import GateConfig
-from grata.runtime import OrtEngine
 from grata.specs import parse_spec
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -240,8 +240,9 @@ class Gate:
         elif self.fallback and share <= cfg.recover_share:
             self.fallback = False
         if self.fallback and choice == "adapted":
-            choice, reason = "source", f"stream fallback ({share:.2f} of the last " \
-                                       f"{len(self.lost)} images lost); {reason}"
+            reason = (f"stream fallback ({share:.2f} of the last {len(self.lost)} images "
+                      f"lost); {reason}")
+            choice = "source"
         return {"chosen": choice, "reason": reason, "stream_fallback": self.fallback,
                 "lost_share": round(share, 4), "adapted": adapted.as_json(),
                 "source": source.as_json()}

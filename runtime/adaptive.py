@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import remove_temp_files, write_atomic
+from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..digest import array_sha256
 from ..errors import DataError, GrataError
 from ..norm import NormSpec
-from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..run_config import run_config
 from .engine import OrtEngine, route
 from .predictors import GRAPHS, make_predictor, resolve_ort_device

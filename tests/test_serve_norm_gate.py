@@ -7,14 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+from grata.runtime import OrtEngine
+from grata.runtime.adaptive import AdaptiveModel, EnginePredictor
 from serve_helpers import load_state, make_inbox, serve_args
 
 from grata.cli import main
 from grata.data import load_image
 from grata.gate import GateConfig
 from grata.methods import create
-from grata.runtime import OrtEngine
-from grata.runtime.adaptive import AdaptiveModel, EnginePredictor
 
 OPTS = {"predictor": "onnxruntime", "device": "cpu", "threads": 1}
 

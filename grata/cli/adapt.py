@@ -96,6 +96,8 @@ def cmd_adapt(args) -> int:
     from ..artifacts import cached_artifacts
     from ..data import resolve_targets
     from ..engines import engine_factory
+    from ..gate import GateConfig
+    from ..norm import NormSpec
     from ..outdir import check_out_dir
     from ..report import (
         build_report,
@@ -105,8 +107,6 @@ def cmd_adapt(args) -> int:
         save_png_atomic,
         write_json_atomic,
     )
-    from ..gate import GateConfig
-    from ..norm import NormSpec
     from ..run_config import run_config
     from ..specs import spec_hyperparameters
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go

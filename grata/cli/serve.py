@@ -79,9 +79,9 @@ def register(subparsers) -> dict:
 
 
 def cmd_serve(args) -> int:
+    from ..norm import NormSpec
     from ..runtime.adaptive import AdaptiveModel, theta_digest
     from ..runtime.inbox import check_folders, log_stderr, serve
-    from ..norm import NormSpec
     from ..specs import parse_spec, spec_hyperparameters
 
     check_folders(args.inbox, args.outbox)  # before loading anything
