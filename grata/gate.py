@@ -23,6 +23,12 @@ larger masks, but loses its confidence; measured in benchmarks/gate_accuracy.py)
 of the last `window` images, the stream falls back to the source prediction for every
 image until that share drops to `recover_share` (it keeps being compared meanwhile).
 
+Not used: the distance of the image's BN statistics from the stored ones (early layers,
+normalised by the stored deviation) was measured on the synthetic benchmark and does not
+separate the targets where per-image statistics hurt from those where they help
+(correlation 0.11 with the Dice gain of ``bn`` over ``source``), since the harm there comes
+from crop content rather than from the camera's colour statistics.
+
 Cost per image: one source forward pass, plus two per view (the adapted and the source
 prediction of each view); the default one view (horizontal flip) makes three extra
 forward passes. Torch-free (numpy and scipy); the runtime uses it as it is.
