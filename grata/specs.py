@@ -124,5 +124,18 @@ def spec_hyperparameters(specs: list[RunSpec], hp_items=(), config: Path | None 
     return out
 
 
-__all__ = ["GATE_SUFFIX", "RunSpec", "parse_spec", "parse_specs", "spec_hyperparameters",
-           "split_specs"]
+def folder_name(key: str) -> str:
+    """A spec key as a folder name that every file system takes (``:`` is not allowed on
+    FAT and exFAT, where runs get copied): ``grata@mix:0.2`` -> ``grata@mix_0.2``."""
+    return str(key).replace(":", "_")
+
+
+__all__ = [
+    "GATE_SUFFIX",
+    "RunSpec",
+    "folder_name",
+    "parse_spec",
+    "parse_specs",
+    "spec_hyperparameters",
+    "split_specs",
+]

@@ -216,7 +216,11 @@ def test_one_method_under_two_rules_is_two_rows_and_reproduces(tiny, tmp_path, c
     assert [i["loss_ent"] for i in rows["grata@sample"]] != \
         [i["loss_ent"] for i in rows["grata@mix:0.3"]]
     assert {p.parent.parent.name for p in (tmp_path / "a" / "overlays").rglob("*.png")} == \
-        set(keys)
+        {"grata@sample", "grata@mix_0.3", "tent", "source"}
+    from grata.report_html import overlay_path
+    for r in report["results"]:
+        for row in r["images"]:
+            assert overlay_path(tmp_path / "a", r["method"], r["target"], row).is_file()
     assert main(_args_from_config(config, tmp_path / "b")) == 0
     again = json.loads((tmp_path / "b" / "report.json").read_text())
     assert again["config"] == config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..defaults import ADAPT_METHODS, DEFAULT_NORM
 from ..errors import GrataError
-from ..specs import split_specs
+from ..specs import folder_name, split_specs
 from .common import (
     add_alias,
     add_hyperparameters,
@@ -41,7 +41,8 @@ examples:
 
 outputs: DIR/report.json (per method and target: Dice OD/OC/mean, vCDR error,
 surface distance, skipped files with reasons, per-image rows; "config": everything
-needed to run it again); --overlays writes DIR/overlays/<method>/<target>/*.png,
+needed to run it again); --overlays writes DIR/overlays/<method>/<target>/*.png
+(':' in a method spec becomes '_' there),
 --plot writes DIR/dice_stream.png.
 """
 
@@ -152,7 +153,8 @@ def cmd_adapt(args) -> int:
         if args.overlays:
             stem = Path(sample.name).stem
             save_png_atomic(overlay(sample.image, pred, sample.target),
-                            out / "overlays" / method / target / f"{row['index']:04d}_{stem}.png")
+                            out / "overlays" / folder_name(method) / target
+                            / f"{row['index']:04d}_{stem}.png")
 
     def on_domain(results):
         write_json_atomic(out / "report.json", build_report(results, config, complete=False))
