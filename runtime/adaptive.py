@@ -118,6 +118,29 @@ class EnginePredictor:
             e.assign(e.theta, saved)
 
 
+def exclusive_lock(path, busy: str, folder: bool = False) -> int:
+    """An exclusive advisory lock (flock) on `path` (a lock file, made if missing, or
+    with `folder` an existing folder itself), held until the returned descriptor is
+    closed; GrataError(`busy`) when another process holds it, or one line when the path
+    cannot be opened."""
+    flags = os.O_RDONLY if folder else os.O_RDWR | os.O_CREAT
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise GrataError(f"cannot lock {path}: {exc.strerror or type(exc).__name__}") \
+            from None
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise GrataError(busy) from None
+    return fd
+
+
 def _finite_or_none(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -237,7 +260,11 @@ class AdaptiveModel:
         snap = m.state()
         n_events = len(snap["events"])
         t1 = time.perf_counter()
-        m.update(x, image=img)  # the predictor makes the prediction (timed on its own)
+        try:
+            m.update(x, image=img)  # the predictor makes the prediction (timed on its own)
+        except BaseException:
+            m.load_state(snap)  # an update that failed half-way leaves no trace
+            raise
         t_adapt = time.perf_counter() - t1
         resets = [{"reason": ev.get("event", "non-finite"), "action": ev.get("action")}
                   for ev in m.events[n_events:]]
@@ -511,20 +538,14 @@ class AdaptiveModel:
                         "written": str(st.get("written", ""))}
 
     def _lock(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform
-            self._lock_fd = fd
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise GrataError(f"state {self.state_dir} is in use by another grata serve") \
-                from None
-        self._lock_fd = fd
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GrataError(f"state {self.state_dir} cannot be made: "
+                             f"{exc.strerror or type(exc).__name__}") from None
+        self._lock_fd = exclusive_lock(
+            self.state_dir / LOCK_FILE,
+            f"state {self.state_dir} is in use by another grata serve")
         remove_temp_files(self.state_dir)
 
     def _unlock(self) -> None:

@@ -5,9 +5,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from grata.runtime.adaptive import STATE_FILE, AdaptiveModel
+from PIL import Image
 
 SIZE = 64
 
@@ -43,7 +42,7 @@ def make_inbox(folder: Path, n: int, seed: int = 0) -> list[str]:
 def serve_args(inbox, outbox, art, *extra):
     return ["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts", str(art),
             "--predictor", "onnxruntime", "--device", "cpu", "--threads", "1",
-            "--poll", "0.02", "--settle", "0.2", *extra]
+            "--poll", "0.02", "--settle", "0.2", "--stable-for", "0.5", *extra]
 
 
 def load_state(state_dir: Path) -> dict:
@@ -60,3 +59,27 @@ def reference_run(art, folder: Path, names) -> list[str]:
 def temp_files(*folders) -> list[Path]:
     return [p for f in folders if f.is_dir() for p in f.iterdir()
             if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+def wait_for(condition, timeout: float, what: str, proc=None):
+    """Poll `condition()` until it is true; fail the test (never hang) after `timeout`
+    seconds or when `proc` (a Popen) has exited first. Returns the condition's value."""
+    import pytest
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process exited (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def grata_script() -> str:
+    """The installed console script `grata` beside this interpreter."""
+    import shutil
+    import sys
+    here = Path(sys.executable).parent / "grata"
+    return str(here) if here.exists() else (shutil.which("grata") or "grata")

@@ -126,7 +126,7 @@ RESULT_KEYS = {"method", "target", "n_images", "dice_od", "dice_oc", "dice_mean"
                "asd_od", "asd_oc", "time_per_image_s", "skipped", "events", "images"}
 IMAGE_KEYS = {"index", "file", "dice_od", "dice_oc", "dice_mean", "asd_od", "asd_oc",
               "vcdr_pred", "vcdr_gt", "vcdr_error", "time_s"}
-CONFIG_KEYS = {"backend", "device", "data", "source", "targets", "checkpoint", "arch", "size",
+CONFIG_KEYS = {"engine", "device", "data", "source", "targets", "checkpoint", "arch", "size",
                "methods", "protocol", "seed", "grata_version"}
 MEAN_KEYS = ("dice_od", "dice_oc", "dice_mean", "vcdr_mae")
 
@@ -142,7 +142,7 @@ def test_report_has_the_full_schema_and_its_means_follow_the_rows(pipeline):
     assert report["elapsed_s"] > 0
     assert CONFIG_KEYS <= set(report["config"])
     assert report["config"]["targets"] == list(TARGETS)
-    assert report["config"]["backend"] == "onnx" and report["config"]["protocol"] == "domain"
+    assert report["config"]["engine"] == "onnx" and report["config"]["protocol"] == "domain"
     methods = ["source", "bn", "tent", "grata"]
     assert [(r["method"], r["target"]) for r in report["results"]] == \
         [(m, t) for t in TARGETS for m in methods]

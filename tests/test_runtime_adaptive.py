@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
 from serve_helpers import load_state, make_inbox
 
 from grata.errors import DataError, GrataError
-from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +81,10 @@ def test_state_of_other_artifacts_or_method_is_refused(artifacts, tmp_path, caps
 
 def test_config_records_the_run_and_hyperparameters_reach_the_method(artifacts, tmp_path,
                                                                       capsys):
+    from grata.export import load_manifest
     from serve_helpers import serve_args
 
     from grata.cli import main
-    from grata.export import load_manifest
     names = make_inbox(tmp_path / "inbox", 2)
     rc = main(serve_args(tmp_path / "inbox", tmp_path / "out", artifacts, "--once", "--quiet",
                          "--seed", "7", "--hp", "grata.beta=0.01", "--hp",
@@ -143,3 +143,54 @@ def test_state_file_holds_the_method_state(artifacts, tmp_path):
     for k in ("theta", "m", "v"):
         np.testing.assert_array_equal(resumed[k], expected[k])
     assert resumed["rng"] == expected["rng"] and resumed["good"]["t"] == 2
+
+
+def test_drift_beyond_the_bound_falls_back_to_the_source_when_the_last_good_is_too_far(
+        artifacts, tmp_path):
+    """Three unbounded steps move theta; with the bound then set below the current drift,
+    the next image's restore target (the state before it) is itself beyond the bound, so
+    theta, moments and step return to the source: theta0, zero moments, step 0."""
+    names = make_inbox(tmp_path, 4, seed=4)
+    with AdaptiveModel(artifacts, None, predictor="onnxruntime", device="cpu", threads=1,
+                       max_drift=None) as s:
+        for n in names[:3]:
+            assert s.process(tmp_path / n)["record"]["resets"] == []
+        before = s.drift
+        assert before > 0 and s.method.steps == 3
+        s.max_drift = before / 2  # the last good theta (drift `before`) is beyond it
+        rec = s.process(tmp_path / names[3])["record"]
+        (reset,) = rec["resets"]
+        assert reset["reason"] == "drift" and reset["max_drift"] == before / 2
+        assert reset["drift"] > before / 2
+        assert reset["action"].startswith("reset to the source theta")
+        theta0 = np.load(artifacts / "theta0.npy").astype(np.float32)
+        assert np.array_equal(s.theta, theta0) and rec["theta_drift"] == 0
+        st = s.method.state()
+        assert not st["m"].any() and not st["v"].any() and st["t"] == 0
+        assert rec["step"] == 0 and rec["images_adapted"] == 4
+
+
+def test_max_drift_0_disables_the_bound(artifacts, tmp_path, capsys):
+    from serve_helpers import serve_args
+
+    from grata.cli import main
+    names = make_inbox(tmp_path / "a", 3, seed=6)
+    make_inbox(tmp_path / "b", 3, seed=6)
+    tiny = main(serve_args(tmp_path / "a", tmp_path / "oa", artifacts, "--once", "--quiet",
+                           "--max-drift", "1e-9"))
+    off = main(serve_args(tmp_path / "b", tmp_path / "ob", artifacts, "--once", "--quiet",
+                          "--max-drift", "0"))
+    assert tiny == off == 0
+    for out, bounded in ((tmp_path / "oa", True), (tmp_path / "ob", False)):
+        recs = sorted((json.loads(p.read_text()) for p in out.glob("*.json")),
+                      key=lambda r: r["images_adapted"])
+        assert [r["image"] for r in recs] == names
+        if bounded:  # the bound trips on every image: theta stays the source
+            assert all(r["resets"][0]["reason"] == "drift" for r in recs)
+            assert all(r["theta_version"] == 0 and r["max_drift"] == 1e-9 for r in recs)
+        else:
+            assert all(r["resets"] == [] and r["max_drift"] is None for r in recs)
+            assert [r["theta_version"] for r in recs] == [1, 2, 3]
+            assert recs[-1]["theta_drift"] > 1e-9
+    assert json.loads((tmp_path / "ob" / ".state" / "config.json").read_text())[
+        "max_drift"] is None

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..export.manifest import PRECISIONS
 from ..runtime.adaptive import DEFAULT_MAX_DRIFT
+from ..runtime.inbox import DEFAULT_STABLE_S
 from ..runtime.predictors import ORT_DEVICES, PREDICTORS
 from .common import add_alias, add_hyperparameters, add_quiet, add_seed, add_threads
 from .report import add_html_args
@@ -20,7 +21,11 @@ files: for each image NAME that lands in INBOX (names starting with '.' or endin
 .tmp/.part are left alone until renamed): OUTBOX/NAME.<hash>.mask.png (255 background,
 128 disc rim, 0 cup, at the image's size), .overlay.png, and .json (disc/cup areas,
 vCDR, timings of adapt and predict, theta version, drift, resets), written atomically;
-then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt).
+then NAME moves to INBOX/processed/ (or INBOX/rejected/ with NAME.reason.txt, once
+unchanged for --stable-for seconds). In OUTBOX and rejected/, NAME is made safe and
+bounded (other characters than letters, digits and ._+- as _, at most 96 characters,
+then ~ and a hash of the name); the record keeps the original name. One server per
+inbox and per state.
 The adapted state lives in STATE (default OUTBOX/.state); a restart resumes from it;
 STATE/config.json records the run's configuration (method, hyperparameters, artifacts).
 """
@@ -73,20 +78,41 @@ def register(subparsers) -> dict:
     s.add_argument("--poll", type=float, default=0.5, help="seconds between inbox scans")
     s.add_argument("--settle", type=float, default=1.0,
                    help="a file unchanged this long (or across two scans) is complete")
+    s.add_argument("--stable-for", type=float, default=DEFAULT_STABLE_S, metavar="SECONDS",
+                   help="a file that cannot be served is rejected only once its size and "
+                   "time have been unchanged this long; until then it is tried again, so "
+                   f"a stalled copy is served once it completes (default {DEFAULT_STABLE_S:g})")
     add_html_args(s, "OUTBOX")
     add_quiet(s, "no line per image")
     return {"serve": cmd_serve}
 
 
 def cmd_serve(args) -> int:
+    import os
+
+    from ..errors import GrataError
     from ..norm import NormSpec
-    from ..runtime.adaptive import AdaptiveModel, theta_digest
-    from ..runtime.inbox import check_folders, log_stderr, serve
+    from ..runtime.inbox import check_folders, lock_inbox
     from ..specs import parse_spec, spec_hyperparameters
 
+    for flag, value in (("--max-drift", args.max_drift), ("--stable-for", args.stable_for),
+                        ("--poll", args.poll), ("--settle", args.settle)):
+        if not value >= 0:
+            raise GrataError(f"{flag} must be a number >= 0, not {value}")
     check_folders(args.inbox, args.outbox)  # before loading anything
-    spec = parse_spec(args.method, NormSpec(args.norm))
+    spec = parse_spec(args.method, NormSpec(args.norm))  # a bad spec: before any lock
     hp = spec_hyperparameters([spec], args.hp, args.config, args.norm)
+    inbox_lock = lock_inbox(args.inbox)  # one server per inbox, refused before any work
+    try:
+        return _serve(args, hp[spec.key])
+    finally:
+        os.close(inbox_lock)
+
+
+def _serve(args, hp: dict) -> int:
+    from ..runtime.adaptive import AdaptiveModel, theta_digest
+    from ..runtime.inbox import log_stderr, serve
+
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
     model = AdaptiveModel(args.artifacts, state, method=args.method, predictor=args.predictor,
@@ -94,7 +120,7 @@ def cmd_serve(args) -> int:
                           checkpoint_every=args.checkpoint_every,
                           max_drift=args.max_drift if args.max_drift > 0 else None,
                           seed=args.seed, reset=args.reset, calibration=args.calibration,
-                          hyperparameters=hp[spec.key], norm=args.norm)
+                          hyperparameters=hp, norm=args.norm)
     stop = threading.Event()
     previous = {}
     try:
@@ -113,13 +139,15 @@ def cmd_serve(args) -> int:
                 pass
         after = _html_writer(args.outbox, args.vcdr_threshold) if args.html else None
         counts = serve(args.inbox, args.outbox, model, once=args.once, poll_s=args.poll,
-                       settle_s=args.settle, stop=stop, log=log, after_image=after)
+                       settle_s=args.settle, stable_s=args.stable_for, stop=stop, log=log,
+                       after_image=after, locked=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         model.close()
     log_stderr(f"grata serve: {counts['served']} served, {counts['recovered']} recovered, "
                f"{counts['already_served']} already served, {counts['rejected']} rejected, "
+               f"{counts['left']} left for a later run, "
                f"{counts['resets']} resets; {model.n_images} images adapted, theta "
                f"v{model.theta_version} {theta_digest(model.theta)}, drift "
                f"{model.drift:.4f}")
