@@ -4,21 +4,26 @@ Batch 1, one step per image, prediction after the step. Each method gets its own
 engine; all methods advance over the same image together, so each image is read once.
 Protocols: `domain` resets to the source theta at each new target domain (the
 reference's protocol), `episodic` before every image, `continual` never.
+
+Methods are specs (`grata.specs`): ``grata`` (under the run's `norm`), ``grata@mix:0.2``,
+``bn@sample+gate`` (the safety gate, `grata.gate`, chooses per image between the adapted
+and the source prediction). Results are keyed by the spec's key.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 
 from . import metrics
 from .data import Sample, Skipped, stream_domain
 from .errors import GrataError
-from .methods import METHODS, create
+from .methods import create
+from .specs import RunSpec, parse_specs
 
 PROTOCOLS = ("domain", "episodic", "continual")
 
@@ -43,28 +48,87 @@ class Result:
                 "skipped": self.skipped, "events": self.events, "images": self.images}
 
 
-def check_names(methods: Iterable[str], protocol: str) -> None:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise GrataError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+def check_names(methods: Iterable[str], protocol: str, norm="sample") -> list[RunSpec]:
+    """The parsed method specs of a run (a bad one, or a bad protocol, is a GrataError)."""
+    specs = parse_specs(methods, norm)
     if protocol not in PROTOCOLS:
         raise GrataError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    return specs
+
+
+class Runner:
+    """One spec's method (and gate) over its own engine."""
+
+    def __init__(self, spec: RunSpec, engine, seed: int, hyperparameters: dict,
+                 gate_config=None):
+        self.spec = spec
+        self.method = create(spec.method, engine, norm=spec.norm, seed=seed,
+                             **hyperparameters)
+        self.gate = None
+        self.pair = None
+        if spec.gate:
+            from .gate import Gate, GateConfig
+            self.gate = Gate(gate_config or GateConfig())
+
+    @property
+    def engine(self):
+        return self.method.engine
+
+    @property
+    def events(self) -> list[dict]:
+        return self.method.events
+
+    @property
+    def last(self) -> dict:
+        return self.method.last
+
+    def reset(self) -> None:
+        self.method.reset()
+        if self.gate is not None:
+            self.gate.reset()
+
+    def adapt(self, x, image: np.ndarray) -> tuple[np.ndarray, dict]:
+        """One step on x, then the host logits [2, S, S] of the prediction served (the
+        gate's choice when gated) and the gate's decision ({} without a gate)."""
+        m, e = self.method, self.engine
+        if self.gate is None:
+            return e.to_numpy(m.adapt(x, image=image))[0], {}
+        from .gate import gated_predict, source_logits
+        m.update(x, image=image)
+        logits = e.infer(x, norm=m.norm)
+        # the gate's view passes overwrite the image statistics a stream rule moves to
+        img_stats = e.copy(e.img_stats) if m.norm.kind == "ema" else None
+        chosen, adapted, source, decision = gated_predict(
+            self.gate, e.to_numpy(x),
+            lambda xh: e.to_numpy(e.infer(e.to_input(xh), norm=m.norm)),
+            lambda xh: e.to_numpy(source_logits(e, e.to_input(xh))),
+            adapted_logits=e.to_numpy(logits))
+        if img_stats is not None:
+            e.assign(e.img_stats, img_stats)
+            m.update_stream()
+        self.pair = (adapted[0], source[0])  # both candidates, for measurements
+        return chosen[0], decision
 
 
 def run(engine_factory: Callable[[], object], data_root, targets: list[str], size: int,
         methods: list[str], protocol: str = "domain", seed: int = 0,
         on_image: Callable[[str, str, dict, np.ndarray, Sample], None] | None = None,
         on_domain: Callable[[list[Result]], None] | None = None,
-        progress: bool = True, hyperparameters: dict | None = None) -> list[Result]:
-    """Adapt every method over every target domain; return one Result per pair.
+        progress: bool = True, hyperparameters: dict | None = None, norm="sample",
+        gate_config=None) -> list[Result]:
+    """Adapt every method spec over every target domain; return one Result per pair.
 
-    `on_image(method, target, row, pred, sample)` sees every scored image (overlays);
+    `methods` are specs (``grata``, ``grata@mix:0.2``, ``bn+gate``); a plain name runs
+    under `norm`. `hyperparameters` are keyed by spec key or method name (the key wins).
+    `on_image(key, target, row, pred, sample)` sees every scored image (overlays);
     `on_domain(results)` is called after each domain with all results so far, so a
     caller can save partial reports and never lose finished work.
     """
-    check_names(methods, protocol)
+    specs = check_names(methods, protocol, norm)
     hp = hyperparameters or {}
-    runners = {m: create(m, engine_factory(), seed=seed, **hp.get(m, {})) for m in methods}
+    runners = {s.key: Runner(s, engine_factory(), seed, hp.get(s.key, hp.get(s.method, {})),
+                             gate_config) for s in specs}
+    methods = list(runners)
     results: list[Result] = []
     for d_index, target in enumerate(targets):
         if protocol == "domain" or d_index == 0:
@@ -99,15 +163,18 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
     return results
 
 
-def _score(method, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
-    engine = method.engine
+def _score(runner: Runner, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
+    engine = runner.engine
     start = time.perf_counter()
     x = engine.to_input(sample.image)
-    logits = engine.to_numpy(method.adapt(x, image=sample.image))[0]
+    logits, decision = runner.adapt(x, sample.image)
     elapsed = time.perf_counter() - start
     pred = metrics.binarize(metrics.probs_from_logits(logits))
     row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, sample.target),
-           "time_s": elapsed, **{k: float(v) for k, v in method.last.items()}}
+           "time_s": elapsed, **{k: float(v) for k, v in runner.last.items()}}
+    if decision:
+        row.update({"gate": decision["chosen"], "gate_reason": decision["reason"],
+                    "gate_fallback": decision["stream_fallback"]})
     return row, pred
 
 

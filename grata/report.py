@@ -53,18 +53,19 @@ def format_table(report: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["target"]): r for r in rows}
     w = 6
+    mw = max([14] + [len(m) + 1 for m in methods])  # spec keys such as grata@mix:0.2+gate
 
     def f(x):
         return f"{x:{w}.2f}" if x is not None and not (isinstance(x, float) and math.isnan(x)) \
             else " " * (w - 1) + "-"
 
-    head1 = f"{'':14}" + "".join(f"| {t[:3 * w + 2]:^{3 * w + 2}} " for t in targets) \
+    head1 = f"{'':{mw}}" + "".join(f"| {t[:3 * w + 2]:^{3 * w + 2}} " for t in targets) \
         + f"| {'mean over targets':^{3 * w + 2}}"
-    head2 = f"{'method':14}" + "".join(f"| {'OD':>{w}} {'OC':>{w}} {'mean':>{w}} "
+    head2 = f"{'method':{mw}}" + "".join(f"| {'OD':>{w}} {'OC':>{w}} {'mean':>{w}} "
                                        for _ in targets + ['']).rstrip()
     lines = [head1, head2, "-" * len(head2)]
     for m in methods:
-        line = f"{m:14}"
+        line = f"{m:{mw}}"
         for t in targets:
             r = cell.get((m, t), {})
             line += f"| {f(r.get('dice_od'))} {f(r.get('dice_oc'))} {f(r.get('dice_mean'))} "

@@ -97,8 +97,10 @@ def vcdr_flag(vcdr, threshold: float = DEFAULT_VCDR_THRESHOLD) -> bool:
 
 def overlay_path(run_dir: Path, method: str, target: str, row: dict) -> Path:
     """Where `grata adapt --overlays` wrote the overlay of a per-image row."""
+    from .specs import folder_name
     stem = Path(str(row.get("file", ""))).stem
-    return run_dir / "overlays" / method / target / f"{int(row.get('index', 0)):04d}_{stem}.png"
+    return (run_dir / "overlays" / folder_name(method) / target
+            / f"{int(row.get('index', 0)):04d}_{stem}.png")
 
 
 # ------------------------------------------------------------------------- adapt page

@@ -21,12 +21,24 @@ def model_identity(artifacts=None, checkpoint_file=None) -> dict:
 
 
 def run_config(*, seed: int, size: int, engine: str, device: str, methods: dict,
-               artifacts=None, checkpoint_file=None, **extra) -> dict:
+               artifacts=None, checkpoint_file=None, norm=None, specs=None, gate=None,
+               **extra) -> dict:
     """The config block: package version, model identity (`artifacts`: a manifest or an
     artifact folder, else `checkpoint_file`: its digest),
-    seed, size, engine, device, methods with their full hyperparameters, and `extra`
-    fields (protocol, predictor, ...)."""
+    seed, size, engine, device, methods (spec keys) with their full hyperparameters, and
+    `extra` fields (protocol, predictor, ...).
+
+    With `norm` (the run's default statistics rule) and `specs` (`grata.specs.RunSpec`s):
+    ``norm`` and ``norms`` ({key: the rule it ran under}); with `gate` (a
+    `grata.gate.GateConfig`): ``gate``, its settings."""
     from .methods.hyperparameters import as_json
-    return {"grata_version": __version__, **model_identity(artifacts, checkpoint_file),
-            "seed": int(seed), "size": int(size), "engine": engine, "device": device,
-            "methods": {m: as_json(hp) for m, hp in methods.items()}, **extra}
+    out = {"grata_version": __version__, **model_identity(artifacts, checkpoint_file),
+           "seed": int(seed), "size": int(size), "engine": engine, "device": device,
+           "methods": {m: as_json(hp) for m, hp in methods.items()}}
+    if norm is not None:
+        out["norm"] = str(norm)
+    if specs is not None:
+        out["norms"] = {s.key: str(s.norm) for s in specs}
+    if gate is not None:
+        out["gate"] = gate.as_json()
+    return {**out, **extra}

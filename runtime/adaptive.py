@@ -17,10 +17,21 @@ finite-prediction check (non-finite logits restore the last good state and predi
 again; if they are still non-finite the image is rejected). Every reset is listed in
 that image's record (``resets``) and the drift is reported in every record.
 
+Statistics and the safety gate
+------------------------------
+`method` is a spec (`grata.specs`): ``grata``, ``grata@mix:0.2``, ``tent@ema:0.1+gate``; a
+plain name runs under `norm`. ``sample`` and ``source`` predict through the predictor
+(onnxruntime or TensorRT); a mixed or stream rule predicts through the engine's own
+``infer_mix`` graph on onnxruntime (TensorRT serves ``sample`` / ``source`` only), and
+``ema`` moves its stream statistics after each prediction (they are part of the state).
+``+gate`` judges each prediction against the source model's (`grata.gate`) and serves the
+one chosen; the decision (chosen, reason, scores) is the record's ``gate``.
+
 State
 -----
 ``STATE/state.npz`` holds the method's `state()` (theta, Adam moments, step, guard,
-generator state, counters), the theta version, the last image's key (``last_key``) and
+generator state, counters, the stream statistics of ``ema``), the gate's stream window,
+the theta version, the last image's key (``last_key``) and
 the run's ``config`` (package version, artifact digest, method and its hyperparameters,
 seed, predictor, device), also written as ``STATE/config.json``. It is written
 atomically; the crash rules that use it are in `grata.runtime.inbox`. A state is refused
@@ -42,10 +53,12 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import remove_temp_files, write_atomic
+from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..digest import array_sha256
 from ..errors import DataError, GrataError
+from ..norm import NormSpec
 from ..run_config import run_config
-from .engine import OrtEngine
+from .engine import OrtEngine, route
 from .predictors import GRAPHS, make_predictor, resolve_ort_device
 
 STATE_FILE = "state.npz"
@@ -77,6 +90,32 @@ def relative_drift(theta, theta0) -> float:
     t = np.asarray(theta, dtype=np.float64)
     t0 = np.asarray(theta0, dtype=np.float64)
     return float(np.linalg.norm(t - t0) / max(np.linalg.norm(t0), 1e-12))
+
+
+class EnginePredictor:
+    """Predictions through the engine's own graphs under a statistics rule that the
+    predictors do not take (``mix``, ``ema``): onnxruntime, fp32, the engine's
+    statistics (stored or stream) fed with theta."""
+
+    name = "onnxruntime"
+    precision = "fp32"
+    fallback: str | None = None
+
+    def __init__(self, engine, norm):
+        self.engine, self.norm = engine, norm
+        self.size, self.n_theta = engine.size, int(engine.theta0.shape[0])
+        self.detail = f"onnxruntime (the engine's infer_mix graph, {norm} statistics)"
+
+    def predict(self, image: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        e = self.engine
+        if theta is e.theta:
+            return e.infer(image, norm=self.norm)
+        saved = e.copy(e.theta)
+        e.assign(e.theta, theta)
+        try:
+            return e.infer(image, norm=self.norm)
+        finally:
+            e.assign(e.theta, saved)
 
 
 def exclusive_lock(path, busy: str, folder: bool = False) -> int:
@@ -118,18 +157,23 @@ class AdaptiveModel:
     onnxruntime predictor): ``auto``, ``cpu``, ``cuda``, ``tensorrt``. `precision` and
     `calibration` (images or a folder of them, for int8) go to TensorRT. `max_drift=None`
     disables the drift bound. `hyperparameters` are the method's (validated against its
-    constructor, recorded in `config`).
+    constructor, recorded in `config`). `method` is a spec (``grata@mix:0.2+gate``); a plain
+    name runs under `norm` (a `grata.norm` rule); `gate` (a `grata.gate.GateConfig`) sets
+    the gate of a ``+gate`` spec.
     """
 
-    def __init__(self, artifacts, state_dir=None, method: str = "grata",
+    def __init__(self, artifacts, state_dir=None, method: str = SERVE_METHOD,
                  predictor: str = "auto", *, device: str = "auto", precision: str | None = None,
                  threads: int | None = None, checkpoint_every: int = 1,
                  max_drift: float | None = DEFAULT_MAX_DRIFT, seed: int = 0,
                  reset: bool = False, calibration=None, cache_dir=None, verify: bool = True,
-                 hyperparameters: dict | None = None):
+                 hyperparameters: dict | None = None, norm=DEFAULT_NORM, gate=None):
+        from ..gate import Gate, GateConfig
         from ..methods import create, resolved_hyperparameters
+        from ..specs import parse_spec
 
-        hyperparameters = resolved_hyperparameters(method, hyperparameters)
+        self.spec = parse_spec(method, norm)
+        hyperparameters = resolved_hyperparameters(self.spec.method, hyperparameters)
         if int(checkpoint_every) < 1:
             raise GrataError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
         if max_drift is not None and not max_drift > 0:
@@ -145,19 +189,31 @@ class AdaptiveModel:
             self.engine = OrtEngine(artifacts, device=ort_device, threads=threads,
                                     verify=verify)
             self.size = self.engine.size
-            self.method = create(method, self.engine, seed=seed, **hyperparameters)
-            graph = GRAPHS[self.method.norm]
-            if isinstance(calibration, (str, Path)):
-                calibration = self._calibration_images(Path(calibration))
-            self.predictor = make_predictor(
-                predictor, artifacts, graph=graph, device=ort_device, threads=threads,
-                precision=precision, session=self.engine.sessions.get(graph),
-                cache_dir=cache_dir, calibration=calibration, verify=False)
+            self.method = create(self.spec.method, self.engine, norm=self.spec.norm,
+                                 seed=seed, **hyperparameters)
+            self.gate = Gate(gate or GateConfig()) if self.spec.gate else None
+            self._stats_prev = None  # ema: the stream statistics the last image was served at
+            graph = GRAPHS.get(self.method.norm)
+            if graph is None:  # mix / ema: only the engine's mixed graph takes the rule
+                if predictor == "tensorrt" or precision not in (None, "fp32"):
+                    raise GrataError(f"the tensorrt predictor serves sample and source "
+                                     f"statistics only, not {self.method.norm}; use "
+                                     f"--predictor onnxruntime (fp32)")
+                route(self.engine, "infer", self.method.norm)  # a missing graph fails here
+                self.predictor = EnginePredictor(self.engine, self.method.norm)
+            else:
+                if isinstance(calibration, (str, Path)):
+                    calibration = self._calibration_images(Path(calibration))
+                self.predictor = make_predictor(
+                    predictor, artifacts, graph=graph, device=ort_device, threads=threads,
+                    precision=precision, session=self.engine.sessions.get(graph),
+                    cache_dir=cache_dir, calibration=calibration, verify=False)
             self.source_sha256 = array_sha256(self.engine.theta0)
             self.config = run_config(
                 artifacts=self.engine.manifest, seed=seed, size=self.size,
                 engine=self.engine.kind, device=ort_device,
-                methods={method: hyperparameters},
+                methods={self.spec.key: hyperparameters}, norm=NormSpec(norm),
+                specs=[self.spec], gate=self.gate.config if self.gate else None,
                 predictor=self.predictor.name, precision=self.predictor.precision,
                 max_drift=self.max_drift, checkpoint_every=self.checkpoint_every)
             self.n_images = 0
@@ -187,7 +243,8 @@ class AdaptiveModel:
     def describe(self) -> str:
         p = self.predictor
         adapt = self.engine.sessions["entropy_grad"].get_providers()[0]
-        return (f"method {self.method.name} (adapting on onnxruntime {adapt}); serving on "
+        return (f"method {self.spec.key} ({self.method.norm} statistics; adapting on "
+                f"onnxruntime {adapt}); serving on "
                 f"{getattr(p, 'detail', p.name)} ({p.precision})")
 
     # -- one image -----------------------------------------------------------------
@@ -229,36 +286,77 @@ class AdaptiveModel:
                 raise DataError(name, "the prediction is not finite even at the last good "
                                       "theta")
         t_predict = time.perf_counter() - t2
+        decision, t_gate = None, 0.0
+        if self.gate is not None:
+            t3 = time.perf_counter()
+            logits, decision = self._judge(x, logits, self.gate)
+            t_gate = time.perf_counter() - t3
+        if m.norm.kind == "ema":
+            self._stats_prev = e.norm_state()
+            m.update_stream()  # after the prediction: the estimate moves to this image
         self.n_images += 1
         self.last_key = key or name
         self._dirty = True
-        out = self._result(img, logits, name, key, size_wh, resets,
-                           {"load": t_load, "adapt": t_adapt, "predict": t_predict},
-                           recovered=False)
+        timings = {"load": t_load, "adapt": t_adapt, "predict": t_predict}
+        if decision is not None:
+            timings["gate"] = t_gate
+        out = self._result(img, logits, name, key, size_wh, resets, timings,
+                           recovered=False, gate=decision)
         if self.state_dir is not None and self.n_images % self.checkpoint_every == 0:
             self.checkpoint()
         return out
 
+    def _judge(self, x, logits, gate) -> tuple[np.ndarray, dict]:
+        """The gate's choice between `logits` (the adapted prediction of x) and the source
+        model's prediction, and its decision."""
+        from ..gate import gated_predict, source_logits
+        e = self.engine
+        # the view passes overwrite the image statistics a stream rule moves to
+        img_stats = e.copy(e.img_stats) if self.method.norm.kind == "ema" else None
+        chosen, _, _, decision = gated_predict(
+            gate, x, lambda xh: np.asarray(self.predictor.predict(xh, e.theta)),
+            lambda xh: np.asarray(source_logits(e, xh)), adapted_logits=logits)
+        if img_stats is not None:
+            e.assign(e.img_stats, img_stats)
+        return chosen, decision
+
     def recover(self, image, *, name: str | None = None, key: str | None = None) -> dict:
         """The result of an image whose update the state already holds: a prediction at
-        the current theta, without adapting (the state does not change)."""
+        the current theta (``ema``: at the stream statistics it was served at), without
+        adapting (the state does not change; the gate judges on a copy of its window)."""
+        import copy
         t0 = time.perf_counter()
         img, name, size_wh = self._load(image, name)
         x = self.engine.to_input(img)
         t_load = time.perf_counter() - t0
+        e = self.engine
         t2 = time.perf_counter()
-        logits = np.asarray(self.predictor.predict(x, self.engine.theta))
-        if not np.isfinite(logits).all():
-            raise DataError(name, "the prediction is not finite")
-        t_predict = time.perf_counter() - t2
+        stream = self.method.norm.kind == "ema" and self._stats_prev is not None
+        if stream:
+            now = e.norm_state()
+            e.load_norm_state(self._stats_prev)
+        try:
+            logits = np.asarray(self.predictor.predict(x, e.theta))
+            if not np.isfinite(logits).all():
+                raise DataError(name, "the prediction is not finite")
+            t_predict = time.perf_counter() - t2
+            decision = None
+            if self.gate is not None:
+                logits, decision = self._judge(x, logits, copy.deepcopy(self.gate))
+        finally:
+            if stream:
+                e.load_norm_state(now)
         return self._result(img, logits, name, key, size_wh, [],
                             {"load": t_load, "adapt": 0.0, "predict": t_predict},
-                            recovered=True)
+                            recovered=True, gate=decision)
 
     def reset(self) -> None:
         """Back to the source theta: fresh moments, step count and augmentation stream
         (checkpointed at once when there is a state folder)."""
         self.method.reset()
+        if self.gate is not None:
+            self.gate.reset()
+        self._stats_prev = None
         self.theta_version += 1
         self.n_images = 0
         self.last_key = None
@@ -314,7 +412,8 @@ class AdaptiveModel:
             size_wh = im.size
         return img, name, size_wh
 
-    def _result(self, img, logits, name, key, size_wh, resets, timings, recovered) -> dict:
+    def _result(self, img, logits, name, key, size_wh, resets, timings, recovered,
+                gate: dict | None = None) -> dict:
         from PIL import Image
 
         from ..data import to_mask_png
@@ -327,7 +426,7 @@ class AdaptiveModel:
         m = self.method
         record = {
             "format_version": RECORD_FORMAT, "image": name, "key": key,
-            "method": m.name, "predictor": self.predictor.name,
+            "method": self.spec.key, "norm": str(m.norm), "predictor": self.predictor.name,
             "precision": self.predictor.precision, "model_size": self.size,
             "image_size": [int(size_wh[0]), int(size_wh[1])],
             "disc_area_px": int(disc.sum()), "cup_area_px": int(cup.sum()),
@@ -342,6 +441,8 @@ class AdaptiveModel:
             else {},
             "resets": resets, "recovered": recovered,
         }
+        if gate is not None:  # which prediction was served, why, and both scores
+            record["gate"] = gate
         return {"record": record, "mask": mask, "pred": pred, "logits": logits, "image": img}
 
     def _calibration_images(self, folder: Path) -> list[np.ndarray]:
@@ -373,6 +474,13 @@ class AdaptiveModel:
             "config": np.array(json.dumps(self.config)),
             "written": np.array(now_utc()),
         }
+        arrays["norm"] = np.array(str(self.method.norm))
+        if st.get("stats") is not None:  # ema: the stream statistics (and the last image's)
+            arrays["stats"] = st["stats"]
+            if self._stats_prev is not None:
+                arrays["stats_prev"] = np.asarray(self._stats_prev, np.float32)
+        if self.gate is not None:
+            arrays["gate"] = np.array(json.dumps(self.gate.state()))
         if good is not None:
             arrays.update({"good_theta": good["theta"], "good_m": good["m"],
                            "good_v": good["v"], "good_t": np.int64(good["t"])})
@@ -404,6 +512,10 @@ class AdaptiveModel:
         if method != m.name:
             raise GrataError(f"state {path} belongs to method {method!r}, not "
                              f"{m.name!r}; {hint}")
+        saved_norm = str(st["norm"]) if "norm" in st else "sample"
+        if m.name != "source" and saved_norm != str(m.norm):
+            raise GrataError(f"state {path} was adapted under {saved_norm} statistics, not "
+                             f"{m.norm}; {hint}")
         if not (theta.shape == mm.shape == vv.shape == e.theta0.shape):
             raise GrataError(f"state {path}: theta has shape {theta.shape}, the artifacts "
                              f"{e.theta0.shape}; {hint}")
@@ -414,7 +526,11 @@ class AdaptiveModel:
         self.n_images = int(st["n_images"])
         m.load_state({"theta": theta, "m": mm, "v": vv, "t": int(st["t"]), "good": good,
                       "rng": rng_state, "events": events,
-                      "n_seen": int(st["n_seen"]) if "n_seen" in st else self.n_images})
+                      "n_seen": int(st["n_seen"]) if "n_seen" in st else self.n_images,
+                      "stats": st.get("stats")})
+        self._stats_prev = st.get("stats_prev")
+        if self.gate is not None and "gate" in st:
+            self.gate.load_state(json.loads(str(st["gate"])))
         self.theta_version = int(st["theta_version"])
         self.last_key = str(st["last_key"]) or None
         self.resumed = {"n_images": self.n_images, "theta_version": self.theta_version,

@@ -146,7 +146,8 @@ def _args_from_config(config: dict, out) -> list[str]:
             "--arch", config["arch"], "--size", str(config["size"]),
             "--engine", config["engine"], "--device", config["device"],
             "--protocol", config["protocol"], "--seed", str(config["seed"]),
-            "--methods", ",".join(config["methods"]), "--quiet", "--out", str(out)]
+            "--methods", ",".join(config["methods"]), "--norm", config["norm"],
+            "--quiet", "--out", str(out)]
     for method, hp in config["methods"].items():
         for name, value in hp.items():
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -182,9 +183,114 @@ def test_report_config_reproduces_the_run(tiny, tmp_path):
     assert ent_a[0] == ent_c[0] and ent_a[1:] != ent_c[1:]
 
 
+def test_one_method_under_two_rules_is_two_rows_and_reproduces(tiny, tmp_path, capsys):
+    """grata@sample and grata@mix:0.3 in one run: two rows keyed by the spec, two config
+    entries with their rules and hyperparameters, the printed table's rows match
+    report.json, and the run reproduces from its config block alone."""
+    rc = main(adapt_args(tiny, tmp_path / "a", "--targets", TARGET_DOMAINS[0],
+                         "--norm", "mix:n4", "--methods", "grata@sample,grata@mix:0.30,tent,source",
+                         "--hp", "grata.beta=0.05", "--hp", "grata@mix:0.3.eps=1e-6",
+                         "--overlays"))
+    assert rc == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    keys = ["grata@sample", "grata@mix:0.3", "tent", "source"]
+    assert [r["method"] for r in report["results"]] == keys
+    config = report["config"]
+    assert config["norm"] == "mix:n4"
+    assert config["norms"] == {"grata@sample": "sample", "grata@mix:0.3": "mix:0.3",
+                               "tent": "mix:n4", "source": "source"}
+    assert config["methods"]["grata@sample"] == {"beta": 0.05, "betas": [0.9, 0.999],
+                                                 "eps": 1e-8}
+    assert config["methods"]["grata@mix:0.3"] == {"beta": 0.05, "betas": [0.9, 0.999],
+                                                  "eps": 1e-6}
+    # the printed table: one row per spec, its mean over targets as in report.json
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()
+             and line.split()[0] in keys}
+    assert set(lines) == set(keys)
+    for key in keys:
+        printed = float(lines[key].split()[-1])
+        assert printed == pytest.approx(report["mean_over_targets"][key]["dice_mean"], abs=0.006)
+    # the two rules really differ: per-image statistics vs mixed give other losses
+    rows = {r["method"]: r["images"] for r in report["results"]}
+    assert [i["loss_ent"] for i in rows["grata@sample"]] != \
+        [i["loss_ent"] for i in rows["grata@mix:0.3"]]
+    assert {p.parent.parent.name for p in (tmp_path / "a" / "overlays").rglob("*.png")} == \
+        {"grata@sample", "grata@mix_0.3", "tent", "source"}
+    from grata.report_html import overlay_path
+    for r in report["results"]:
+        for row in r["images"]:
+            assert overlay_path(tmp_path / "a", r["method"], r["target"], row).is_file()
+    assert main(_args_from_config(config, tmp_path / "b")) == 0
+    again = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert again["config"] == config
+    for r1, r2 in zip(report["results"], again["results"]):
+        strip = [[{k: v for k, v in i.items() if k != "time_s"} for i in r["images"]]
+                 for r in (r1, r2)]
+        assert strip[0] == strip[1]
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--norm", "mix:2"], "weight must be in [0, 1]"),
+    (["--methods", "grata@mix:0.2,grata@mix:0.20"], "are the same"),
+    (["--methods", "grata,grata@sample"], "are the same"),
+    (["--methods", "source@mix:0.2"], "always uses source"),
+    (["--methods", "grata+gat"], "unknown suffix"),
+    (["--methods", "grata@mix:0.2", "--hp", "grata@mix:0.5.beta=1"], "not in this run"),
+])
+def test_statistics_mistakes_are_one_line(tiny, tmp_path, capsys, change, words):
+    rc = main(adapt_args(tiny, tmp_path / "run", *change))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and words in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
 def test_old_flag_spelling_still_works(tiny, tmp_path):
     args = adapt_args(tiny, tmp_path / "run", "--methods", "bn")
     args[args.index("--engine")] = "--backend"
     assert main(args) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["config"]["engine"] == "torch"
+
+
+def test_gated_spec_records_each_decision(tiny, tmp_path):
+    rc = main(adapt_args(tiny, tmp_path / "g", "--targets", TARGET_DOMAINS[0],
+                         "--methods", "bn,bn+gate,source"))
+    assert rc == 0
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    rows = {r["method"]: r["images"] for r in report["results"]}
+    assert report["config"]["gate"]["extra_forwards_per_image"] == 3
+    assert report["config"]["norms"]["bn+gate"] == "sample"
+    for plain, gated, src in zip(rows["bn"], rows["bn+gate"], rows["source"]):
+        assert gated["gate"] in ("adapted", "source") and gated["gate_reason"]
+        # the gated row scores the prediction it chose: bn's or the source model's
+        chosen = plain if gated["gate"] == "adapted" else src
+        assert gated["dice_mean"] == chosen["dice_mean"]
+        assert "gate" not in plain
+
+
+def test_gate_leaves_a_stream_rule_as_it_would_be(tiny):
+    """With ema the gate's extra passes must not move the stream statistics: the gated
+    runner's adapted predictions and statistics equal the plain runner's."""
+    from grata.adapt import Runner
+    from grata.data import Skipped, stream_domain
+    from grata.engines import engine_factory
+    from grata.specs import parse_spec
+    factory = engine_factory("torch", checkpoint=tiny / "edge.pt", arch="edge", device="cpu")
+    plain = Runner(parse_spec("tent@ema:0.3"), factory(), 0, {})
+    gated = Runner(parse_spec("tent@ema:0.3+gate"), factory(), 0, {})
+    n = 0
+    for item in stream_domain(tiny / "data", TARGET_DOMAINS[0], 64):
+        if isinstance(item, Skipped):
+            continue
+        lp, _ = plain.adapt(plain.engine.to_input(item.image), item.image)
+        _, decision = gated.adapt(gated.engine.to_input(item.image), item.image)
+        np.testing.assert_allclose(gated.pair[0], lp, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(gated.engine.to_numpy(gated.engine.stats),
+                                   plain.engine.to_numpy(plain.engine.stats), rtol=1e-6,
+                                   atol=1e-7)
+        assert decision["chosen"] in ("adapted", "source")
+        n += 1
+    assert n == 3
+    assert not np.allclose(plain.engine.to_numpy(plain.engine.stats),
+                           plain.engine.to_numpy(plain.engine.stats0))

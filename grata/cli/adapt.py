@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..defaults import ADAPT_METHODS, DEFAULT_NORM
 from ..errors import GrataError
+from ..specs import folder_name, split_specs
 from .common import (
     add_alias,
     add_hyperparameters,
@@ -17,7 +19,6 @@ from .common import (
     add_threads,
     csv_list,
     data_root,
-    hyperparameters,
     model_choice,
 )
 from .report import add_html_args
@@ -32,10 +33,16 @@ examples:
       real data in the GraTa CSV layout (or the DoFE folder layout)
   grata adapt --out runs/b1e3 --hp grata.beta=1e-3 --hp tent.lr=2e-4
       other hyperparameters (recorded in the report's config block)
+  grata adapt --out runs/norm --norm mix:0.2 \
+      --methods source,bn,grata,grata@sample,tent@ema:0.1,bn@sample+gate
+      statistics per method (METHOD@RULE; a plain name takes --norm); +gate: the safety
+      gate falls back to the source prediction when the adapted one looks worse
+      (--hp grata.beta=... applies to every grata spec, --hp grata@sample.beta=... to one)
 
 outputs: DIR/report.json (per method and target: Dice OD/OC/mean, vCDR error,
 surface distance, skipped files with reasons, per-image rows; "config": everything
-needed to run it again); --overlays writes DIR/overlays/<method>/<target>/*.png,
+needed to run it again); --overlays writes DIR/overlays/<method>/<target>/*.png
+(':' in a method spec becomes '_' there),
 --plot writes DIR/dice_stream.png.
 """
 
@@ -53,9 +60,15 @@ def register(subparsers) -> dict:
     a.add_argument("--targets", type=csv_list, help="comma-separated target domains "
                    "(default: every domain but the source)")
     add_model_args(a)
-    a.add_argument("--methods", type=csv_list, default=["source", "bn", "tent", "grata"],
-                   help="comma-separated: source, bn, tent, grata, grata-noalign, "
-                   "grata-fixedlr (default source,bn,tent,grata)")
+    a.add_argument("--methods", type=split_specs, default=list(ADAPT_METHODS),
+                   help="comma-separated METHOD[@RULE][+gate]: source, bn, tent, grata, "
+                   "grata-noalign, grata-fixedlr, each optionally with its statistics "
+                   "(grata@mix:0.2) and the safety gate (+gate); default "
+                   f"{','.join(ADAPT_METHODS)}")
+    a.add_argument("--norm", default=DEFAULT_NORM, metavar="RULE",
+                   help="BN statistics of every method given without @RULE: sample (each "
+                   "image's own, the paper), source (stored), mix:A or mix:nN (mixed), "
+                   f"ema:M[,A] (following the stream); default {DEFAULT_NORM}")
     a.add_argument("--protocol", default="domain", choices=["domain", "episodic", "continual"],
                    help="reset per target domain (default), per image, or never")
     a.add_argument("--engine", default="onnx", choices=["onnx", "torch"],
@@ -84,6 +97,8 @@ def cmd_adapt(args) -> int:
     from ..artifacts import cached_artifacts
     from ..data import resolve_targets
     from ..engines import engine_factory
+    from ..gate import GateConfig
+    from ..norm import NormSpec
     from ..outdir import check_out_dir
     from ..report import (
         build_report,
@@ -94,9 +109,12 @@ def cmd_adapt(args) -> int:
         write_json_atomic,
     )
     from ..run_config import run_config
+    from ..specs import spec_hyperparameters
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
-    check_names(args.methods, args.protocol)
-    hp = hyperparameters(args, args.methods)
+    args.norm = NormSpec(args.norm)  # a bad rule: one line, exit 2
+    specs = check_names(args.methods, args.protocol, args.norm)
+    hp = spec_hyperparameters(specs, args.hp, args.config, args.norm)
+    gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
     root = data_root(args.data, not args.quiet)
     source = args.source
@@ -125,9 +143,9 @@ def cmd_adapt(args) -> int:
         factory()  # fail early on a bad checkpoint, before any work
         identity = {"checkpoint_file": checkpoint}
     config = run_config(seed=args.seed, size=size, engine=args.engine, device=args.device,
-                        methods=hp, **identity, protocol=args.protocol, data=str(root),
-                        source=source, targets=targets, checkpoint=str(checkpoint),
-                        arch=arch)
+                        methods=hp, norm=args.norm, specs=specs, gate=gate, **identity,
+                        protocol=args.protocol, data=str(root), source=source,
+                        targets=targets, checkpoint=str(checkpoint), arch=arch)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -135,7 +153,8 @@ def cmd_adapt(args) -> int:
         if args.overlays:
             stem = Path(sample.name).stem
             save_png_atomic(overlay(sample.image, pred, sample.target),
-                            out / "overlays" / method / target / f"{row['index']:04d}_{stem}.png")
+                            out / "overlays" / folder_name(method) / target
+                            / f"{row['index']:04d}_{stem}.png")
 
     def on_domain(results):
         write_json_atomic(out / "report.json", build_report(results, config, complete=False))
@@ -143,7 +162,7 @@ def cmd_adapt(args) -> int:
     start = time.perf_counter()
     results = run(factory, root, targets, size, args.methods, args.protocol, args.seed,
                   on_image=on_image, on_domain=on_domain, progress=not args.quiet,
-                  hyperparameters=hp)
+                  hyperparameters=hp, norm=args.norm, gate_config=gate)
     report = build_report(results, config, complete=True)
     report["elapsed_s"] = time.perf_counter() - start
     write_json_atomic(out / "report.json", report)

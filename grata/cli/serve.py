@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..export.manifest import PRECISIONS
 from ..runtime.adaptive import DEFAULT_MAX_DRIFT
 from ..runtime.inbox import DEFAULT_STABLE_S
@@ -42,9 +43,15 @@ def register(subparsers) -> dict:
     s.add_argument("--outbox", required=True, type=Path, help="folder results go to")
     s.add_argument("--artifacts", required=True, type=Path,
                    help="exported artifact folder (grata export)")
-    s.add_argument("--method", default="grata",
-                   help="bn, tent, grata, grata-noalign, grata-fixedlr or source "
-                   "(default grata)")
+    s.add_argument("--method", default=SERVE_METHOD, metavar="METHOD[@RULE][+gate]",
+                   help="bn, tent, grata, grata-noalign, grata-fixedlr or source, optionally "
+                   "with its statistics (grata@mix:0.2) and the safety gate (+gate: falls "
+                   "back to the source prediction when the adapted one looks worse; the "
+                   f"decision is the record's 'gate'); default {SERVE_METHOD}")
+    s.add_argument("--norm", default=DEFAULT_NORM, metavar="RULE",
+                   help="BN statistics when --method gives none: sample, source, mix:A, "
+                   "mix:nN, ema:M[,A] (mix and ema serve on onnxruntime); default "
+                   f"{DEFAULT_NORM}")
     s.add_argument("--predictor", default="auto", choices=PREDICTORS,
                    help="who serves the prediction: tensorrt where installed, else "
                    "onnxruntime (default auto)")
@@ -84,26 +91,28 @@ def cmd_serve(args) -> int:
     import os
 
     from ..errors import GrataError
+    from ..norm import NormSpec
     from ..runtime.inbox import check_folders, lock_inbox
+    from ..specs import parse_spec, spec_hyperparameters
 
     for flag, value in (("--max-drift", args.max_drift), ("--stable-for", args.stable_for),
                         ("--poll", args.poll), ("--settle", args.settle)):
         if not value >= 0:
             raise GrataError(f"{flag} must be a number >= 0, not {value}")
     check_folders(args.inbox, args.outbox)  # before loading anything
+    spec = parse_spec(args.method, NormSpec(args.norm))  # a bad spec: before any lock
+    hp = spec_hyperparameters([spec], args.hp, args.config, args.norm)
     inbox_lock = lock_inbox(args.inbox)  # one server per inbox, refused before any work
     try:
-        return _serve(args)
+        return _serve(args, hp[spec.key])
     finally:
         os.close(inbox_lock)
 
 
-def _serve(args) -> int:
+def _serve(args, hp: dict) -> int:
     from ..runtime.adaptive import AdaptiveModel, theta_digest
     from ..runtime.inbox import log_stderr, serve
-    from .common import hyperparameters
 
-    hp = hyperparameters(args, [args.method]) if args.hp or args.config else {}
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
     model = AdaptiveModel(args.artifacts, state, method=args.method, predictor=args.predictor,
@@ -111,7 +120,7 @@ def _serve(args) -> int:
                           checkpoint_every=args.checkpoint_every,
                           max_drift=args.max_drift if args.max_drift > 0 else None,
                           seed=args.seed, reset=args.reset, calibration=args.calibration,
-                          hyperparameters=hp.get(args.method))
+                          hyperparameters=hp, norm=args.norm)
     stop = threading.Event()
     previous = {}
     try:
