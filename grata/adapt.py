@@ -16,9 +16,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import metrics
-from .data import Sample, Skipped, stream_domain
+from .data import RoiOptions, Sample, Skipped, stream_domain
 from .errors import GrataError
 from .methods import METHODS, create
+from .photo import scored
 
 PROTOCOLS = ("domain", "episodic", "continual")
 
@@ -55,8 +56,12 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
         methods: list[str], protocol: str = "domain", seed: int = 0,
         on_image: Callable[[str, str, dict, np.ndarray, Sample], None] | None = None,
         on_domain: Callable[[list[Result]], None] | None = None,
-        progress: bool = True, hyperparameters: dict | None = None) -> list[Result]:
+        progress: bool = True, hyperparameters: dict | None = None,
+        roi: RoiOptions | None = None) -> list[Result]:
     """Adapt every method over every target domain; return one Result per pair.
+
+    `roi`: the images are whole photographs (see `grata.data.stream_domain`); each is
+    scored on its pasted-back full-size mask, and `pred` given to `on_image` is that mask.
 
     `on_image(method, target, row, pred, sample)` sees every scored image (overlays);
     `on_domain(results)` is called after each domain with all results so far, so a
@@ -71,7 +76,7 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
             for r in runners.values():
                 r.reset()
         per_method = {m: Result(m, target) for m in methods}
-        stream = stream_domain(data_root, target, size)
+        stream = stream_domain(data_root, target, size, roi=roi)
         bar = _bar(stream, target, progress)
         index = 0
         for item in bar:
@@ -106,8 +111,9 @@ def _score(method, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
     logits = engine.to_numpy(method.adapt(x, image=sample.image))[0]
     elapsed = time.perf_counter() - start
     pred = metrics.binarize(metrics.probs_from_logits(logits))
-    row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, sample.target),
-           "time_s": elapsed, **{k: float(v) for k, v in method.last.items()}}
+    pred, target, extra = scored(pred, sample)  # a whole photograph: its pasted-back mask
+    row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, target),
+           "time_s": elapsed, **{k: float(v) for k, v in method.last.items()}, **extra}
     return row, pred
 
 

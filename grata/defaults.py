@@ -45,3 +45,25 @@ def synthetic_root(progress: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def whole_root(progress: bool = True) -> Path:
+    """The synthetic whole-photograph benchmark (`grata.synth_whole`), generated once into
+    the cache (atomically)."""
+    from .synth import VERSION as CAMERA_VERSION
+    from .synth_whole import VERSION, generate_whole
+    root = cache_dir() / f"synth-whole-v{VERSION}.{CAMERA_VERSION}-seed{SYNTH_SEED}"
+    if (root / "synth.json").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".synth-whole-"))
+    try:
+        generate_whole(tmp, seed=SYNTH_SEED, progress=progress)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first: theirs is identical
+            if not (root / "synth.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
