@@ -345,9 +345,9 @@ def _photo_rgb(img: Image.Image, path) -> np.ndarray:
 def load_photo_pair(image_path, mask_path, limit: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """A whole photograph at its own resolution and its full-size target:
-    (uint8 [H, W, 3], bool [2, H, W]). The decoding limit applies as in `load_pair` (a
-    JPEG above it is decoded reduced, and its mask is then resized to match by nearest
-    neighbour); the mask must have the image's stored size."""
+    (uint8 [H, W, 3], bool [2, H, W]). The decoding limit applies as in `load_pair`;
+    the mask must have the image's stored size (and follows the image when it was
+    decoded reduced)."""
     img, img_size = _open(image_path, limit, reduce=True)
     mask, mask_size = _open(mask_path, limit)
     if img_size != mask_size:
