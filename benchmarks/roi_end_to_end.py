@@ -13,9 +13,12 @@ Both are scored on the whole-photograph mask against the full-size truth, so the
 difference is what localisation costs end to end. A photograph the localiser rejects has
 no mask: it counts as Dice 0 in ``auto`` (and is listed). Also per domain: the median
 centre error of the localiser in disc diameters and the share of photographs whose ROI
-holds the whole disc.
+holds the whole disc. ``--hostile artefact`` / ``--hostile uneven`` renders every
+photograph with a bright reflection near the FOV rim (strength 1.5) or a strong
+illumination slope (0.9), as the last rows of ``roi_accuracy.py``.
 
     OMP_NUM_THREADS=1 python benchmarks/roi_end_to_end.py [--n 16] [--methods source,bn,grata]
+        [--hostile artefact|uneven]
 """
 
 from __future__ import annotations
@@ -30,10 +33,34 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+from PIL import Image
 
 from grata import adapt, defaults, synth, synth_whole
 from grata.data import RoiOptions
 from grata.engines import engine_factory
+
+HOSTILE = {"artefact": {"artefact": 1.5, "uneven": 0.0},
+           "uneven": {"artefact": 0.0, "uneven": 0.9}}
+
+
+def write_hostile(root, kind: str, seed: int, n: int, width: int) -> None:
+    """Test photographs of every target domain, all with one hostile feature, in the CSV
+    layout with a ``synth.json`` of their true discs (seed + 1, as roi_accuracy.py)."""
+    root = Path(root)
+    discs = {}
+    for domain in synth_whole.TARGET_DOMAINS:
+        rows = ["image,mask"]
+        for i in range(n):
+            image, mask, info = synth_whole.render_whole(
+                synth_whole._rng(seed + 1, domain, "test", i), domain, width, **HOSTILE[kind])
+            rel = f"{domain}/{domain}_{i:04d}"
+            (root / domain).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / f"{rel}.png", compress_level=1)
+            Image.fromarray(mask).save(root / f"{rel}_mask.png")
+            rows.append(f"{rel}.png,{rel}_mask.png")
+            discs[f"{rel}.png"] = info
+        (root / f"{domain}_test.csv").write_text("\n".join(rows) + "\n")
+    (root / "synth.json").write_text(json.dumps({"discs": discs}))
 
 
 def truth_of(root) -> dict:
@@ -100,6 +127,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0, help="seed of the photographs")
     ap.add_argument("--methods", default="source,bn,grata")
+    ap.add_argument("--hostile", choices=sorted(HOSTILE), help="every photograph with a rim "
+                    "reflection or a strong illumination slope")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -107,12 +136,15 @@ def main() -> None:
                              arch=defaults.DEFAULT_ARCH)
     targets = list(synth_whole.TARGET_DOMAINS)
     with tempfile.TemporaryDirectory() as tmp:
-        synth_whole.generate_whole(tmp, seed=args.seed, n_source=(0, 0),
-                                   n_target=(0, args.n), size=args.width, progress=False)
+        if args.hostile:
+            write_hostile(tmp, args.hostile, args.seed, args.n, args.width)
+        else:
+            synth_whole.generate_whole(tmp, seed=args.seed, n_source=(0, 0),
+                                       n_target=(0, args.n), size=args.width, progress=False)
         rows = compare(factory, tmp, targets, defaults.DEFAULT_SIZE,
                        [m.strip() for m in args.methods.split(",")])
     print(f"whole photographs {args.width} x {round(args.width * synth_whole.ASPECT)}, "
-          f"seed {args.seed}, source {synth.SOURCE_DOMAIN}; Dice (%) = (OD + OC) / 2 on the "
+          f"seed {args.seed}{', all ' + args.hostile if args.hostile else ''}, source {synth.SOURCE_DOMAIN}; Dice (%) = (OD + OC) / 2 on the "
           f"whole-photograph mask")
     print(table(rows))
     for r in rows:

@@ -268,3 +268,11 @@ def test_the_decoding_limit_holds_for_photographs(whole, tmp_path, monkeypatch):
     monkeypatch.setenv("GRATA_MAX_PIXELS", "100000")  # 512 x 400 is above: skipped rows
     samples = list(stream_domain(whole, TARGET, SIZE, roi=RoiOptions()))
     assert len(samples) == 2 and all("decoding limit" in s.reason for s in samples)
+
+
+def test_help_teaches_whole_photographs(capsys):
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    text = capsys.readouterr().out
+    assert "--roi {none,auto}" in text and "grata adapt --whole --out" in text
+    assert "--roi-threshold" in text
