@@ -23,6 +23,11 @@ Conventions (see the specification, "Data conventions"):
   ``$GRATA_MAX_PIXELS``) is refused from its header, before any pixel is decoded; a JPEG
   image above it is decoded reduced (1/2 to 1/8, libjpeg's DCT scaling) when that brings
   it under the limit. Below the limit images decode in full, as the reference does.
+- whole photographs (``stream_domain(..., roi=RoiOptions())``): read at their own
+  resolution under the same limit, the disc localised (`grata.roi`) and the benchmark's
+  ROI cut and read like a crop file; the sample keeps the full-size truth and the box
+  (``Sample.photo``) so the prediction is scored pasted back; a photograph whose disc is
+  not found is skipped with the reason.
 - reasons are one line; file names in them are quoted (``repr``: newlines, control
   characters and undecodable bytes escaped), and never an object's repr.
 - layouts: the CSV layout of the reference (``<Domain>_train.csv`` then
