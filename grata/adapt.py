@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
-from .data import Sample, Skipped, stream_domain
+from .data import RoiOptions, Sample, Skipped, stream_domain
 from .errors import GrataError
 from .methods import create
 from .specs import RunSpec, parse_specs
+from .photo import scored
 
 PROTOCOLS = ("domain", "episodic", "continual")
 
@@ -115,11 +116,13 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
         on_image: Callable[[str, str, dict, np.ndarray, Sample], None] | None = None,
         on_domain: Callable[[list[Result]], None] | None = None,
         progress: bool = True, hyperparameters: dict | None = None, norm="sample",
-        gate_config=None) -> list[Result]:
+        gate_config=None, roi: RoiOptions | None = None) -> list[Result]:
     """Adapt every method spec over every target domain; return one Result per pair.
 
     `methods` are specs (``grata``, ``grata@mix:0.2``, ``bn+gate``); a plain name runs
     under `norm`. `hyperparameters` are keyed by spec key or method name (the key wins).
+    `roi`: the images are whole photographs (see `grata.data.stream_domain`); each is
+    scored on its pasted-back full-size mask, and `pred` given to `on_image` is that mask.
     `on_image(key, target, row, pred, sample)` sees every scored image (overlays);
     `on_domain(results)` is called after each domain with all results so far, so a
     caller can save partial reports and never lose finished work.
@@ -135,7 +138,7 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
             for r in runners.values():
                 r.reset()
         per_method = {m: Result(m, target) for m in methods}
-        stream = stream_domain(data_root, target, size)
+        stream = stream_domain(data_root, target, size, roi=roi)
         bar = _bar(stream, target, progress)
         index = 0
         for item in bar:
@@ -170,8 +173,9 @@ def _score(runner: Runner, sample: Sample, index: int) -> tuple[dict, np.ndarray
     logits, decision = runner.adapt(x, sample.image)
     elapsed = time.perf_counter() - start
     pred = metrics.binarize(metrics.probs_from_logits(logits))
-    row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, sample.target),
-           "time_s": elapsed, **{k: float(v) for k, v in runner.last.items()}}
+    pred, target, extra = scored(pred, sample)  # a whole photograph: its pasted-back mask
+    row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, target),
+           "time_s": elapsed, **{k: float(v) for k, v in runner.last.items()}, **extra}
     if decision:
         row.update({"gate": decision["chosen"], "gate_reason": decision["reason"],
                     "gate_fallback": decision["stream_fallback"]})

@@ -23,6 +23,11 @@ Conventions (see the specification, "Data conventions"):
   ``$GRATA_MAX_PIXELS``) is refused from its header, before any pixel is decoded; a JPEG
   image above it is decoded reduced (1/2 to 1/8, libjpeg's DCT scaling) when that brings
   it under the limit. Below the limit images decode in full, as the reference does.
+- whole photographs (``stream_domain(..., roi=RoiOptions())``): read at their own
+  resolution under the same limit, the disc localised (`grata.roi`) and the benchmark's
+  ROI cut and read like a crop file; the sample keeps the full-size truth and the box
+  (``Sample.photo``) so the prediction is scored pasted back; a photograph whose disc is
+  not found is skipped with the reason.
 - reasons are one line; file names in them are quoted (``repr``: newlines, control
   characters and undecodable bytes escaped), and never an object's repr.
 - layouts: the CSV layout of the reference (``<Domain>_train.csv`` then
@@ -40,13 +45,14 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image
 
+from . import roi as roi_mod
 from .errors import DataError, GrataError
 
 _SPLITS = ("train", "test")
@@ -64,12 +70,38 @@ class Entry:
     mask_path: Path
 
 
+@dataclass(frozen=True)
+class Photo:
+    """What a whole photograph's sample carries besides its crop: where the crop came from
+    and the full-size truth the pasted-back prediction is scored against."""
+
+    box: tuple[int, int, int, int]  # the ROI in pixels of the photograph (may leave it)
+    shape: tuple[int, int]          # (H, W) of the photograph as decoded
+    target: np.ndarray              # bool [2, H, W]: disc (incl. cup), cup
+    pixels: np.ndarray              # uint8 [H, W, 3]: the photograph (overlays)
+    record: dict                    # grata.roi.record: box, score, centre, radius, FOV
+
+
 @dataclass
 class Sample:
     name: str
     image: np.ndarray   # float32 [3, S, S] in [0, 1]
     target: np.ndarray  # float32 [2, S, S] in {0, 1}: disc (incl. cup), cup
     image_path: Path
+    photo: Photo | None = None  # set when the image is a crop of a whole photograph
+
+
+@dataclass(frozen=True)
+class RoiOptions:
+    """How whole photographs become the model's crops (`stream_domain(..., roi=)`).
+
+    ``threshold``: localisation score below which a photograph is skipped with its reason
+    (never segmented blindly). ``discs``: a known disc per image name (``cx``, ``cy`` and
+    ``fov`` with ``d``, as ``synth.json`` records them) used instead of localising: the
+    crop at the true disc, which a benchmark compares the localiser against."""
+
+    threshold: float = roi_mod.SCORE_THRESHOLD
+    discs: Mapping[str, dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +332,77 @@ def load_pair(image_path, mask_path, size: int, limit: int | None = None
     return _image_array(img, size, quote(image_path)), _mask_array(mask, size, mask_path)
 
 
+def _photo_rgb(img: Image.Image, path) -> np.ndarray:
+    """The photograph as uint8 [H, W, 3] (wide grey scaled by its own range)."""
+    if img.mode in _WIDE_MODES:
+        v = np.asarray(img, dtype=np.float32)
+        lo, hi = float(v.min()), float(v.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise DataError(path, "cannot read image: non-finite pixel values")
+        v = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo) * 255.0
+        return np.repeat(np.round(v).astype(np.uint8)[..., None], 3, axis=2)
+    try:
+        return np.asarray(img.convert("RGB"))
+    except ValueError as e:
+        raise DataError(path, f"cannot read image: mode {img.mode}: {_one_line(e)}") from None
+
+
+def load_photo_pair(image_path, mask_path, limit: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A whole photograph at its own resolution and its full-size target:
+    (uint8 [H, W, 3], bool [2, H, W]). The decoding limit applies as in `load_pair`;
+    the mask must have the image's stored size (and follows the image when it was
+    decoded reduced)."""
+    img, img_size = _open(image_path, limit, reduce=True)
+    mask, mask_size = _open(mask_path, limit)
+    if img_size != mask_size:
+        raise DataError(quote(mask_path), f"mask is {mask_size[0]}x{mask_size[1]} but "
+                                          f"image {quote(image_path)} is "
+                                          f"{img_size[0]}x{img_size[1]}")
+    pixels = _photo_rgb(img, quote(image_path))
+    grey = np.asarray(_mask_grey(mask, mask_path))
+    try:
+        convention = mask_convention(grey)
+    except ValueError as e:
+        raise DataError(quote(mask_path), str(e)) from None
+    levels = Image.fromarray(_spec_levels(grey, convention), mode="L")
+    if levels.size != img.size:  # the image was decoded reduced
+        levels = levels.resize(img.size, Image.NEAREST)
+    v = np.asarray(levels)
+    return pixels, np.stack([v < 255, v == 0])
+
+
+def photo_input(crop: np.ndarray, size: int) -> np.ndarray:
+    """A crop of a photograph (uint8 [h, w, 3]) -> the model's input float32 [3, S, S]:
+    bilinear resize and min-max scaling, exactly as `load_image` reads a crop file."""
+    return _image_array(Image.fromarray(np.ascontiguousarray(crop)), size, "<crop>")
+
+
+def photo_sample(name: str, pixels: np.ndarray, target: np.ndarray, size: int,
+                 roi: RoiOptions, image_path=None) -> Sample:
+    """A whole photograph as a Sample: localise the disc (or take ``roi.discs[name]``),
+    cut the ROI, resize it to S. Raises grata.roi.RoiRejected below ``roi.threshold``."""
+    known = (roi.discs or {}).get(name)
+    if known is not None:
+        info = {"cx": float(known["cx"]), "cy": float(known["cy"]),
+                "r": float(known.get("r", float("nan"))), "score": 1.0,
+                "fov": {k: float(known["fov"][k]) for k in ("cx", "cy", "d")},
+                "reason": "known disc"}
+        box = roi_mod.roi_box(pixels.shape, info, info["fov"])
+        crop = roi_mod.crop(pixels, box)
+    else:
+        crop, box, info = roi_mod.prepare(pixels, roi.threshold)
+    crop_target = np.stack([roi_mod.crop(t.astype(np.uint8), box) for t in target])
+    # The crop's own target (scored nowhere: metrics use the full-size one) keeps Sample's
+    # [2, S, S] contract for callers that look at it.
+    small = np.stack([np.asarray(Image.fromarray(t * 255).resize((size, size), Image.NEAREST))
+                      for t in crop_target]) > 127
+    photo = Photo(tuple(int(v) for v in box), tuple(pixels.shape[:2]), target, pixels,
+                  roi_mod.record(info, box))
+    return Sample(name, photo_input(crop, size), small.astype(np.float32), Path(image_path or name),
+                  photo)
+
+
 def to_mask_png(pred) -> np.ndarray:
     """Prediction [2, H, W] (bool or probabilities, threshold 0.5) -> uint8 [H, W] mask
     in the file encoding: 255 background, 128 rim, 0 cup (a cup pixel outside the disc
@@ -512,15 +615,31 @@ def domain_entries(root, domain: str, splits=_SPLITS
             [(i.name, i.reason) for i in items if isinstance(i, Skipped)])
 
 
-def stream_domain(root, domain: str, size: int, splits=_SPLITS
+def stream_domain(root, domain: str, size: int, splits=_SPLITS, roi: RoiOptions | None = None
                   ) -> Iterator[Sample | Skipped]:
     """Samples of a target domain in streaming order; a file that cannot be listed or
-    read becomes a Skipped in its place instead of stopping the stream."""
+    read becomes a Skipped in its place instead of stopping the stream.
+
+    With ``roi`` every image is a whole photograph: read at its own resolution, its disc
+    localised and the benchmark's ROI cut and resized to S (`photo_sample`); the sample
+    carries the full-size truth (``sample.photo``). A photograph whose disc is not found
+    is a Skipped with the reason."""
     for item in _listing(root, domain, splits):
         if isinstance(item, Skipped):
             yield item
             continue
         try:
+            if roi is not None:
+                pixels, full = load_photo_pair(item.image_path, item.mask_path)
+                try:
+                    sample = photo_sample(item.name, pixels, full, size, roi, item.image_path)
+                except roi_mod.RoiRejected as e:
+                    sample = Skipped(item.name, f"optic disc not found: {e.reason} "
+                                                f"(score {e.info.get('score', 0.0):.2f})")
+                except GrataError as e:  # e.g. a photograph too small to be one
+                    sample = Skipped(item.name, f"{quote(item.image_path)}: {e}")
+                yield sample
+                continue
             image, target = load_pair(item.image_path, item.mask_path, size)
         except DataError as e:
             yield Skipped(item.name, str(e))

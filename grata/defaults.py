@@ -27,14 +27,28 @@ def checkpoint() -> Path:
 
 
 def synthetic_root(progress: bool = True) -> Path:
-    """The synthetic benchmark, generated once into the cache (atomically)."""
-    from .synth import VERSION
-    root = cache_dir() / f"synth-v{VERSION}-seed{SYNTH_SEED}"
+    """The synthetic benchmark of crops (`grata.synth`), generated once into the cache."""
+    from .synth import VERSION, generate
+    return _generated(f"synth-v{VERSION}-seed{SYNTH_SEED}", generate, progress)
+
+
+def whole_root(progress: bool = True) -> Path:
+    """The synthetic whole-photograph benchmark (`grata.synth_whole`), generated once into
+    the cache."""
+    from .synth import VERSION as CAMERA_VERSION
+    from .synth_whole import VERSION, generate_whole
+    return _generated(f"synth-whole-v{VERSION}.{CAMERA_VERSION}-seed{SYNTH_SEED}",
+                      generate_whole, progress)
+
+
+def _generated(name: str, generate, progress: bool) -> Path:
+    """cache_dir()/name, written by `generate(folder, seed=, progress=)` beside it and
+    renamed into place, so a reader never sees a half-written benchmark."""
+    root = cache_dir() / name
     if (root / "synth.json").exists():
         return root
-    from .synth import generate
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".synth-"))
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{name}-"))
     try:
         generate(tmp, seed=SYNTH_SEED, progress=progress)
         try:
@@ -45,6 +59,7 @@ def synthetic_root(progress: bool = True) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
 
 # The product defaults of `grata adapt` and `grata serve`, in one place. DEFAULT_NORM is the
 # statistics rule of every method given without one (`grata.norm`); `sample` is the paper's

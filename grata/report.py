@@ -138,3 +138,29 @@ def plot_stream(report: dict, path, width: int = 900, height: int = 420) -> None
             d.line(pts, fill=c, width=2)
         d.text((x1 + 10, y0 + 16 * k), m, fill=c)
     save_png_atomic(img, path)
+
+
+OVERLAY_WIDTH = 1024  # a whole photograph's overlay is at most this wide
+BOX_COLOUR = (255, 64, 0)
+
+
+def photo_overlay(pixels: np.ndarray, pred: np.ndarray, target: np.ndarray | None, box,
+                  width: int = OVERLAY_WIDTH) -> Image.Image:
+    """A whole photograph's overlay: the photograph (uint8 [H, W, 3]) downscaled to at
+    most ``width`` px wide with its aspect kept, the pasted-back prediction and the truth
+    ([2, H, W]) drawn as by `overlay`, and the ROI ``box`` (x0, y0, x1, y1) outlined."""
+    H, W = pixels.shape[:2]
+    k = min(1.0, width / W)
+    w, h = max(1, round(W * k)), max(1, round(H * k))
+    small = np.asarray(Image.fromarray(pixels).resize((w, h), Image.BILINEAR))
+
+    def shrink(m):
+        return np.stack([np.asarray(Image.fromarray(c.astype(np.uint8) * 255).resize(
+            (w, h), Image.NEAREST)) > 127 for c in np.asarray(m) >= 0.5])
+
+    img = overlay(small.transpose(2, 0, 1) / 255.0, shrink(pred),
+                  None if target is None else shrink(target))
+    x0, y0, x1, y1 = (v * k for v in box)
+    ImageDraw.Draw(img).rectangle([x0, y0, x1 - 1, y1 - 1], outline=BOX_COLOUR,
+                                  width=max(2, round(w / 400)))
+    return img

@@ -22,6 +22,7 @@ from .common import (
     model_choice,
 )
 from .report import add_html_args
+from .roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
 
 EPILOG = """\
 examples:
@@ -44,7 +45,8 @@ surface distance, skipped files with reasons, per-image rows; "config": everythi
 needed to run it again); --overlays writes DIR/overlays/<method>/<target>/*.png
 (':' in a method spec becomes '_' there),
 --plot writes DIR/dice_stream.png.
-"""
+
+""" + ROI_HELP
 
 
 def register(subparsers) -> dict:
@@ -87,6 +89,7 @@ def register(subparsers) -> dict:
     a.add_argument("--overlays", action="store_true", help="write PNG overlays per image")
     a.add_argument("--plot", action="store_true", help="write a Dice-over-stream PNG")
     add_html_args(a, "OUT")
+    add_roi_args(a)
     add_quiet(a)
     a.add_argument("--out", required=True, type=Path, help="output folder")
     return {"adapt": cmd_adapt}
@@ -103,9 +106,7 @@ def cmd_adapt(args) -> int:
     from ..report import (
         build_report,
         format_table,
-        overlay,
         plot_stream,
-        save_png_atomic,
         write_json_atomic,
     )
     from ..run_config import run_config
@@ -116,7 +117,8 @@ def cmd_adapt(args) -> int:
     hp = spec_hyperparameters(specs, args.hp, args.config, args.norm)
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
-    root = data_root(args.data, not args.quiet)
+    whole, roi = roi_choice(args, not args.quiet)  # whole photographs: --roi auto / --whole
+    root = whole or data_root(args.data, not args.quiet)
     source = args.source
     if source is None and args.data is None:
         from ..synth import SOURCE_DOMAIN
@@ -145,16 +147,16 @@ def cmd_adapt(args) -> int:
     config = run_config(seed=args.seed, size=size, engine=args.engine, device=args.device,
                         methods=hp, norm=args.norm, specs=specs, gate=gate, **identity,
                         protocol=args.protocol, data=str(root), source=source,
-                        targets=targets, checkpoint=str(checkpoint), arch=arch)
+                        targets=targets, checkpoint=str(checkpoint), arch=arch,
+                        **roi_config(roi))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     def on_image(method, target, row, pred, sample):
         if args.overlays:
             stem = Path(sample.name).stem
-            save_png_atomic(overlay(sample.image, pred, sample.target),
-                            out / "overlays" / folder_name(method) / target
-                            / f"{row['index']:04d}_{stem}.png")
+            save_overlay(sample, pred, out / "overlays" / folder_name(method) / target
+                         / f"{row['index']:04d}_{stem}.png")
 
     def on_domain(results):
         write_json_atomic(out / "report.json", build_report(results, config, complete=False))
@@ -162,7 +164,7 @@ def cmd_adapt(args) -> int:
     start = time.perf_counter()
     results = run(factory, root, targets, size, args.methods, args.protocol, args.seed,
                   on_image=on_image, on_domain=on_domain, progress=not args.quiet,
-                  hyperparameters=hp, norm=args.norm, gate_config=gate)
+                  hyperparameters=hp, norm=args.norm, gate_config=gate, roi=roi)
     report = build_report(results, config, complete=True)
     report["elapsed_s"] = time.perf_counter() - start
     write_json_atomic(out / "report.json", report)
