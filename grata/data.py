@@ -372,6 +372,15 @@ def load_photo_pair(image_path, mask_path, limit: int | None = None
     return pixels, np.stack([v < 255, v == 0])
 
 
+def load_photo(path, limit: int | None = None) -> np.ndarray:
+    """A whole photograph (a path or a binary file object) at its own resolution: uint8
+    [H, W, 3]. The decoding limit applies as in `load_image` (JPEG decoded reduced when
+    that fits)."""
+    img, _ = _open(path, limit, reduce=True)
+    with img:
+        return _photo_rgb(img, quote(path))
+
+
 def photo_input(crop: np.ndarray, size: int) -> np.ndarray:
     """A crop of a photograph (uint8 [h, w, 3]) -> the model's input float32 [3, S, S]:
     bilinear resize and min-max scaling, exactly as `load_image` reads a crop file."""

@@ -167,12 +167,14 @@ class AdaptiveModel:
                  threads: int | None = None, checkpoint_every: int = 1,
                  max_drift: float | None = DEFAULT_MAX_DRIFT, seed: int = 0,
                  reset: bool = False, calibration=None, cache_dir=None, verify: bool = True,
-                 hyperparameters: dict | None = None, norm=DEFAULT_NORM, gate=None):
+                 hyperparameters: dict | None = None, norm=DEFAULT_NORM, gate=None,
+                 roi=None):
         from ..gate import Gate, GateConfig
         from ..methods import create, resolved_hyperparameters
         from ..specs import parse_spec
 
         self.spec = parse_spec(method, norm)
+        self.roi = roi  # grata.data.RoiOptions: the images are whole photographs
         hyperparameters = resolved_hyperparameters(self.spec.method, hyperparameters)
         if int(checkpoint_every) < 1:
             raise GrataError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
@@ -215,7 +217,9 @@ class AdaptiveModel:
                 methods={self.spec.key: hyperparameters}, norm=NormSpec(norm),
                 specs=[self.spec], gate=self.gate.config if self.gate else None,
                 predictor=self.predictor.name, precision=self.predictor.precision,
-                max_drift=self.max_drift, checkpoint_every=self.checkpoint_every)
+                max_drift=self.max_drift, checkpoint_every=self.checkpoint_every,
+                roi="auto" if roi is not None else "none",
+                **({"roi_threshold": roi.threshold} if roi is not None else {}))
             self.n_images = 0
             self.theta_version = 0
             self.last_key: str | None = None
@@ -253,7 +257,7 @@ class AdaptiveModel:
         in [0, 1]), then predict it at the adapted theta. Raises `DataError` for an
         unusable image (the state is then as before)."""
         t0 = time.perf_counter()
-        img, name, size_wh = self._load(image, name)
+        img, name, size_wh, photo = self._load(image, name)
         x = self.engine.to_input(img)
         t_load = time.perf_counter() - t0
         e, m = self.engine, self.method
@@ -301,7 +305,7 @@ class AdaptiveModel:
         if decision is not None:
             timings["gate"] = t_gate
         out = self._result(img, logits, name, key, size_wh, resets, timings,
-                           recovered=False, gate=decision)
+                           recovered=False, gate=decision, photo=photo)
         if self.state_dir is not None and self.n_images % self.checkpoint_every == 0:
             self.checkpoint()
         return out
@@ -326,7 +330,7 @@ class AdaptiveModel:
         adapting (the state does not change; the gate judges on a copy of its window)."""
         import copy
         t0 = time.perf_counter()
-        img, name, size_wh = self._load(image, name)
+        img, name, size_wh, photo = self._load(image, name)
         x = self.engine.to_input(img)
         t_load = time.perf_counter() - t0
         e = self.engine
@@ -348,7 +352,7 @@ class AdaptiveModel:
                 e.load_norm_state(now)
         return self._result(img, logits, name, key, size_wh, [],
                             {"load": t_load, "adapt": 0.0, "predict": t_predict},
-                            recovered=True, gate=decision)
+                            recovered=True, gate=decision, photo=photo)
 
     def reset(self) -> None:
         """Back to the source theta: fresh moments, step count and augmentation stream
@@ -394,7 +398,7 @@ class AdaptiveModel:
                                                   f"{list(img.shape)}")
             if not np.isfinite(img).all():
                 raise DataError(name or "array", "image has non-finite values")
-            return img, name or "array", (S, S)
+            return img, name or "array", (S, S), None
         if isinstance(image, (bytes, bytearray)):
             data, name = bytes(image), name or "image"
         else:
@@ -404,23 +408,47 @@ class AdaptiveModel:
                 data = path.read_bytes()
             except OSError as exc:
                 raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+        if self.roi is not None:
+            return self._load_photo(data, name)
         try:
             img = load_image(io.BytesIO(data), S)
         except DataError as exc:
             raise DataError(name, exc.problem) from None
         with Image.open(io.BytesIO(data)) as im:
             size_wh = im.size
-        return img, name, size_wh
+        return img, name, size_wh, None
+
+    def _load_photo(self, data: bytes, name: str):
+        """A whole photograph: the disc localised, the ROI cut and resized to S. A
+        photograph whose disc is not found is a DataError (rejected with the reason)."""
+        from ..data import load_photo, photo_sample
+        from ..roi import RoiRejected
+        try:
+            pixels = load_photo(io.BytesIO(data))
+            empty = np.zeros((2,) + pixels.shape[:2], bool)  # no truth when serving
+            sample = photo_sample(name, pixels, empty, self.size, self.roi)
+        except DataError as exc:
+            raise DataError(name, exc.problem) from None
+        except RoiRejected as exc:
+            raise DataError(name, exc.reason) from None
+        H, W = pixels.shape[:2]
+        return sample.image, name, (W, H), sample.photo
 
     def _result(self, img, logits, name, key, size_wh, resets, timings, recovered,
-                gate: dict | None = None) -> dict:
+                gate: dict | None = None, photo=None) -> dict:
         from PIL import Image
 
         from ..data import to_mask_png
         from ..metrics import binarize, probs_from_logits, vertical_cdr
         pred = binarize(probs_from_logits(np.asarray(logits, np.float32)[0]))
-        mask = to_mask_png(pred)
-        if tuple(size_wh) != (self.size, self.size):  # back to the picture's own size
+        full = None
+        if photo is not None:  # a whole photograph: the crop's mask pasted back in its box
+            from ..photo import paste_prediction
+            full = paste_prediction(pred, photo.box, photo.shape)
+            mask = to_mask_png(full)
+        else:
+            mask = to_mask_png(pred)
+        if photo is None and tuple(size_wh) != (self.size, self.size):  # the picture's size
             mask = np.asarray(Image.fromarray(mask).resize(tuple(size_wh), Image.NEAREST))
         disc, cup = mask < 255, mask == 0
         m = self.method
@@ -443,7 +471,10 @@ class AdaptiveModel:
         }
         if gate is not None:  # which prediction was served, why, and both scores
             record["gate"] = gate
-        return {"record": record, "mask": mask, "pred": pred, "logits": logits, "image": img}
+        if photo is not None:  # where the disc was found and the ROI cut
+            record["roi"] = photo.record
+        return {"record": record, "mask": mask, "pred": pred, "logits": logits, "image": img,
+                "photo": photo, "pred_full": full}
 
     def _calibration_images(self, folder: Path) -> list[np.ndarray]:
         from ..data import load_image

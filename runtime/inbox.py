@@ -486,13 +486,15 @@ def _serve_image(path, name, data, digest, key, sig, outbox, processed, model, c
         result = model.recover(data, name=shown, key=key)
     else:
         result = model.process(data, name=shown, key=key)
-    from ..report import overlay
+    from ..report import overlay, photo_overlay
     t0 = time.perf_counter()
     from PIL import Image
     files = {"mask": f"{key}.mask.png", "overlay": f"{key}.overlay.png"}
     write_atomic(outbox / files["mask"], _png_bytes(Image.fromarray(result["mask"])))
-    write_atomic(outbox / files["overlay"], _png_bytes(overlay(result["image"],
-                                                               result["pred"])))
+    photo = result.get("photo")
+    picture = (overlay(result["image"], result["pred"]) if photo is None else
+               photo_overlay(photo.pixels, result["pred_full"], None, photo.box))
+    write_atomic(outbox / files["overlay"], _png_bytes(picture))
     record = dict(result["record"])
     record["image"] = shown
     if shown != name:  # not UTF-8: the exact bytes too
