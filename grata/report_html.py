@@ -380,6 +380,10 @@ def _serve_row(n: int, r: dict, outbox: Path, threshold: float) -> str:
     ent, losses = _confidence(r)
     guards = "; ".join(f"{g.get('reason', '?')}: {g.get('action', '')}"
                        for g in r.get("resets") or [])
+    gate = r.get("gate") if isinstance(r.get("gate"), dict) else None
+    if gate and gate.get("chosen") == "source":  # the safety gate served the source model
+        guards = "; ".join(x for x in (guards, f"gate: source model served "
+                                               f"({gate.get('reason', '?')})") if x)
     if r.get("recovered"):
         guards = "; ".join(x for x in (guards, "recovered after a restart (prediction only)")
                            if x)

@@ -441,12 +441,16 @@ def test_serve_rows_flags_and_guards_by_hand(tmp_path):
             serve_record("b.png", 0.75, "2026-01-01T10:00:01.000+00:00",
                          [{"reason": "drift", "action": "restored the last good theta"}]),
             serve_record("c.png", None, "2026-01-01T10:00:02.000+00:00")]
+    recs[2]["gate"] = {"chosen": "source", "reason": "source agrees better"}
+    recs[0]["gate"] = {"chosen": "adapted", "reason": "kept"}
     dom = Dom(render_serve(recs, tmp_path))
     (table,) = dom.tables.values()
     head = [c["text"] for c in table["head"][0]]
     rows = [{h: c for h, c in zip(head, r)} for r in table["body"]]
     assert ["flag" in r["vCDR"]["class"] for r in rows] == [False, True, False]
     assert rows[1]["guards"]["text"] == "drift: restored the last good theta"
+    assert rows[2]["guards"]["text"] == "gate: source model served (source agrees better)"
+    assert rows[0]["guards"]["text"] == ""  # the gate kept the adapted prediction
     assert rows[0]["total ms"]["text"] == "24.0" and rows[2]["vCDR"]["text"] == "\u2013"
     assert rows[0]["overlay"]["imgs"] == []  # a missing overlay file is said, not broken
 
