@@ -61,7 +61,8 @@ def test_product_default_does_no_harm_where_the_paper_setting_does(stream):
     hp = product.hyperparameters(methods)
     got = _dice(run(_model, stream, TARGETS, defaults.DEFAULT_SIZE, ["source", *methods],
                     seed=0, progress=False, hyperparameters=hp))
-    # The statistics rule reached the methods (adapt.run passes `norm` to create()).
+    # The paper's run differs from the product's grata only by `norm` and `beta` in the
+    # hyperparameters: the harm below shows they reach the method through adapt.run.
     paper = _dice(run(_model, stream, TARGETS, defaults.DEFAULT_SIZE, ["grata"], seed=0,
                       progress=False, hyperparameters={"grata": {"norm": "sample",
                                                                  "beta": 1e-4}}))
