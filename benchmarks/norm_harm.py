@@ -9,9 +9,10 @@ BatchNorm statistics taken from
 - ``mix a``: both mixed, mu = (1-a) mu_src + a mu_img and
   var = (1-a) var_src + a var_img + a (1-a) (mu_img - mu_src)^2.
 
-No adaptation step: it isolates what the statistics alone do. The mixing here is a local
-forward override of each Norm2d, for this measurement only (a = 0 gives source's logits
-and a = 1 bn's, to float32 rounding).
+No adaptation step: it isolates what the statistics alone do. The rules are the model's
+own statistics modes (`grata.models.set_norm_mode`: ``running``, ``sample``, ``mix`` with
+weight a; the arithmetic of `grata.norm`), the same ones every method and engine uses, so
+``mix a`` here is ``--norm mix:a`` there (a = 0 gives source's logits and a = 1 bn's).
 
     python benchmarks/norm_harm.py [--data ROOT] [--mix 0.1,0.2,0.5] [--json out.json]
 """
@@ -21,36 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 
 import numpy as np
 import torch
 
 from grata import data, defaults, metrics
 from grata.errors import GrataError
-from grata.models import load_checkpoint, norm_layers, set_norm_mode
-
-
-def _mixed_forward(a: float):
-    def forward(self, x):
-        mu_img = x.mean((2, 3))                          # [N, C]
-        var_img = x.var((2, 3), unbiased=False)
-        mu_src, var_src = self.running_mean[None], self.running_var[None]
-        mu = (1 - a) * mu_src + a * mu_img
-        var = (1 - a) * var_src + a * var_img + a * (1 - a) * (mu_img - mu_src) ** 2
-        scale = self.weight[None] / torch.sqrt(var + self.eps)
-        return (x - mu[..., None, None]) * scale[..., None, None] + self.bias[:, None, None]
-    return forward
+from grata.models import load_checkpoint, set_norm_mode
 
 
 def set_statistics(model, rule: str, a: float | None = None) -> None:
-    """rule: 'source', 'bn' or 'mix' (with weight a)."""
-    for _, m in norm_layers(model):
-        m.__dict__.pop("forward", None)  # undo an earlier mix override
-    set_norm_mode(model, {"source": "running", "bn": "sample", "mix": "running"}[rule])
+    """rule: 'source', 'bn' or 'mix' (with weight a), as the model's statistics mode."""
     if rule == "mix":
-        for _, m in norm_layers(model):
-            m.forward = types.MethodType(_mixed_forward(a), m)
+        set_norm_mode(model, "mix", alpha=a)
+    else:
+        set_norm_mode(model, {"source": "running", "bn": "sample"}[rule])
 
 
 def domain_dice(model, samples, batch: int = 16) -> np.ndarray:

@@ -1,16 +1,16 @@
-"""benchmarks/norm_harm.py: its mixed statistics are the mixture's moments, a = 0 and
-a = 1 are the source and per-image rules, and the table runs on a small benchmark."""
+"""benchmarks/norm_harm.py: its rules are the model's statistics modes (a = 0 and a = 1 of
+``mix`` are the source and per-image rules; the mixture's arithmetic is tested in
+test_norm.py), and the table runs on a small benchmark."""
 
 import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from grata import defaults
-from grata.models import Norm2d, load_checkpoint
+from grata.models import load_checkpoint
 from grata.synth import generate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "norm_harm.py"
@@ -22,36 +22,6 @@ def norm_harm():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class _One(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.bn = Norm2d(4)
-
-
-def test_mixed_statistics_are_the_moments_of_the_mixture(norm_harm):
-    torch.manual_seed(0)
-    net = _One().double()
-    bn = net.bn
-    bn.running_mean.copy_(torch.randn(4))
-    bn.running_var.copy_(torch.rand(4) + 0.5)
-    bn.weight.data.copy_(torch.randn(4))
-    bn.bias.data.copy_(torch.randn(4))
-    x = torch.randn(2, 4, 5, 6, dtype=torch.float64) * 2 + 1
-    a = 0.3
-    norm_harm.set_statistics(net, "mix", a)
-    got = net.bn(x).detach().numpy()
-    # Reference from first and second moments: E[x^2] of the mixture, minus its mean^2.
-    xn = x.numpy()
-    m_img, m2_img = xn.mean((2, 3)), (xn ** 2).mean((2, 3))
-    m_src = bn.running_mean.numpy()[None]
-    m2_src = bn.running_var.numpy()[None] + m_src ** 2
-    mu = (1 - a) * m_src + a * m_img
-    var = (1 - a) * m2_src + a * m2_img - mu ** 2
-    want = ((xn - mu[..., None, None]) / np.sqrt(var[..., None, None] + bn.eps)
-            * bn.weight.detach().numpy()[:, None, None] + bn.bias.detach().numpy()[:, None, None])
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_mix_ends_are_source_and_bn_on_the_shipped_model(norm_harm):
