@@ -59,11 +59,3 @@ def _generated(name: str, generate, progress: bool) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-# The product defaults of `grata adapt` and `grata serve`, in one place. DEFAULT_NORM is the
-# statistics rule of every method given without one (`grata.norm`); `sample` is the paper's
-# setting, kept until the measured default replaces it.
-ADAPT_METHODS = ("source", "bn", "tent", "grata")
-SERVE_METHOD = "grata"
-DEFAULT_NORM = "sample"

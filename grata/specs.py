@@ -83,11 +83,12 @@ def parse_specs(items, default_norm="sample") -> list[RunSpec]:
 
 
 def spec_hyperparameters(specs: list[RunSpec], hp_items=(), config: Path | None = None,
-                         default_norm="sample") -> dict[str, dict]:
-    """{spec key: full hyperparameters} from a TOML file (tables per method name or spec
-    key) and ``--hp KEY.NAME=VALUE`` items (which win); a spec's own entries win over its
-    method's. A key naming nothing in the run, a misspelt name or a bad value is a
-    GrataError."""
+                         default_norm="sample", base: dict | None = None) -> dict[str, dict]:
+    """{spec key: full hyperparameters} from `base` ({method: {name: value}}: defaults
+    that replace the constructors' own, e.g. the product's), a TOML file (tables per
+    method name or spec key) and ``--hp KEY.NAME=VALUE`` items (which win); a spec's own
+    entries win over its method's. A key naming nothing in the run, a misspelt name or a
+    bad value is a GrataError."""
     from .methods.hyperparameters import load_config, resolved_hyperparameters
     given: dict[str, dict] = {}
 
@@ -118,8 +119,8 @@ def spec_hyperparameters(specs: list[RunSpec], hp_items=(), config: Path | None 
         given.setdefault(target(method, "--hp"), {})[name] = value.strip()
     out = {}
     for s in specs:
-        merged = {**given.get(s.method, {}), **(given.get(s.key, {}) if s.key != s.method
-                                                else {})}
+        merged = {**(base or {}).get(s.method, {}), **given.get(s.method, {}),
+                  **(given.get(s.key, {}) if s.key != s.method else {})}
         out[s.key] = resolved_hyperparameters(s.method, merged)
     return out
 

@@ -53,7 +53,6 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import remove_temp_files, write_atomic
-from ..defaults import DEFAULT_NORM, SERVE_METHOD
 from ..digest import array_sha256
 from ..errors import DataError, GrataError
 from ..norm import NormSpec
@@ -162,12 +161,12 @@ class AdaptiveModel:
     the gate of a ``+gate`` spec.
     """
 
-    def __init__(self, artifacts, state_dir=None, method: str = SERVE_METHOD,
+    def __init__(self, artifacts, state_dir=None, method: str = "grata",
                  predictor: str = "auto", *, device: str = "auto", precision: str | None = None,
                  threads: int | None = None, checkpoint_every: int = 1,
                  max_drift: float | None = DEFAULT_MAX_DRIFT, seed: int = 0,
                  reset: bool = False, calibration=None, cache_dir=None, verify: bool = True,
-                 hyperparameters: dict | None = None, norm=DEFAULT_NORM, gate=None,
+                 hyperparameters: dict | None = None, norm="sample", gate=None,
                  roi=None):
         from ..gate import Gate, GateConfig
         from ..methods import create, resolved_hyperparameters

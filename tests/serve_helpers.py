@@ -40,8 +40,10 @@ def make_inbox(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def serve_args(inbox, outbox, art, *extra):
+    """`grata serve` in the paper's setting (--paper), which the in-memory reference runs
+    (`AdaptiveModel`'s defaults); the product's rule is served in test_serve_norm_gate."""
     return ["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts", str(art),
-            "--predictor", "onnxruntime", "--device", "cpu", "--threads", "1",
+            "--paper", "--predictor", "onnxruntime", "--device", "cpu", "--threads", "1",
             "--poll", "0.02", "--settle", "0.2", "--stable-for", "0.5", *extra]
 
 

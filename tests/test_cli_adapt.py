@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from grata.cli import main
+from grata.product import PRODUCT_HP, PRODUCT_NORM
 from grata.models import ResUnet, save_checkpoint
 from grata.synth import SOURCE_DOMAIN, TARGET_DOMAINS, generate
 
@@ -163,8 +164,11 @@ def test_report_config_reproduces_the_run(tiny, tmp_path):
     assert rc == 0
     first = json.loads((tmp_path / "a" / "report.json").read_text())
     config = first["config"]
-    assert config["methods"] == {"tent": {"lr": 1e-4, "betas": [0.5, 0.9], "eps": 1e-8},
+    # the product's step size where --hp gives none (grata.product), the user's elsewhere
+    assert config["methods"] == {"tent": {"lr": PRODUCT_HP["tent"]["lr"], "betas": [0.5, 0.9],
+                                          "eps": 1e-8},
                                  "grata": {"beta": 0.05, "betas": [0.9, 0.999], "eps": 1e-8}}
+    assert config["norm"] == PRODUCT_NORM
     assert config["checkpoint_sha256"] == file_sha256(tiny / "edge.pt")
     assert config["grata_version"] and config["seed"] == 4 and config["size"] == 64
     assert main(_args_from_config(config, tmp_path / "b")) == 0
@@ -181,6 +185,24 @@ def test_report_config_reproduces_the_run(tiny, tmp_path):
     ent_a = [i["loss_ent"] for i in first["results"][1]["images"]]
     ent_c = [i["loss_ent"] for i in default["results"][0]["images"]]
     assert ent_a[0] == ent_c[0] and ent_a[1:] != ent_c[1:]
+
+
+def test_defaults_are_the_products_and_paper_is_the_papers(tiny, tmp_path):
+    """No flag: the measured product defaults (grata.product); --paper: per-image
+    statistics and the constructors' own step sizes, i.e. the authors' GraTa and TENT."""
+    assert main(adapt_args(tiny, tmp_path / "p", "--targets", TARGET_DOMAINS[0],
+                           "--methods", "tent,grata")) == 0
+    product = json.loads((tmp_path / "p" / "report.json").read_text())["config"]
+    assert product["norm"] == PRODUCT_NORM and product["norms"] == {
+        "tent": PRODUCT_NORM, "grata": PRODUCT_NORM}
+    assert product["methods"]["grata"]["beta"] == PRODUCT_HP["grata"]["beta"]
+    assert product["methods"]["tent"]["lr"] == PRODUCT_HP["tent"]["lr"]
+    assert main(adapt_args(tiny, tmp_path / "q", "--targets", TARGET_DOMAINS[0],
+                           "--methods", "tent,grata", "--paper")) == 0
+    paper = json.loads((tmp_path / "q" / "report.json").read_text())["config"]
+    assert paper["norm"] == "sample" and paper["norms"] == {"tent": "sample", "grata": "sample"}
+    assert paper["methods"] == {"tent": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8},
+                                "grata": {"beta": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8}}
 
 
 def test_one_method_under_two_rules_is_two_rows_and_reproduces(tiny, tmp_path, capsys):
@@ -233,7 +255,7 @@ def test_one_method_under_two_rules_is_two_rows_and_reproduces(tiny, tmp_path, c
 @pytest.mark.parametrize("change, words", [
     (["--norm", "mix:2"], "weight must be in [0, 1]"),
     (["--methods", "grata@mix:0.2,grata@mix:0.20"], "are the same"),
-    (["--methods", "grata,grata@sample"], "are the same"),
+    (["--norm", "sample", "--methods", "grata,grata@sample"], "are the same"),
     (["--methods", "source@mix:0.2"], "always uses source"),
     (["--methods", "grata+gat"], "unknown suffix"),
     (["--methods", "grata@mix:0.2", "--hp", "grata@mix:0.5.beta=1"], "not in this run"),

@@ -96,7 +96,7 @@ def pipeline(tmp_path_factory):
                   "--targets", ",".join(TARGETS), "--artifacts", art, "--size", "64",
                   "--checkpoint", ckpt, "--arch", "edge",
                   "--methods", "source,bn,tent,grata", "--threads", "1", "--quiet",
-                  "--out", run)
+                  "--paper", "--out", run)  # per-image statistics: the rows differ
     return {"data": data, "ckpt": ckpt, "art": art, "run": run, "train": train,
             "export": export, "adapt": adapt}
 

@@ -5,8 +5,14 @@ import sys
 import pytest
 
 from grata.errors import GrataError
-from grata.methods import METHODS, create, parse_hp, resolved_hyperparameters
+from grata.methods import METHODS, create, resolved_hyperparameters
 from grata.methods.hyperparameters import defaults_of
+from grata.specs import parse_specs, spec_hyperparameters
+
+
+def parse_hp(items, methods, config=None):
+    """--hp items and a config file for a run of plain method names."""
+    return spec_hyperparameters(parse_specs(methods), items, config)
 
 
 def test_defaults_come_from_the_constructors():

@@ -7,11 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..defaults import ADAPT_METHODS, DEFAULT_NORM
+from ..product import PRODUCT_METHODS, PRODUCT_NORM
 from ..errors import GrataError
 from ..specs import folder_name, split_specs
 from .common import (
     add_alias,
+    add_paper,
     add_hyperparameters,
     add_model_args,
     add_quiet,
@@ -20,6 +21,7 @@ from .common import (
     csv_list,
     data_root,
     model_choice,
+    product_choice,
 )
 from .report import add_html_args
 from .roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
@@ -62,15 +64,17 @@ def register(subparsers) -> dict:
     a.add_argument("--targets", type=csv_list, help="comma-separated target domains "
                    "(default: every domain but the source)")
     add_model_args(a)
-    a.add_argument("--methods", type=split_specs, default=list(ADAPT_METHODS),
+    a.add_argument("--methods", type=split_specs, default=list(PRODUCT_METHODS),
                    help="comma-separated METHOD[@RULE][+gate]: source, bn, tent, grata, "
                    "grata-noalign, grata-fixedlr, each optionally with its statistics "
                    "(grata@mix:0.2) and the safety gate (+gate); default "
-                   f"{','.join(ADAPT_METHODS)}")
-    a.add_argument("--norm", default=DEFAULT_NORM, metavar="RULE",
+                   f"{','.join(PRODUCT_METHODS)}")
+    a.add_argument("--norm", default=None, metavar="RULE",
                    help="BN statistics of every method given without @RULE: sample (each "
                    "image's own, the paper), source (stored), mix:A or mix:nN (mixed), "
-                   f"ema:M[,A] (following the stream); default {DEFAULT_NORM}")
+                   f"ema:M[,A] (following the stream); default {PRODUCT_NORM} (the "
+                   "product's measured default; sample with --paper)")
+    add_paper(a)
     a.add_argument("--protocol", default="domain", choices=["domain", "episodic", "continual"],
                    help="reset per target domain (default), per image, or never")
     a.add_argument("--engine", default="onnx", choices=["onnx", "torch"],
@@ -112,9 +116,10 @@ def cmd_adapt(args) -> int:
     from ..run_config import run_config
     from ..specs import spec_hyperparameters
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
-    args.norm = NormSpec(args.norm)  # a bad rule: one line, exit 2
+    norm, base = product_choice(args)
+    args.norm = NormSpec(norm)  # a bad rule: one line, exit 2
     specs = check_names(args.methods, args.protocol, args.norm)
-    hp = spec_hyperparameters(specs, args.hp, args.config, args.norm)
+    hp = spec_hyperparameters(specs, args.hp, args.config, args.norm, base=base)
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
     whole, roi = roi_choice(args, not args.quiet)  # whole photographs: --roi auto / --whole

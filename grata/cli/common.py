@@ -45,6 +45,23 @@ def add_quiet(p: argparse.ArgumentParser, what: str = "no progress bars") -> Non
     p.add_argument("--quiet", action="store_true", help=what)
 
 
+def add_paper(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's setting instead of the product's defaults: each "
+                   "image's own BN statistics (--norm sample) and the authors' step sizes "
+                   "(GraTa beta, TENT lr 1e-4); see README, 'Defaults'")
+
+
+def product_choice(args) -> tuple:
+    """(statistics rule, hyperparameter base) of a run: the product's measured defaults
+    (`grata.product`) or, with --paper, the paper's (per-image statistics, the methods'
+    own constructor defaults). An explicit --norm wins either way."""
+    from .. import product
+    norm = args.norm if args.norm is not None else ("sample" if args.paper
+                                                     else product.PRODUCT_NORM)
+    return norm, ({} if args.paper else product.PRODUCT_HP)
+
+
 def add_hyperparameters(p: argparse.ArgumentParser) -> None:
     """--hp METHOD.NAME=VALUE (repeatable) and --config FILE.toml."""
     p.add_argument("--hp", action="append", default=[], metavar="METHOD.NAME=VALUE",
@@ -53,12 +70,6 @@ def add_hyperparameters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="FILE.toml",
                    help="hyperparameters as TOML tables per method ([grata] beta = 1e-3); "
                    "--hp wins over it")
-
-
-def hyperparameters(args, methods: list[str]) -> dict:
-    """{method: full hyperparameters} for the run's methods from --hp / --config."""
-    from ..methods import parse_hp
-    return parse_hp(args.hp, methods, args.config)
 
 
 def add_alias(p: argparse.ArgumentParser, old: str, dest: str, **kw) -> None:

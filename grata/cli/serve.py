@@ -8,12 +8,20 @@ import signal
 import threading
 from pathlib import Path
 
-from ..defaults import DEFAULT_NORM, SERVE_METHOD
+from ..product import PRODUCT_NORM, SERVE_METHOD
 from ..export.manifest import PRECISIONS
 from ..runtime.adaptive import DEFAULT_MAX_DRIFT
 from ..runtime.inbox import DEFAULT_STABLE_S
 from ..runtime.predictors import ORT_DEVICES, PREDICTORS
-from .common import add_alias, add_hyperparameters, add_quiet, add_seed, add_threads
+from .common import (
+    add_alias,
+    add_hyperparameters,
+    add_paper,
+    add_quiet,
+    add_seed,
+    add_threads,
+    product_choice,
+)
 from .report import add_html_args
 
 EPILOG = """\
@@ -48,10 +56,11 @@ def register(subparsers) -> dict:
                    "with its statistics (grata@mix:0.2) and the safety gate (+gate: falls "
                    "back to the source prediction when the adapted one looks worse; the "
                    f"decision is the record's 'gate'); default {SERVE_METHOD}")
-    s.add_argument("--norm", default=DEFAULT_NORM, metavar="RULE",
+    s.add_argument("--norm", default=None, metavar="RULE",
                    help="BN statistics when --method gives none: sample, source, mix:A, "
                    "mix:nN, ema:M[,A] (mix and ema serve on onnxruntime); default "
-                   f"{DEFAULT_NORM}")
+                   f"{PRODUCT_NORM} (sample with --paper)")
+    add_paper(s)
     s.add_argument("--predictor", default="auto", choices=PREDICTORS,
                    help="who serves the prediction: tensorrt where installed, else "
                    "onnxruntime (default auto)")
@@ -109,8 +118,10 @@ def cmd_serve(args) -> int:
         if not value >= 0:
             raise GrataError(f"{flag} must be a number >= 0, not {value}")
     check_folders(args.inbox, args.outbox)  # before loading anything
-    spec = parse_spec(args.method, NormSpec(args.norm))  # a bad spec: before any lock
-    hp = spec_hyperparameters([spec], args.hp, args.config, args.norm)
+    norm, base = product_choice(args)
+    args.norm = NormSpec(norm)
+    spec = parse_spec(args.method, args.norm)  # a bad spec: before any lock
+    hp = spec_hyperparameters([spec], args.hp, args.config, args.norm, base=base)
     inbox_lock = lock_inbox(args.inbox)  # one server per inbox, refused before any work
     try:
         return _serve(args, hp[spec.key])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import GrataError
 from ..norm import NormSpec, parse_norm
 from .base import Method
-from .hyperparameters import parse_hp, resolved_hyperparameters
+from .hyperparameters import resolved_hyperparameters
 from .registry import METHODS
 
 
@@ -52,4 +52,4 @@ def parse_method(spec: str) -> tuple[str, NormSpec | None]:
     return name, parsed
 
 
-__all__ = ["METHODS", "Method", "create", "parse_hp", "parse_method", "resolved_hyperparameters"]
+__all__ = ["METHODS", "Method", "create", "parse_method", "resolved_hyperparameters"]

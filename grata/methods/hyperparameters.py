@@ -78,30 +78,6 @@ def resolved_hyperparameters(method: str, given: dict | None = None) -> dict:
     return out
 
 
-def parse_hp(items, methods, config: Path | None = None) -> dict:
-    """{method: {name: value}} for the methods of a run from a config file (TOML, tables
-    per method: ``[grata] beta = 1e-3``) and `--hp METHOD.NAME=VALUE` items (which win).
-    A method not in the run, a misspelt name or a bad value is a GrataError."""
-    given: dict[str, dict] = {}
-    if config is not None:
-        for method, table in load_config(config).items():
-            if not isinstance(table, dict):
-                raise GrataError(f"--config {config}: {method!r} must be a table of "
-                                 "hyperparameters ([method] name = value)")
-            given.setdefault(method, {}).update(table)
-    for item in items or ():
-        key, eq, value = str(item).partition("=")
-        method, dot, name = key.strip().rpartition(".")
-        if not eq or not dot or not method or not name:
-            raise GrataError(f"--hp {item!r}: write METHOD.NAME=VALUE, e.g. grata.beta=1e-3")
-        given.setdefault(method, {})[name] = value.strip()
-    for method in given:
-        if method not in methods:
-            raise GrataError(f"--hp {method}.*: method {method!r} is not in this run "
-                             f"({', '.join(methods)})")
-    return {m: resolved_hyperparameters(m, given.get(m)) for m in methods}
-
-
 def load_config(path: Path) -> dict:
     """A TOML config file as a dict (tomllib on Python 3.11+, else tomli)."""
     if sys.version_info >= (3, 11):
