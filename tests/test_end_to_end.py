@@ -93,3 +93,11 @@ def test_embedded_default_runs_with_no_arguments_but_out(tmp_path, monkeypatch, 
     assert SOURCE_DOMAIN not in {r["target"] for r in report["results"]}
     out = capsys.readouterr().out
     assert "mean over targets" in out
+    # issue "do no harm": the default run is within 1 Dice point of the source model on
+    # every target domain and beats it on average (grata.product's measured defaults)
+    dice = {(r["method"], r["target"]): r["dice_mean"] for r in report["results"]}
+    for method in {m for m, _ in dice} - {"source"}:
+        for target in TARGET_DOMAINS:
+            assert dice[method, target] >= dice["source", target] - 1.0, (method, target)
+        assert np.mean([dice[method, t] for t in TARGET_DOMAINS]) > np.mean(
+            [dice["source", t] for t in TARGET_DOMAINS]), method
