@@ -39,6 +39,13 @@ TUNING = {
             "process; every later session of the process must use it too)",
     "threads": "intra-op threads",
 }
+# Why these (measured, ResNet-34 at 512x512, BENCHMARKS.md): shared weights save one copy
+# of the frozen tensors per session; NCHWc's reordered kernels cost ~70-350 MiB per
+# gradient graph for ~7 % on the convolutions alone and nothing measurable on whole
+# images; the shared arena is 10-20 % faster at 512 but adds ~100-155 MiB peak (memory
+# first); spinning threads of the graph that just finished compete with the next graph's
+# on few cores, and the global pool that would avoid it binds every session of the
+# process.
 ENGINE_DEFAULTS = {"share": "1", "gradopt": "extended", "opt": "all", "arena": "0",
                    "spin": "stop", "pool": "session"}
 # the roles an engine opens at once (start-up paid there, not on the first image); the

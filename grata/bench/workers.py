@@ -34,7 +34,7 @@ def bench_image(index: int, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- engines
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """'onnx:arena=1+roles=grata' -> ('onnx', {'arena': '1', 'roles': 'grata'})."""
+    """'onnx:arena=1+share=0' -> ('onnx', {'arena': '1', 'share': '0'})."""
     name, _, rest = spec.partition(":")
     opts = {}
     for item in filter(None, rest.split("+")):
