@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from .manifest import FORMAT_VERSION, load_manifest
 
-__all__ = ["FORMAT_VERSION", "export_artifacts", "load_manifest"]
+# What the commands (grata export, the artifact cache, grata bench) export for a device:
+# the teacher view by view, the same target as one batch (tests/test_teacher_views.py)
+# with a sixth of its activations alive. export_artifacts' own default stays one batch of
+# six, the graph the parity tests replay against torch's batched teacher.
+DEVICE_TEACHER_VIEWS = 1
+
+__all__ = ["DEVICE_TEACHER_VIEWS", "FORMAT_VERSION", "export_artifacts", "load_manifest"]
 
 
 def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
-                     opset: int = 17) -> dict:
+                     opset: int = 17, teacher_views: int = 6) -> dict:
     """Export `model_or_checkpoint` (a `ResUnet` or a checkpoint path) of `arch` at
     `size` x `size` (batch 1) to the artifact folder `out_dir`; return the manifest.
 
@@ -21,7 +27,8 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     one flat float32 vector in `grata.models.theta_layout` order):
     ``infer`` (image, theta) -> logits; ``entropy_grad`` (image, theta) -> (loss, grad);
     ``consistency_grad`` (image, strong_image, theta) -> (loss, grad), the six teacher
-    views in one batch without gradient; and ``infer_source`` (image, theta) -> logits
+    views without gradient, `teacher_views` per forward pass (6: one batch; 1: view by
+    view, the same target with a sixth of the teacher's activations alive); and ``infer_source`` (image, theta) -> logits
     with the stored BN statistics (the source-only baseline); and ``infer_mix``,
     ``entropy_grad_mix``, ``consistency_grad_mix``: the same three with the image's BN
     statistics mixed with the inputs ``stats`` (flat, theta's layout) at weight ``alpha``
@@ -33,4 +40,5 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     """
     from .exporter import export_artifacts as _export
 
-    return _export(model_or_checkpoint, arch, size, out_dir, opset=opset)
+    return _export(model_or_checkpoint, arch, size, out_dir, opset=opset,
+                   teacher_views=teacher_views)

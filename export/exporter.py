@@ -45,7 +45,7 @@ from grata.models import (
 from .builder import GraphBuilder
 from .manifest import write_manifest
 from .output import check_out_folder, replace_folder_atomically
-from .trace import INPUTS, MIX_ROLES, ROLES, trace
+from .trace import INPUTS, MIX_ROLES, ROLES, TEACHER_VIEWS, check_teacher_views, trace
 
 MIN_OPSET = 17
 MAX_OPSET = 21
@@ -95,12 +95,13 @@ def _external(name: str, array: np.ndarray, offset: int) -> TensorProto:
     return t
 
 
-def _build_role(model: ResUnet, role: str, size: int, opset: int, layout: list[dict]):
+def _build_role(model: ResUnet, role: str, size: int, opset: int, layout: list[dict],
+                teacher_views: int = TEACHER_VIEWS):
     from .lower import Lowering
 
     n_theta = sum(e["shape"][0] for e in layout)
     base = MIX_ROLES.get(role, role)
-    gm = trace(model, base, size)
+    gm = trace(model, base, size, teacher_views)
     b = GraphBuilder(opset)
     b.reserve(*_NAMES)
     forward = base in ("infer", "infer_source")
@@ -134,7 +135,7 @@ def _versions() -> dict:
 
 
 def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
-                     opset: int = MIN_OPSET) -> dict:
+                     opset: int = MIN_OPSET, teacher_views: int = TEACHER_VIEWS) -> dict:
     """Write the artifact folder for `arch` at `size` x `size` into `out_dir`; return
     its manifest. See `grata.export.export_artifacts`."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 32:
@@ -145,6 +146,7 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise GrataError(f"export: opset must be between {MIN_OPSET} and {top} "
                          f"(got {opset!r})")
+    check_teacher_views(teacher_views)
     out = check_out_folder(out_dir)  # before any work: never replace a foreign folder
     model = _resolve_model(model_or_checkpoint, arch)
     layout = theta_layout(model)
@@ -153,7 +155,8 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     stats0 = np.concatenate([t.detach().reshape(-1).numpy() for _, m in norm_layers(model)
                              for t in (m.running_mean, m.running_var)]).astype(np.float32)
 
-    built = {role: _build_role(model, role, size, opset, layout) for role in GRAPH_FILES}
+    built = {role: _build_role(model, role, size, opset, layout, teacher_views)
+             for role in GRAPH_FILES}
 
     # One weights file: every frozen tensor once, in state-dict order.
     weights: dict[str, np.ndarray] = {}
@@ -205,7 +208,11 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
             "params": [{"name": e["name"], "offset": e["offset"], "shape": list(e["shape"])}
                        for e in layout],
             "theta0": THETA0, "stats0": STATS0, "n_theta": int(theta0.size),
-            "versions": _versions(),
+            "versions": _versions(), "teacher_views": teacher_views,
+            # where each frozen tensor lies in the weights file, so a runtime can map it
+            # once and hand the same memory to every graph (no onnx parser needed)
+            "weights_index": {n: {"offset": offsets[n], "shape": list(weights[n].shape)}
+                              for n in names},
         })
         replace_folder_atomically(tmp, out)
     except BaseException:

@@ -30,22 +30,33 @@ def _export_once(folder: Path, export, message: str, quiet: bool) -> Path:
 
 
 def _export_fn():
+    """export_artifacts with the device's teacher layout (`DEVICE_TEACHER_VIEWS`)."""
     try:
         import torch  # noqa: F401  (exporting needs the reference)
 
-        from .export import export_artifacts
+        from .export import DEVICE_TEACHER_VIEWS, export_artifacts
     except ImportError:
         raise GrataError("exporting a model needs torch: pip install 'grata-edge[export]', "
                          "or pass --artifacts DIR") from None
-    return export_artifacts
+
+    def export(model, arch, size, out):
+        return export_artifacts(model, arch, size, out, teacher_views=DEVICE_TEACHER_VIEWS)
+    return export
+
+
+def _layout() -> str:
+    """The graph layout in a cache key (teacher views per pass), so folders exported by
+    an earlier version or with another layout are not reused."""
+    from .export import DEVICE_TEACHER_VIEWS
+    return f"tv{DEVICE_TEACHER_VIEWS}"
 
 
 def cached_artifacts(checkpoint, arch: str, size: int, quiet: bool = True) -> Path:
     """Artifacts of a checkpoint, exported once into the cache (keyed by its SHA-256,
-    the arch and the size)."""
+    the arch, the size and the teacher layout)."""
     if not Path(checkpoint).is_file():
         raise GrataError(f"{checkpoint}: checkpoint not found")
-    key = f"{file_sha256(checkpoint)[:16]}-{arch}-{size}"
+    key = f"{file_sha256(checkpoint)[:16]}-{arch}-{size}-{_layout()}"
     folder = defaults.cache_dir() / "artifacts" / key
     if (folder / "manifest.json").exists():
         return folder
@@ -55,20 +66,25 @@ def cached_artifacts(checkpoint, arch: str, size: int, quiet: bool = True) -> Pa
                         quiet)
 
 
-def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True) -> Path:
+def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True,
+                           teacher_views: int | None = None) -> Path:
     """Artifacts of a randomly initialised ResUnet (torch.manual_seed(seed)), exported
-    once into the cache: timings do not depend on the weights."""
-    folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}"
+    once into the cache: timings do not depend on the weights. `teacher_views`: the
+    consistency graphs' teacher views per pass (default: the device's)."""
+    from .export import DEVICE_TEACHER_VIEWS
+    views = DEVICE_TEACHER_VIEWS if teacher_views is None else teacher_views
+    folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}-tv{views}"
     if (folder / "manifest.json").exists():
         return folder
-    export = _export_fn()
+    _export_fn()  # torch and the exporter are there, or a one-line error
 
     def make(tmp):
         import torch
 
+        from .export import export_artifacts
         from .models import ResUnet
         torch.manual_seed(seed)
-        export(ResUnet(arch), arch, size, tmp)
+        export_artifacts(ResUnet(arch), arch, size, tmp, teacher_views=views)
     return _export_once(folder, make, f"exporting a random {arch} at {size}x{size} to "
                         f"{folder} (once)", quiet)
 

@@ -25,7 +25,7 @@ from ..errors import GrataError
 from ..export.manifest import load_manifest
 from ..kernels import adam_update
 from .engine import MIXED, check_input, load_stats0, load_theta0, route
-from .ort_session import available_providers, import_onnxruntime, session_options
+from .ort_session import available_providers, engine_sessions, import_onnxruntime
 
 
 def cuda_provider_available() -> bool:
@@ -142,21 +142,22 @@ class CudaEngine:
         except Exception as e:  # noqa: BLE001  (KernelUnavailable, NVRTC, driver errors)
             raise GrataError(f"--device cuda: the fused update kernel cannot run "
                              f"({_first_line(e)}): pip install 'grata-edge[gpu]'") from None
-        opts = session_options(threads)
-        self._open = lambda role: ort.InferenceSession(
-            str(self.folder / m["graphs"][role]), sess_options=opts, providers=place.providers)
-        self.sessions = {role: self._open(role) for role in m["graphs"]
-                         if role not in MIXED.values()}  # mixed graphs: on first use
+        # the CPU engine's settings where the graphs run on the CPU provider (the same
+        # numbers as OrtEngine); plain session options on CUDA. The mixed graphs open on
+        # first use.
+        self.sessions = engine_sessions(self.folder, m, place.providers, threads,
+                                        eager=[r for r in m["graphs"]
+                                               if r not in MIXED.values()])
         first = place.providers[0]
         wanted = first if isinstance(first, str) else first[0]
-        for role, s in self.sessions.items():
+        for role, s in self.sessions.opened().items():
             if s.get_providers()[0] != wanted:
                 raise GrataError(f"onnxruntime could not start {wanted} for {role} (are the "
                                  "CUDA and cuDNN libraries of onnxruntime-gpu installed?)")
         self._run_options = ort.RunOptions()
         # No cudaStreamSynchronize at the end of each run: the next step is on the stream.
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self._bindings = {role: s.io_binding() for role, s in self.sessions.items()}
+        self._bindings = {role: s.io_binding() for role, s in self.sessions.opened().items()}
         self._outputs = {}
         for role in ("entropy_grad", "consistency_grad"):
             self._bind_grad_outputs(role)
@@ -173,8 +174,7 @@ class CudaEngine:
         """The graph for `role` under `norm` (opened and bound on first use) and the
         statistics inputs it takes."""
         graph, spec = route(self, role, norm)
-        if graph not in self.sessions:
-            self.sessions[graph] = self._open(graph)
+        if graph not in self._bindings:
             self._bindings[graph] = self.sessions[graph].io_binding()
             if graph != "infer_mix":
                 self._bind_grad_outputs(graph)

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import GrataError
 from ..export.manifest import load_manifest
 from ..norm import NormSpec
-from .ort_session import import_onnxruntime, open_sessions, provider_list, tuned_options
+from .ort_session import engine_sessions, import_onnxruntime, provider_list
 
 MIXED = {"infer": "infer_mix", "entropy_grad": "entropy_grad_mix",
          "consistency_grad": "consistency_grad_mix"}
@@ -98,14 +98,9 @@ class OrtEngine:
         self.stats0 = load_stats0(self.folder, m)
         self.stats = None if self.stats0 is None else self.stats0.copy()
         self.img_stats = None if self.stats0 is None else np.zeros_like(self.stats0)
-        opts, roles, share = tuned_options(threads, tuning)
-        # the mixed-statistics graphs open on first use: nothing extra loads for `sample`
-        graphs = {r: f for r, f in m["graphs"].items() if r not in MIXED.values()
-                  and (roles == "all" or r != "infer_source")}
-        self.sessions, self._shared = open_sessions(self.folder, graphs, providers, opts,
-                                                    share)
-        self._open = lambda role: open_sessions(self.folder, {role: m["graphs"][role]},
-                                                providers, opts, share)[0][role]
+        # the frozen weights once for all graphs; infer_source and the mixed-statistics
+        # graphs open on first use, so nothing extra loads for `sample`
+        self.sessions = engine_sessions(self.folder, m, providers, threads, tuning)
 
     # array helpers
     def to_input(self, image) -> np.ndarray:
@@ -152,8 +147,6 @@ class OrtEngine:
     def _feeds(self, role: str, norm, **feeds):
         """(session, feeds) for `role` under `norm`."""
         graph, spec = route(self, role, norm)
-        if graph not in self.sessions:
-            self.sessions[graph] = self._open(graph)
         if graph.endswith("_mix"):
             feeds["stats"] = self.stats if spec.kind == "ema" else self.stats0
             feeds["alpha"] = np.array([spec.alpha], np.float32)

@@ -8,6 +8,7 @@ sessions through this module, so a setting changed here changes it everywhere.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +20,38 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                           "CPUExecutionProvider"]}
-# session tuning a caller (grata bench) may ask for, key -> what it does
+# How an engine's sessions are built (`engine_sessions`), key -> what it does; a caller
+# (grata bench) may change any of them. The defaults were chosen by measurement against
+# the PyTorch reference (BENCHMARKS.md, `grata bench adapt`).
 TUNING = {
-    "arena": "CPU memory arena: off (0, the runtime's choice), one per session (1), or "
-             "shared (one arena for all sessions, growing by what is asked)",
-    "opt": "graph optimisation level: disable, basic, extended, all (the runtime's choice)",
-    "roles": "sessions created: all graphs (the runtime), or grata (the three GraTa graphs)",
-    "spin": "intra-op threads spin after a run (1, onnxruntime's default) or sleep (0)",
-    "pool": "thread pools: session (one per session, the runtime's) or global (one for "
-            "the process; set before its first session)",
-    "threads": "intra-op threads of this variant",
-    "share": "1: the frozen weights read once and handed to every session as shared "
-             "initializers (add_initializer) instead of one copy per session",
+    "share": "1 (default): the frozen weights mapped once from the weights file and handed "
+             "to every session (add_initializer); 0: each session reads its own copy",
+    "gradopt": "optimisation level of the gradient graphs: extended (default; no NCHWc "
+               "layout transform, whose reordered copy of every kernel would sit beside the "
+               "shared original), or as opt",
+    "opt": "optimisation level of the forward graphs: disable, basic, extended, all "
+           "(default; the same graph a standalone predictor runs, bit for bit)",
+    "arena": "CPU memory arena: off (0, default), one per session (1), or shared (one "
+             "arena for all sessions of the process, growing by what is asked)",
+    "spin": "intra-op threads after a run: stop (default; they do not compete with the "
+            "next graph's), 1 (onnxruntime's spinning), 0 (never spin)",
+    "pool": "thread pools: session (one per session, default) or global (one for the "
+            "process; every later session of the process must use it too)",
+    "threads": "intra-op threads",
 }
+# Why these (measured, ResNet-34 at 512x512, BENCHMARKS.md): shared weights save one copy
+# of the frozen tensors per session; NCHWc's reordered kernels cost ~70-350 MiB per
+# gradient graph for ~7 % on the convolutions alone and nothing measurable on whole
+# images; the shared arena is 10-20 % faster at 512 but adds ~100-155 MiB peak (memory
+# first); spinning threads of the graph that just finished compete with the next graph's
+# on few cores, and the global pool that would avoid it binds every session of the
+# process.
+ENGINE_DEFAULTS = {"share": "1", "gradopt": "extended", "opt": "all", "arena": "0",
+                   "spin": "stop", "pool": "session"}
+# the roles an engine opens at once (start-up paid there, not on the first image); the
+# others (infer_source, the mixed graphs) open on first use
+EAGER_ROLES = ("infer", "entropy_grad", "consistency_grad")
+_PROCESS: dict = {}  # set up once per process: the shared arena, the global pool
 
 
 def import_onnxruntime():
@@ -133,119 +153,173 @@ def provider_list(device: str, precision: str = "fp32", cache_dir: Path | None =
     return providers
 
 
+_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def _choice(tuning: dict, key: str, allowed) -> str:
+    value = tuning[key]
+    if value not in allowed:
+        raise GrataError(f"{key}={value}: choose from {', '.join(allowed)}")
+    return value
+
+
 def tuned_options(threads: int | None, tuning: dict | None = None):
-    """(SessionOptions, roles, share) for `tuning` (keys of TUNING; {} gives the runtime's
-    own settings, all roles, no sharing)."""
+    """(options for a role, share) for the engine settings `ENGINE_DEFAULTS` changed by
+    `tuning` (keys of TUNING): a function giving each role's SessionOptions (one object
+    per kind of graph, forward or gradient), and whether the weights are shared."""
     ort = import_onnxruntime()
     tuning = dict(tuning or {})
     unknown = sorted(set(tuning) - set(TUNING))
     if unknown:
         raise GrataError(f"unknown onnx option {unknown[0]!r}; choose from "
                          f"{', '.join(TUNING)}")
-    if tuning.get("pool") == "global":
+    t = {**ENGINE_DEFAULTS, **tuning}
+    g = ort.GraphOptimizationLevel
+    levels = {"disable": g.ORT_DISABLE_ALL, "basic": g.ORT_ENABLE_BASIC,
+              "extended": g.ORT_ENABLE_EXTENDED, "all": g.ORT_ENABLE_ALL}
+    level = {False: levels[_choice(t, "opt", _LEVELS)],
+             True: levels[_choice(t, "gradopt", _LEVELS)]}
+    arena = _choice(t, "arena", ("0", "1", "shared"))
+    spin = _choice(t, "spin", ("stop", "1", "0"))
+    pool = _choice(t, "pool", ("session", "global"))
+    share = _choice(t, "share", ("0", "1")) == "1"
+    n = int(t.get("threads") or 0) or threads
+    if pool == "global" and "pool" not in _PROCESS:
         from onnxruntime.capi import _pybind_state as C
-        C.set_global_thread_pool_sizes(int(tuning.get("threads") or threads or 0), 1)
-    opts = session_options(int(tuning.get("threads") or 0) or threads)
-    if tuning.get("arena") == "shared":
-        # one arena in onnxruntime's environment, used by every session of the process
+        C.set_global_thread_pool_sizes(int(n or default_threads()), 1)
+        _PROCESS["pool"] = True
+    if arena == "shared" and "arena" not in _PROCESS:
+        # one arena in onnxruntime's environment, used by every session that asks for it
         mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
                                 ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(
             mem, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
-        opts.enable_cpu_mem_arena = True
-        opts.add_session_config_entry("session.use_env_allocators", "1")
-    elif "arena" in tuning:
-        if tuning["arena"] not in ("0", "1"):
-            raise GrataError(f"arena={tuning['arena']}: choose 0, 1 or shared")
-        opts.enable_cpu_mem_arena = opts.enable_mem_pattern = tuning["arena"] == "1"
-    if "opt" in tuning:
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if tuning["opt"] not in levels:
-            raise GrataError(f"opt={tuning['opt']}: choose from {', '.join(levels)}")
-        opts.graph_optimization_level = levels[tuning["opt"]]
-    if "spin" in tuning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", tuning["spin"])
-    if tuning.get("pool") == "global":
-        opts.use_per_session_threads = False
-    roles = tuning.get("roles", "all")
-    if roles not in ("all", "grata"):
-        raise GrataError(f"roles={roles}: choose all or grata")
-    return opts, roles, tuning.get("share") == "1"
+        _PROCESS["arena"] = True
+    made: dict = {}
+
+    def options(grad: bool):
+        if grad not in made:
+            opts = made[grad] = session_options(n)
+            opts.graph_optimization_level = level[grad]
+            if arena == "shared":
+                opts.enable_cpu_mem_arena = True
+                opts.add_session_config_entry("session.use_env_allocators", "1")
+            elif arena == "1":
+                opts.enable_cpu_mem_arena = opts.enable_mem_pattern = True
+            if spin == "stop":
+                opts.add_session_config_entry("session.force_spinning_stop", "1")
+            else:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            if pool == "global":
+                opts.use_per_session_threads = False
+        return made[grad]
+    return options, share
 
 
-def copy_options(opts):
-    """A fresh SessionOptions with the same settings (initializers are per options)."""
+def shared_weights(folder: Path, manifest: dict) -> dict | None:
+    """{name: OrtValue} of every frozen tensor, over one read-only mapping of the weights
+    file (the manifest's `weights_index`); None for folders exported without the index
+    or with one the file does not match (then each session reads the file itself)."""
     ort = import_onnxruntime()
-    new = ort.SessionOptions()
-    for attr in ("graph_optimization_level", "execution_mode", "intra_op_num_threads",
-                 "inter_op_num_threads", "enable_cpu_mem_arena", "enable_mem_pattern",
-                 "use_per_session_threads"):
-        setattr(new, attr, getattr(opts, attr))
-    for key in ("session.intra_op.allow_spinning", "session.use_env_allocators"):
-        value = opts.get_session_config_entry(key) if _has_entry(opts, key) else None
-        if value is not None:
-            new.add_session_config_entry(key, value)
-    return new
-
-
-def _has_entry(opts, key: str) -> bool:
+    index, weights = manifest.get("weights_index"), manifest.get("weights")
+    if not isinstance(index, dict) or not index or not weights:
+        return None
+    blob = np.memmap(Path(folder) / weights, dtype=np.uint8, mode="r")
+    values = {}
     try:
-        opts.get_session_config_entry(key)
-    except Exception:  # noqa: BLE001  (onnxruntime raises a bare RuntimeError when unset)
-        return False
-    return True
+        for name, e in index.items():
+            count = int(np.prod([int(d) for d in e["shape"]], dtype=np.int64))
+            start = int(e["offset"])
+            if start < 0 or start % 4 or start + 4 * count > blob.size:
+                return None  # not what the exporter writes
+            array = blob[start:start + 4 * count].view(np.float32).reshape(e["shape"])
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return values
 
 
-def shared_initializers(folder: Path, graph_files) -> dict:
-    """{tensor name: numpy array} of every external-data initializer of the graphs, read
-    once from the weights file (the graphs reference the same bytes by name)."""
-    import onnx
-    from onnx import helper
-    arrays: dict[str, np.ndarray] = {}
-    blobs: dict[str, np.ndarray] = {}
-    for f in graph_files:
-        model = onnx.load(str(folder / f), load_external_data=False)
-        for t in model.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL or t.name in arrays:
-                continue
-            info = {e.key: e.value for e in t.external_data}
-            loc = info["location"]
-            if loc not in blobs:
-                blobs[loc] = np.fromfile(folder / loc, dtype=np.uint8)
-            start, length = int(info.get("offset", 0)), int(info["length"])
-            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            arrays[t.name] = blobs[loc][start:start + length].view(dtype).reshape(tuple(t.dims))
-    return arrays
+def _is_gradient(manifest: dict, role: str) -> bool:
+    io = manifest.get("io", {}).get(role)
+    return "grad" in io["outputs"] if isinstance(io, dict) else "_grad" in role
 
 
-def open_sessions(folder: Path, graphs: dict, providers: list, opts,
-                  share: bool = False) -> tuple[dict, dict | None]:
-    """{role: InferenceSession} for the graph files `graphs` ({role: file}) of an
-    artifact folder, and the shared initializers (keep them alive as long as the
-    sessions) when `share`."""
-    ort = import_onnxruntime()
-    shared = None
-    if share:
-        shared = {k: ort.OrtValue.ortvalue_from_numpy(v)
-                  for k, v in shared_initializers(folder, graphs.values()).items()}
-    sessions = {}
-    for role, f in graphs.items():
-        role_opts = opts
-        if shared is not None:
-            import onnx
-            role_opts = copy_options(opts)
-            names = {t.name for t in onnx.load(str(folder / f),
-                                               load_external_data=False).graph.initializer}
-            for name in names & set(shared):
-                role_opts.add_initializer(name, shared[name])
-        sessions[role] = ort.InferenceSession(str(folder / f), sess_options=role_opts,
-                                              providers=providers)
-    return sessions, shared
+class EngineSessions(Mapping):
+    """role -> InferenceSession of an artifact folder, each made on first use (the GraTa
+    method never opens ``infer_source``; the mixed graphs open when a rule needs them).
+    Holds the shared weights the sessions read. `in` does not open a session."""
+
+    def __init__(self, folder: Path, manifest: dict, options, providers: list,
+                 weights: dict | None = None):
+        """`options`: a function of the role giving its SessionOptions."""
+        self.folder, self.manifest = Path(folder), manifest
+        self.graphs = dict(manifest["graphs"])
+        self.options, self.providers, self.weights = options, list(providers), weights
+        self._made: dict = {}
+
+    def __getitem__(self, role):
+        if role not in self._made:
+            if role not in self.graphs:
+                raise KeyError(role)
+            ort = import_onnxruntime()
+            self._made[role] = ort.InferenceSession(
+                str(self.folder / self.graphs[role]), sess_options=self.options(role),
+                providers=self.providers)
+        return self._made[role]
+
+    def __contains__(self, role):
+        return role in self.graphs
+
+    def __iter__(self):
+        return iter(self.graphs)
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def opened(self) -> dict:
+        """{role: session} of the sessions made so far."""
+        return dict(self._made)
 
 
-__all__ = ["PROVIDERS", "TUNING", "available_providers", "copy_options", "default_threads",
-           "import_onnxruntime", "open_sessions", "physical_cores", "provider_list",
-           "session_options", "shared_initializers", "tuned_options"]
+def engine_sessions(folder: Path, manifest: dict, providers=("CPUExecutionProvider",),
+                    threads: int | None = None, tuning: dict | None = None,
+                    eager=EAGER_ROLES) -> EngineSessions:
+    """The sessions of an artifact folder for one engine, the one place they are built.
+
+    On the CPU provider: the settings `ENGINE_DEFAULTS` changed by `tuning` (frozen
+    weights held once for all graphs, gradient graphs without NCHWc copies, threads that
+    stop spinning after each run, no arena). On other providers every graph gets
+    `session_options` alone. The `eager` roles open now, the others on first use."""
+    providers = list(providers)
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if first == "CPUExecutionProvider":
+        by_kind, share = tuned_options(threads, tuning)
+        weights = shared_weights(folder, manifest) if share else None
+
+        given: set = set()  # options objects that hold the shared weights already
+
+        def options(role):
+            opts = by_kind(_is_gradient(manifest, role))
+            if weights and id(opts) not in given:
+                for name, value in weights.items():
+                    opts.add_initializer(name, value)
+                given.add(id(opts))
+            return opts
+    else:
+        if tuning:
+            raise GrataError(f"onnx options {sorted(tuning)} apply to the CPU provider only")
+        plain, weights = session_options(threads), None
+
+        def options(role):
+            return plain
+    sessions = EngineSessions(folder, manifest, options, providers, weights)
+    for role in eager:
+        if role in sessions:
+            sessions[role]
+    return sessions
+
+
+__all__ = ["EAGER_ROLES", "ENGINE_DEFAULTS", "PROVIDERS", "TUNING", "EngineSessions",
+           "available_providers", "default_threads", "engine_sessions", "import_onnxruntime",
+           "physical_cores", "provider_list", "session_options", "shared_weights",
+           "tuned_options"]

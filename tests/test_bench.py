@@ -86,8 +86,8 @@ def artifacts(tmp_path_factory):
     model: torch.manual_seed(0)), so the adapt suite finds them in the cache."""
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    folder = root / "cache" / "bench" / f"edge-{SIZE}-seed0"
-    export_artifacts(ResUnet("edge"), "edge", SIZE, folder)
+    folder = root / "cache" / "bench" / f"edge-{SIZE}-seed0-tv1"
+    export_artifacts(ResUnet("edge"), "edge", SIZE, folder, teacher_views=1)
     (root / "fp32").symlink_to(folder)
     return root
 
@@ -150,10 +150,13 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
     monkeypatch.setenv("GRATA_CACHE", str(artifacts / "cache"))
     out = tmp_path / "adapt.json"
     rc = main(["bench", "adapt", "--archs", "edge", "--sizes", str(SIZE), "--images", "2",
-               "--warmup", "0", "--threads", "1", "--backends", "onnx,torch-ref,onnx:opt=bogus",
-               "--matmul", "256",
+               "--warmup", "0", "--threads", "1", "--backends",
+               "onnx,torch-ref,onnx:opt=bogus,onnx:teacher=6+arena=shared",
+               "--matmul", "256", "--limit-reps", "1",
                "--quiet", "--json", str(out)])
     assert rc == 0
+    table = capsys.readouterr().out
+    assert "%limit" in table and "start s" in table and "error" in table
     r = json.loads(out.read_text())
     assert r["suite"] == "adapt" and r["matmul"]["numpy_gflops"] > 0
     assert r["matmul"]["n"] == 256
@@ -167,12 +170,51 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
         assert row["flops_per_image"] == FORWARDS_PER_IMAGE * forward
         assert row["gflops_per_s"] == pytest.approx(
             row["flops_per_image"] / (row["per_image"]["median_ms"] / 1e3) / 1e9)
+        # the limit: the forward's FLOPs over the convolutions' median time, same worker
+        lim = row["limit"]
+        assert lim["reps"] == 1 and lim["gflops_per_s"] == pytest.approx(
+            forward / lim["forward_s"] / 1e9)
+        assert row["limit_fraction"] == pytest.approx(row["gflops_per_s"] /
+                                                      lim["gflops_per_s"])
+        assert 0 < row["startup_s"] < row["wall_s"]
+        assert row["load_before"] and row["load_after"]
+    assert rows["onnx"]["teacher_views"] == 1 and rows["torch-ref"]["teacher_views"] is None
+    assert rows["onnx:teacher=6+arena=shared"]["error"] is None
+    assert rows["onnx:teacher=6+arena=shared"]["teacher_views"] == 6
+    assert (artifacts / "cache" / "bench" / f"edge-{SIZE}-seed0-tv6" / "manifest.json").exists()
     # the ratio is onnx's median over torch-ref's median, recomputed from the rows
     assert rows["onnx"]["time_vs_torch_ref"] == pytest.approx(
         rows["onnx"]["per_image"]["median_ms"] / rows["torch-ref"]["per_image"]["median_ms"])
     assert rows["onnx"]["torch_imported"] is False
     assert "opt=bogus" in rows["onnx:opt=bogus"]["error"]
-    assert "error" in capsys.readouterr().out
+    assert main(["bench", "adapt", "--archs", "edge", "--sizes", str(SIZE),
+                 "--backends", "onnx:teacher=4", "--quiet", "--json", str(out)]) == 2
+    assert "teacher=4: choose from 1, 2, 3, 6" in capsys.readouterr().err
+
+
+def test_conv_graph_is_the_models_convolutions(tmp_path):
+    import onnxruntime as ort
+    from grata.runtime.ort_session import session_options
+
+    from grata.bench.convlimit import conv_graph
+    info = conv_graph("edge", SIZE, 0, tmp_path / "convs.onnx")
+    torch.manual_seed(0)
+    model = ResUnet("edge")
+    convs = [m for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert info["layers"] == len(convs) and info["forward_flops"] == flops(model, SIZE)
+    sess = ort.InferenceSession(info["path"], session_options(1),
+                                providers=["CPUExecutionProvider"])
+    # each layer is the model's own (weights, stride, padding): torch gives the same
+    inputs = sess.get_inputs()
+    for k in (0, len(inputs) - 1):
+        x = np.random.default_rng(k).random(inputs[k].shape, dtype=np.float32)
+        feeds = {i.name: np.zeros(i.shape, np.float32) for i in inputs}
+        feeds[inputs[k].name] = x
+        got = sess.run([f"y{k}"], feeds)[0]
+        with torch.no_grad():
+            ref = convs[k](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
@@ -214,9 +256,9 @@ def test_onnx_variants_compute_what_the_runtime_computes(artifacts):
     plain = make_onnx_engine(artifacts / "fp32", threads=1)
     assert type(plain) is OrtEngine  # nothing changed: the runtime's own engine
     variant = make_onnx_engine(artifacts / "fp32", threads=1,
-                               options={"share": "1", "roles": "grata", "opt": "extended",
+                               options={"share": "0", "gradopt": "all", "opt": "extended",
                                         "spin": "0", "arena": "1"})
-    assert set(variant.sessions) == {"infer", "entropy_grad", "consistency_grad"}
+    assert variant.sessions.weights is None and plain.sessions.weights
     x = plain.to_input(np.random.default_rng(0).random((3, SIZE, SIZE), dtype=np.float32))
     # other optimisation level, other summation order: float32 rounding apart
     np.testing.assert_allclose(variant.infer(x), plain.infer(x), rtol=1e-4, atol=1e-4)

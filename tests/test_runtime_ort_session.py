@@ -59,16 +59,34 @@ def test_provider_list_per_device():
     assert PROVIDERS["cuda"][-1] == "CPUExecutionProvider"
 
 
-def test_tuning_changes_only_what_it_names():
-    opts, roles, share = tuned_options(2, {})
+def _entry(opts, key):
+    try:
+        return opts.get_session_config_entry(key)
+    except Exception:  # noqa: BLE001  (onnxruntime raises when unset)
+        return None
+
+
+def test_engine_defaults_and_what_tuning_changes():
+    options, share = tuned_options(2, {})
     plain = session_options(2)
-    for attr in ("graph_optimization_level", "intra_op_num_threads", "enable_cpu_mem_arena",
-                 "enable_mem_pattern", "inter_op_num_threads"):
-        assert getattr(opts, attr) == getattr(plain, attr)
-    assert (roles, share) == ("all", False)
-    opts, roles, share = tuned_options(2, {"arena": "1", "roles": "grata", "share": "1",
-                                           "threads": "3"})
-    assert opts.enable_cpu_mem_arena and opts.enable_mem_pattern
-    assert opts.intra_op_num_threads == 3 and (roles, share) == ("grata", True)
+    fwd, grad = options(False), options(True)
+    assert share and options(True) is grad  # one options object per kind of graph
+    for opts in (fwd, grad):
+        for attr in ("intra_op_num_threads", "enable_cpu_mem_arena", "enable_mem_pattern",
+                     "inter_op_num_threads"):
+            assert getattr(opts, attr) == getattr(plain, attr)
+        assert _entry(opts, "session.force_spinning_stop") == "1"
+    assert fwd.graph_optimization_level == plain.graph_optimization_level
+    assert grad.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options, share = tuned_options(2, {"arena": "1", "share": "0", "threads": "3",
+                                       "gradopt": "all", "spin": "0"})
+    grad = options(True)
+    assert grad.enable_cpu_mem_arena and grad.enable_mem_pattern and not share
+    assert grad.intra_op_num_threads == 3
+    assert grad.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert _entry(grad, "session.intra_op.allow_spinning") == "0"
+    assert _entry(grad, "session.force_spinning_stop") is None
     with pytest.raises(GrataError, match="unknown onnx option 'arenas'"):
         tuned_options(1, {"arenas": "1"})
+    with pytest.raises(GrataError, match="opt=fast: choose from"):
+        tuned_options(1, {"opt": "fast"})

@@ -60,30 +60,46 @@ def _header(report: dict, what: str) -> str:
 
 
 
+def _x(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _load(r: dict) -> str:
+    a, b = r.get("load_before"), r.get("load_after")
+    return "-" if not a or not b else f"{a[0]:.1f}/{b[0]:.1f}"
+
+
 def format_adapt(report: dict) -> str:
+    """One row per (arch, size, backend): median s/img (p90, min), time / ref, peak RSS
+    and its ratio, GFLOP/img, GFLOP/s, the dense-conv limit of the same worker and the
+    fraction of it, start-up, load average (1 min) before / after the worker."""
     s, mm = report["settings"], report["matmul"]
     lines = [_header(report, f"GraTa per image, {s['images']} images after {s['warmup']} "
                              f"warm-up, {s['threads']} threads"),
              f"float32 matmul {mm['n']}x{mm['n']}: "
              + (f"torch {mm['torch_gflops']:.0f} GFLOP/s, " if "torch_gflops" in mm else "")
              + f"numpy {mm['numpy_gflops']:.0f} GFLOP/s; FLOPs/image = "
-             f"{FORWARDS_PER_IMAGE} x forward"]
+             f"{FORWARDS_PER_IMAGE} x forward; limit = "
+             + (s.get("limit") or "not measured")]
     head = (f"{'arch':9} {'size':>4} {'backend':26} {'median s':>9} {'p90 s':>7} "
-            f"{'min s':>7} {'peakRSS':>8} {'GFLOP/img':>9} {'GFLOP/s':>8} {'time/ref':>8} "
-            f"{'RSS/ref':>7}")
+            f"{'min s':>7} {'time/ref':>8} {'peakRSS':>8} {'RSS/ref':>7} {'GFLOP/img':>9} "
+            f"{'GFLOP/s':>8} {'limit':>7} {'%limit':>6} {'start s':>7} {'load':>9}")
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         tag = f"{r['arch']:9} {r['size']:>4} {r['backend'][:26]:26}"
         if r.get("error"):
             lines.append(f"{tag} error: {r['error']}")
             continue
-        st = r["per_image"]
-        ratio = r.get("time_vs_torch_ref")
-        mem = r.get("peak_rss_vs_torch_ref")
+        st, limit = r["per_image"], r.get("limit")
+        frac = r.get("limit_fraction")
+        start = r.get("startup_s")
+        lim = "-" if not limit else f"{limit['gflops_per_s']:.1f}"
         lines.append(f"{tag} {st['median_ms'] / 1e3:9.3f} {st['p90_ms'] / 1e3:7.3f} "
-                     f"{st['min_ms'] / 1e3:7.3f} {_mb(r['memory']['peak_rss_bytes']):>8} "
+                     f"{st['min_ms'] / 1e3:7.3f} {_x(r.get('time_vs_torch_ref')):>8} "
+                     f"{_mb(r['memory']['peak_rss_bytes']):>8} "
+                     f"{_x(r.get('peak_rss_vs_torch_ref')):>7} "
                      f"{r['flops_per_image'] / 1e9:9.1f} {r['gflops_per_s']:8.1f} "
-                     f"{'-' if ratio is None else f'{ratio:.2f}x':>8} "
-                     f"{'-' if mem is None else f'{mem:.2f}x':>7}")
+                     f"{lim:>7} "
+                     f"{'-' if frac is None else f'{100 * frac:.0f}%':>6} "
+                     f"{'-' if start is None else f'{start:.2f}':>7} {_load(r):>9}")
     return "\n".join(lines)
-

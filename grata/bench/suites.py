@@ -169,14 +169,25 @@ def run_adapt(args) -> dict:
     from ..artifacts import random_model_artifacts
     from ..models import ResUnet, flops
 
+    from ..export import DEVICE_TEACHER_VIEWS
+    from ..export.trace import TEACHER_VIEW_CHOICES
+    from .convlimit import conv_graph
+
     archs, sizes = _csv(args.archs), [int(s) for s in _csv(args.sizes)]
     backends = _csv(args.backends)
+    views = {}  # backend -> teacher views per pass of its artifacts
     for b in backends:
         name, opts = parse_variant(b)
         if name not in ADAPT_BACKENDS:
             raise GrataError(f"unknown backend {name!r}; choose from {', '.join(ADAPT_BACKENDS)}")
         if opts and name != "onnx":
             raise GrataError(f"{b}: options apply to the onnx backend only")
+        if name == "onnx":
+            choices = [str(k) for k in TEACHER_VIEW_CHOICES]
+            teacher = opts.get("teacher", str(DEVICE_TEACHER_VIEWS))
+            if teacher not in choices:
+                raise GrataError(f"{b}: teacher={teacher}: choose from {', '.join(choices)}")
+            views[b] = int(teacher)
     threads = args.threads
     if threads is None:
         from ..runtime.ort_session import default_threads
@@ -191,29 +202,43 @@ def run_adapt(args) -> dict:
                 "seed": args.seed, "weights": f"random (torch.manual_seed({args.seed}))",
                 "malloc": {"setting": args.malloc, **MALLOC_SETTINGS[args.malloc]},
                 "flops_convention": f"{FORWARDS_PER_IMAGE} forward passes per image "
-                                    "(9 forwards + 2 backwards at 2 forwards each)"}
+                                    "(9 forwards + 2 backwards at 2 forwards each)",
+                "limit": "the model's convolutions alone (same shapes, one graph of "
+                         "independent layers), timed in each worker after its images "
+                         f"({args.limit_reps} runs, median)" if args.limit_reps else None,
+                "device_teacher_views": DEVICE_TEACHER_VIEWS}
     rows = []
     for arch in archs:
         for size in sizes:
             check_size(size, "--sizes: each size")
             torch.manual_seed(args.seed)
             forward = flops(ResUnet(arch), size)
-            folder = None
-            if any(parse_variant(b)[0] == "onnx" for b in backends):
-                folder = random_model_artifacts(arch, size, args.seed, args.quiet)
+            folders = {k: random_model_artifacts(arch, size, args.seed, args.quiet, k)
+                       for k in sorted(set(views.values()))}
+            limit = None
+            if args.limit_reps:
+                from .. import defaults
+                path = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{args.seed}-convs.onnx"
+                limit = conv_graph(arch, size, args.seed, path)
+                limit["reps"] = args.limit_reps
             for backend in backends:
+                folder = folders.get(views.get(backend))
                 spec = {"suite": "adapt", "backend": backend, "arch": arch, "size": size,
                         "artifacts": str(folder) if folder else None, "seed": args.seed,
-                        "threads": threads, "images": args.images, "warmup": args.warmup}
+                        "threads": threads, "images": args.images, "warmup": args.warmup,
+                        "limit": limit}
                 if not args.quiet:
                     print(f"  {arch} {size} {backend} ...", file=sys.stderr, flush=True)
                 result = run_worker(spec, args.malloc, timeout=args.timeout)
                 row = {"arch": arch, "size": size, "backend": backend,
-                       "forward_flops": forward,
+                       "teacher_views": views.get(backend), "forward_flops": forward,
                        "flops_per_image": FORWARDS_PER_IMAGE * forward, **result}
                 if not result.get("error"):
                     med = result["per_image"]["median_ms"] / 1e3
                     row["gflops_per_s"] = row["flops_per_image"] / med / 1e9
+                    if result.get("limit"):
+                        row["limit_fraction"] = row["gflops_per_s"] / \
+                            result["limit"]["gflops_per_s"]
                 rows.append(row)
             ref = next((r for r in rows if r["arch"] == arch and r["size"] == size
                         and r["backend"] == "torch-ref" and not r.get("error")), None)

@@ -34,7 +34,7 @@ def bench_image(index: int, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- engines
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """'onnx:arena=1+roles=grata' -> ('onnx', {'arena': '1', 'roles': 'grata'})."""
+    """'onnx:arena=1+share=0' -> ('onnx', {'arena': '1', 'share': '0'})."""
     name, _, rest = spec.partition(":")
     opts = {}
     for item in filter(None, rest.split("+")):
@@ -150,10 +150,14 @@ def _stage_worker(spec: dict) -> dict:
 
 
 def _adapt_worker(spec: dict) -> dict:
-    """Per-image GraTa cost of one backend on one (arch, size). Own process."""
+    """Per-image GraTa cost of one backend on one (arch, size), its start-up, and the
+    dense-convolution limit measured after the images (so it is not in the peak RSS).
+    Own process."""
     backend, options = parse_variant(spec["backend"])
+    options.pop("teacher", None)  # which artifacts: chosen by the parent
     size, seed, threads = spec["size"], spec["seed"], spec["threads"]
     rss0 = rss_bytes()
+    t_start = time.perf_counter()
     if backend == "onnx":
         from ..methods import create
         engine = make_onnx_engine(spec["artifacts"], "cpu", "fp32", threads, options)
@@ -182,6 +186,7 @@ def _adapt_worker(spec: dict) -> dict:
                 return method.adapt(method.engine.to_input(img), image=img)
     else:
         raise GrataError(f"unknown backend {backend!r}; choose from {', '.join(ADAPT_BACKENDS)}")
+    startup = time.perf_counter() - t_start  # artifacts verified, sessions ready
     rss_setup = rss_bytes()
     times = []
     for i in range(spec["warmup"] + spec["images"]):
@@ -191,10 +196,16 @@ def _adapt_worker(spec: dict) -> dict:
         dt = time.perf_counter() - t0
         if i >= spec["warmup"]:
             times.append(dt)
-    return {"per_image": summarize(times), "times_s": times,
-            "memory": {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
-                       "peak_rss_bytes": peak_rss_bytes()},
-            "torch_imported": "torch" in sys.modules}
+    memory = {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
+              "peak_rss_bytes": peak_rss_bytes()}
+    torch_imported = "torch" in sys.modules
+    limit = None
+    if spec.get("limit"):
+        from .convlimit import conv_rate
+        limit = conv_rate(spec["limit"]["path"], spec["limit"]["forward_flops"], threads,
+                          spec["limit"].get("reps", 3))
+    return {"per_image": summarize(times), "times_s": times, "startup_s": startup,
+            "memory": memory, "limit": limit, "torch_imported": torch_imported}
 
 
 WORKERS = {"stages": _stage_worker, "adapt": _adapt_worker}

@@ -14,8 +14,9 @@ Two suites:
 ``grata bench adapt``
     the per-image GraTa cost of the onnx runtime against the PyTorch reference in the
     structure of the authors' code (`grata.bench_reference`), per arch and size, with
-    peak memory, FLOPs per image and the implied rate next to this machine's float32
-    matrix-multiply rate.
+    peak memory, FLOPs per image, the implied rate next to the machine's limit (the
+    model's convolutions alone, timed in the same worker), start-up (artifacts verified,
+    sessions ready) and the load average around each worker.
 
 Method. Every backend configuration runs in its own Python process, so peak resident
 memory (VmHWM) is that configuration's alone; all workers get the same glibc malloc
@@ -53,8 +54,9 @@ examples:
       --artifacts art/edge256 --int8 runs/int8/int8 --duration 10
   grata bench adapt --archs resnet34,edge --sizes 256,512 --images 10
   grata bench adapt --archs edge --sizes 256 --images 3 --warmup 1     (a quick look)
-  grata bench adapt --backends onnx,onnx:arena=1,onnx:roles=grata+share=1,torch-ref
-      onnx session variants: """ + "; ".join(f"{k}: {v}" for k, v in TUNING.items()) + """
+  grata bench adapt --backends onnx,onnx:teacher=6,onnx:arena=shared,torch-ref
+      onnx variants: teacher: the consistency graphs' teacher views per pass (1, the
+      device default; 2, 3, 6: one batch); """ + "; ".join(f"{k}: {v}" for k, v in TUNING.items()) + """
 
 Each configuration runs in its own process (its own peak memory). The table goes to
 stdout, everything (machine, versions, load average, settings, statistics) to --json.
@@ -92,6 +94,9 @@ def register(sub) -> dict:
     b.add_argument("--images", type=int, default=10, help="adapt: timed images (10)")
     b.add_argument("--matmul", type=int, default=2048,
                    help="adapt: matrix size of the float32 matmul rate (2048)")
+    b.add_argument("--limit-reps", type=int, default=3,
+                   help="adapt: timed runs of the model's convolutions alone, the machine's "
+                   "limit, in each worker after its images (3; 0: not measured)")
     b.add_argument("--warmup", type=int, help="warm-up calls (stages 3) or images (adapt 2)")
     b.add_argument("--iterations", type=int, default=20, help="stages: timed calls (20)")
     b.add_argument("--duration", type=float, help="stages: seconds per stage instead")

@@ -23,12 +23,13 @@ def register(subparsers) -> dict:
 def cmd_export(args) -> int:
     checkpoint, arch, size = model_choice(args)
     try:
-        from ..export import export_artifacts
+        from ..export import DEVICE_TEACHER_VIEWS, export_artifacts
         from ..models import load_checkpoint
     except ImportError:
         raise GrataError("export needs torch and onnx: pip install 'grata-edge[export]'") \
             from None
-    manifest = export_artifacts(load_checkpoint(checkpoint, arch), arch, size, args.out)
+    manifest = export_artifacts(load_checkpoint(checkpoint, arch), arch, size, args.out,
+                                teacher_views=DEVICE_TEACHER_VIEWS)
     total = sum((args.out / f).stat().st_size for f in manifest["sha256"])
     print(f"wrote {args.out}: {', '.join(manifest['graphs'])}; theta {manifest['n_theta']} "
           f"values; {total / 1e6:.1f} MB")
