@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from grata.atomic import fsync_dir
 from grata.errors import GrataError
 
 from .manifest import MANIFEST, load_manifest
@@ -91,20 +92,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -143,7 +131,7 @@ def replace_folder_atomically(new, out) -> None:
     parent = out.parent
     if not out.exists():
         os.rename(new, out)  # also replaces an empty folder created meanwhile
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return
     if _exchange(new, out):
         old = new
@@ -155,6 +143,6 @@ def replace_folder_atomically(new, out) -> None:
         except BaseException:
             os.rename(old, out)
             raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
 

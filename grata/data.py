@@ -295,14 +295,19 @@ def _spec_levels(grey: np.ndarray, convention: str) -> np.ndarray:
     return out
 
 
-def _mask_array(img: Image.Image, size: int, path) -> np.ndarray:
+def _mask_levels(img: Image.Image, path) -> Image.Image:
+    """The full-size mask in the specification's 255/128/0 encoding, whatever recognised
+    convention it was stored in (anything else is a DataError with the reason)."""
     grey = np.asarray(_mask_grey(img, path))
     try:
         convention = mask_convention(grey)
     except ValueError as e:
         raise DataError(quote(path), str(e)) from None
-    grey = Image.fromarray(_spec_levels(grey, convention), mode="L")
-    v = np.asarray(grey.resize((size, size), Image.NEAREST))
+    return Image.fromarray(_spec_levels(grey, convention), mode="L")
+
+
+def _mask_array(img: Image.Image, size: int, path) -> np.ndarray:
+    v = np.asarray(_mask_levels(img, path).resize((size, size), Image.NEAREST))
     return np.stack([v < 255, v == 0]).astype(np.float32)
 
 
@@ -360,12 +365,7 @@ def load_photo_pair(image_path, mask_path, limit: int | None = None
                                           f"image {quote(image_path)} is "
                                           f"{img_size[0]}x{img_size[1]}")
     pixels = _photo_rgb(img, quote(image_path))
-    grey = np.asarray(_mask_grey(mask, mask_path))
-    try:
-        convention = mask_convention(grey)
-    except ValueError as e:
-        raise DataError(quote(mask_path), str(e)) from None
-    levels = Image.fromarray(_spec_levels(grey, convention), mode="L")
+    levels = _mask_levels(mask, mask_path)
     if levels.size != img.size:  # the image was decoded reduced
         levels = levels.resize(img.size, Image.NEAREST)
     v = np.asarray(levels)

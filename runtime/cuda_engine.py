@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import GrataError
 from ..export.manifest import load_manifest
 from ..kernels import adam_update
-from .engine import MIXED, check_input, load_stats0, load_theta0, route
+from .engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
 from .ort_session import available_providers, engine_sessions, import_onnxruntime
 
 
@@ -111,7 +111,7 @@ class _DeviceScalar:
         return float(self.array[0])
 
 
-class CudaEngine:
+class CudaEngine(StreamStatistics):
     """Answers as `grata.engine.Engine`, like `OrtEngine`; theta and every vector a
     method makes stay on the GPU.
 
@@ -262,16 +262,3 @@ class CudaEngine:
         out = self._outputs[role]
         return out["loss"], out["grad"]
 
-    def norm_state(self) -> np.ndarray:
-        """A host copy of the stream statistics (float32, theta's layout)."""
-        if self.stats is None:
-            raise GrataError(f"artifact {self.folder} has no stream statistics; export again "
-                             f"with this version")
-        return np.array(self.to_numpy(self.stats), dtype=np.float32)
-
-    def load_norm_state(self, stats) -> None:
-        a = np.asarray(stats, dtype=np.float32)
-        if self.stats is None or a.shape != tuple(self.stats.shape):
-            raise GrataError(f"stream statistics of shape {a.shape} do not fit artifact "
-                             f"{self.folder}")
-        self.assign(self.stats, a)

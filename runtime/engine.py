@@ -70,7 +70,26 @@ def load_theta0(folder: Path, manifest: dict) -> np.ndarray:
     return theta0
 
 
-class OrtEngine:
+class StreamStatistics:
+    """The stream statistics (``ema``) of an ONNX engine, part of the adapted state:
+    `stats` (theta's layout) where the artifacts have mixed-statistics graphs."""
+
+    def norm_state(self) -> np.ndarray:
+        """A host copy of the stream statistics (float32, theta's layout)."""
+        if self.stats is None:
+            raise GrataError(f"artifact {self.folder} has no stream statistics; export again "
+                             f"with this version")
+        return np.array(self.to_numpy(self.stats), dtype=np.float32)
+
+    def load_norm_state(self, stats) -> None:
+        a = np.asarray(stats, dtype=np.float32)
+        if self.stats is None or a.shape != tuple(self.stats.shape):
+            raise GrataError(f"stream statistics of shape {a.shape} do not fit artifact "
+                             f"{self.folder}")
+        self.assign(self.stats, a)
+
+
+class OrtEngine(StreamStatistics):
     """Loads (and verifies) an artifact folder; answers as `grata.engine.Engine`.
 
     `device` picks onnxruntime's providers (cpu, cuda, or tensorrt: the TensorRT
@@ -129,20 +148,6 @@ class OrtEngine:
     def scalar():
         return None
 
-    # the stream statistics (ema): part of the adapted state
-    def norm_state(self) -> np.ndarray:
-        """A copy of the stream statistics (float32, theta's layout)."""
-        if self.stats is None:
-            raise GrataError(f"artifact {self.folder} has no stream statistics; export again "
-                             f"with this version")
-        return np.array(self.to_numpy(self.stats), dtype=np.float32)
-
-    def load_norm_state(self, stats) -> None:
-        a = np.asarray(stats, dtype=np.float32)
-        if self.stats is None or a.shape != self.stats.shape:
-            raise GrataError(f"stream statistics of shape {a.shape} do not fit artifact "
-                             f"{self.folder}")
-        self.assign(self.stats, a)
 
     def _feeds(self, role: str, norm, **feeds):
         """(session, feeds) for `role` under `norm`."""
