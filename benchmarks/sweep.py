@@ -56,10 +56,8 @@ class Config:
         return text if self.step is None else f"{text}/{self.step:g}"
 
     def hyperparameters(self) -> dict:
-        hp = {} if self.method == "source" else {"norm": self.rule}
-        if self.step is not None:
-            hp[STEP_NAME[self.method]] = self.step
-        return hp
+        """The step size, if the config sets one (the rule goes in the run's `norm`)."""
+        return {} if self.step is None else {STEP_NAME[self.method]: self.step}
 
     @classmethod
     def parse(cls, text: str) -> "Config":
@@ -104,8 +102,8 @@ def run_configs(configs: list[Config], root, targets: list[str], size: int, arti
     stream = adapt.stream_domain
     if images is not None:  # a shorter stream: the first `images` items of each target
         # (adapt.run reads each target through this module-level name)
-        def stream(root_, domain, size_, _full=adapt.stream_domain):
-            return itertools.islice(_full(root_, domain, size_), images)
+        def stream(root_, domain, size_, _full=adapt.stream_domain, **kw):
+            return itertools.islice(_full(root_, domain, size_, **kw), images)
     for (rule, step), members in groups.items():
         t0 = time.perf_counter()
         engines = iter(pool)
@@ -114,7 +112,7 @@ def run_configs(configs: list[Config], root, targets: list[str], size: int, arti
         try:
             results = adapt.run(lambda: next(engines), root, targets, size,
                                 [c.method for c in members], protocol=protocol, seed=seed,
-                                progress=False, hyperparameters=hp)
+                                progress=False, hyperparameters=hp, norm=rule)
         finally:
             adapt.stream_domain = saved
         for c in members:

@@ -50,7 +50,8 @@ PRODUCT_METHODS = ["source", "bn", "tent", "grata"]
 SERVE_METHOD = "grata"
 
 
-def hyperparameters(methods, norm: str = PRODUCT_NORM) -> dict[str, dict]:
-    """`grata.adapt.run`'s hyperparameters for `methods` under the product defaults:
-    ``{"grata": {"norm": "mix:0.03", "beta": 1e-5}, ...}`` (source takes none)."""
-    return {m: {"norm": norm, **PRODUCT_HP.get(m, {})} for m in methods if m != "source"}
+def hyperparameters(methods) -> dict[str, dict]:
+    """`grata.adapt.run`'s hyperparameters for `methods` under the product defaults
+    (``{"grata": {"beta": 1e-5}, ...}``); the statistics rule is `run`'s ``norm=``
+    (`PRODUCT_NORM`)."""
+    return {m: dict(PRODUCT_HP.get(m, {})) for m in methods if m != "source"}

@@ -60,12 +60,12 @@ def test_product_default_does_no_harm_where_the_paper_setting_does(stream):
     methods = [m for m in product.PRODUCT_METHODS if m != "source"]
     hp = product.hyperparameters(methods)
     got = _dice(run(_model, stream, TARGETS, defaults.DEFAULT_SIZE, ["source", *methods],
-                    seed=0, progress=False, hyperparameters=hp))
-    # The paper's run differs from the product's grata only by `norm` and `beta` in the
-    # hyperparameters: the harm below shows they reach the method through adapt.run.
+                    seed=0, progress=False, hyperparameters=hp, norm=product.PRODUCT_NORM))
+    # The paper's run differs from the product's grata only by the rule and `beta`: the
+    # harm below shows they reach the method through adapt.run.
     paper = _dice(run(_model, stream, TARGETS, defaults.DEFAULT_SIZE, ["grata"], seed=0,
-                      progress=False, hyperparameters={"grata": {"norm": "sample",
-                                                                 "beta": 1e-4}}))
+                      progress=False, hyperparameters={"grata": {"beta": 1e-4}},
+                      norm="sample"))
     for t in TARGETS:
         for m in methods:
             assert got[(m, t)] >= got[("source", t)] - 1.0, (m, t, got)

@@ -26,9 +26,8 @@ def test_configs_parse_and_the_grid(sweep):
     c = sweep.Config.parse("grata@mix:0.20/1e-2")
     assert (c.method, c.rule, c.step, c.label) == ("grata", "mix:0.2", 0.01,
                                                    "grata@mix:0.2/0.01")
-    assert c.hyperparameters() == {"norm": "mix:0.2", "beta": 0.01}
-    assert sweep.Config.parse("tent@source/0.1").hyperparameters() == {"norm": "source",
-                                                                       "lr": 0.1}
+    assert c.hyperparameters() == {"beta": 0.01}
+    assert sweep.Config.parse("tent@source/0.1").hyperparameters() == {"lr": 0.1}
     assert sweep.Config.parse("source").hyperparameters() == {}
     for bad in ("grata@mix:0.2", "bn@sample/1e-3", "adam@sample/1", "tent@sample/x",
                 "grata@mix:7/1e-3"):
@@ -72,7 +71,7 @@ def test_small_run_matches_adapt_run(sweep, edge64, tmp_path, capsys):
     generate(short, seed=2, n_source=(1, 0), n_target=(2, 0), size=64, progress=False)
     ref = run(lambda: OrtEngine(art, threads=1), short, ["WideCrop", "Handheld"], 64,
               ["grata"], seed=0, progress=False,
-              hyperparameters={"grata": {"beta": 1e-2, "norm": "mix:0.2"}})
+              hyperparameters={"grata": {"beta": 1e-2}}, norm="mix:0.2")
     for r in ref:
         assert got["grata@mix:0.2/0.01"]["per_target"][r.target] == pytest.approx(
             r.summary()["dice_mean"], abs=1e-9)
