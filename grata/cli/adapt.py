@@ -30,7 +30,11 @@ EPILOG = """\
 examples:
   grata adapt --out runs/demo
       the embedded default: a synthetic multi-centre benchmark (made on first use),
-      the shipped edge model, methods source,bn,tent,grata; a few minutes on 2 cores
+      the shipped edge model, methods source,bn,tent,grata under the product's
+      measured defaults (statistics mix:0.03, step 1e-5: see README, "Defaults");
+      a few minutes on 2 cores
+  grata adapt --out runs/paper --paper
+      the paper's setting: each image's own BN statistics, GraTa beta / TENT lr 1e-4
   grata adapt --data /data/fundus --source REFUGE --targets ORIGA,Drishti_GS \\
       --checkpoint refuge_resnet34.pt --arch resnet34 --size 512 --out runs/refuge
       real data in the GraTa CSV layout (or the DoFE folder layout)
