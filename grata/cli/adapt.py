@@ -40,7 +40,7 @@ examples:
       real data in the GraTa CSV layout (or the DoFE folder layout)
   grata adapt --out runs/b1e3 --hp grata.beta=1e-3 --hp tent.lr=2e-4
       other hyperparameters (recorded in the report's config block)
-  grata adapt --out runs/norm --norm mix:0.2 \
+  grata adapt --out runs/norm --norm mix:0.2 \\
       --methods source,bn,grata,grata@sample,tent@ema:0.1,bn@sample+gate
       statistics per method (METHOD@RULE; a plain name takes --norm); +gate: the safety
       gate falls back to the source prediction when the adapted one looks worse
