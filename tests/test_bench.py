@@ -181,7 +181,8 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
     assert rows["onnx"]["teacher_views"] == 1 and rows["torch-ref"]["teacher_views"] is None
     assert rows["onnx:teacher=6+arena=shared"]["error"] is None
     assert rows["onnx:teacher=6+arena=shared"]["teacher_views"] == 6
-    assert (artifacts / "cache" / "bench" / f"edge-{SIZE}-seed0-x{EXPORT_REVISION}-tv6" / "manifest.json").exists()
+    tv6 = f"edge-{SIZE}-seed0-x{EXPORT_REVISION}-tv6"
+    assert (artifacts / "cache" / "bench" / tv6 / "manifest.json").exists()
     # the ratio is onnx's median over torch-ref's median, recomputed from the rows
     assert rows["onnx"]["time_vs_torch_ref"] == pytest.approx(
         rows["onnx"]["per_image"]["median_ms"] / rows["torch-ref"]["per_image"]["median_ms"])
