@@ -14,8 +14,13 @@ from .manifest import FORMAT_VERSION, load_manifest
 # with a sixth of its activations alive. export_artifacts' own default stays one batch of
 # six, the graph the parity tests replay against torch's batched teacher.
 DEVICE_TEACHER_VIEWS = 1
+# What the exporter writes for the same model and options, in the artifact cache's keys
+# so folders of an earlier exporter are not reused (2: the convolution backward's
+# flipped kernels stored in the weights file instead of folded by each session).
+EXPORT_REVISION = 2
 
-__all__ = ["DEVICE_TEACHER_VIEWS", "FORMAT_VERSION", "export_artifacts", "load_manifest"]
+__all__ = ["DEVICE_TEACHER_VIEWS", "EXPORT_REVISION", "FORMAT_VERSION", "export_artifacts",
+           "load_manifest"]
 
 
 def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,

@@ -12,6 +12,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT = TensorProto.FLOAT
+# name suffix of a frozen weight derived from another (`<w>.flipT`: the spatially
+# flipped, in/out-swapped kernel of the convolution backward); stored like any weight
+FLIPPED = ".flipT"
 INT64_MIN = np.iinfo(np.int64).min
 
 

@@ -10,8 +10,8 @@ Folder layout::
     infer_mix.onnx, entropy_grad_mix.onnx, consistency_grad_mix.onnx
                            the same three with mixed BN statistics: extra inputs
                            stats [n] and alpha [1]; infer_mix also outputs img_stats [n]
-    weights.bin            frozen weights (convolutions, BN running statistics), once
-                           for all graphs
+    weights.bin            frozen weights (convolutions, BN running statistics, the
+                           backward's flipped kernels), once for all graphs
     theta0.npy             the source theta (float32, theta's layout)
     stats0.npy             the stored running statistics (float32, theta's layout: each
                            BN layer's means, then its variances)
@@ -42,7 +42,7 @@ from grata.models import (
     theta_layout,
 )
 
-from .builder import GraphBuilder
+from .builder import FLIPPED, GraphBuilder
 from .manifest import write_manifest
 from .output import check_out_folder, replace_folder_atomically
 from .trace import INPUTS, MIX_ROLES, ROLES, TEACHER_VIEWS, check_teacher_views, trace
@@ -165,8 +165,9 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
             if name in weights and not np.array_equal(weights[name], arr):
                 raise GrataError(f"export: two different tensors named {name}")
             weights[name] = arr
+    # a derived kernel (<w>.flipT) right after its source
     order = {k: i for i, k in enumerate(model.state_dict())}
-    names = sorted(weights, key=lambda k: (order.get(k, len(order)), k))
+    names = sorted(weights, key=lambda k: (order.get(k.removesuffix(FLIPPED), len(order)), k))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -12,8 +12,9 @@ Backward (reverse mode, written here op by op): only the nodes that depend on th
 lie on a differentiable path to the loss get a backward; `detach` stops the gradient (the
 teacher). Choices made for CPU speed with exact results:
 - input gradient of a stride-1 convolution: a convolution with the spatially flipped,
-  in/out-swapped weights (computed from the stored weights inside the graph, folded to a
-  constant when the session loads); strided: a transposed convolution;
+  in/out-swapped weights, computed here and stored as a frozen weight of its own
+  (`<weight>.flipT`), so every gradient graph reads the one copy in the weights file
+  instead of each session folding its own; strided: a transposed convolution;
 - transposed convolution: a convolution with the same weights;
 - ReLU: multiply by the 0/1 mask (out > 0);
 - max-pool: first-max masks per window offset (torch's tie rule), scattered back by
@@ -40,7 +41,7 @@ from torch import fx, nn
 from grata.errors import GrataError
 from grata.models import Norm2d
 
-from .builder import FLOAT, GraphBuilder
+from .builder import FLIPPED, FLOAT, GraphBuilder
 
 PREFIX = "model."
 GRAPH_INPUTS = ("image", "strong_image")
@@ -263,9 +264,10 @@ class Lowering:
         w = self._weights(n, m)[0]
         in_hw, out_hw = self.shape(x)[2:], self.shape(n)[2:]
         if s == (1, 1):
-            # dx = conv(dy, flip(W)^T) with the complementary padding.
-            wf = self.b.cached(("flipT", w), lambda: self.b.op(
-                "Transpose", [self.b.flip(w, [2, 3])], w + ".flipT", perm=[1, 0, 2, 3]))
+            # dx = conv(dy, flip(W)^T) with the complementary padding; the kernel is
+            # exact (a permutation of W), stored once beside W for every graph.
+            wf = self.b.cached(("flipT", w), lambda: self.b.weight(
+                w + FLIPPED, _numpy(m.weight)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)))
             pads = [d[i] * (k[i] - 1) - p[i] for i in range(2)]
             if min(pads) < 0:
                 raise GrataError(f"export: no gradient rule for {n.target} (padding > kernel)")

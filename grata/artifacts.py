@@ -45,10 +45,16 @@ def _export_fn():
 
 
 def _layout() -> str:
-    """The graph layout in a cache key (teacher views per pass), so folders exported by
-    an earlier version or with another layout are not reused."""
+    """The exporter's revision and the graph layout in a cache key (teacher views per
+    pass), so folders exported by an earlier version or with another layout are not
+    reused."""
     from .export import DEVICE_TEACHER_VIEWS
-    return f"tv{DEVICE_TEACHER_VIEWS}"
+    return _key_tail(DEVICE_TEACHER_VIEWS)
+
+
+def _key_tail(views: int) -> str:
+    from .export import EXPORT_REVISION
+    return f"x{EXPORT_REVISION}-tv{views}"
 
 
 def cached_artifacts(checkpoint, arch: str, size: int, quiet: bool = True) -> Path:
@@ -73,7 +79,7 @@ def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True,
     consistency graphs' teacher views per pass (default: the device's)."""
     from .export import DEVICE_TEACHER_VIEWS
     views = DEVICE_TEACHER_VIEWS if teacher_views is None else teacher_views
-    folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}-tv{views}"
+    folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}-{_key_tail(views)}"
     if (folder / "manifest.json").exists():
         return folder
     _export_fn()  # torch and the exporter are there, or a one-line error

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from grata.export import export_artifacts
+from grata.export import EXPORT_REVISION, export_artifacts
 
 from grata.bench import FORWARDS_PER_IMAGE, STAGES, measure, percentile, stages_plan, summarize
 from grata.bench.reference import AuthorsGraTa
@@ -86,7 +86,7 @@ def artifacts(tmp_path_factory):
     model: torch.manual_seed(0)), so the adapt suite finds them in the cache."""
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    folder = root / "cache" / "bench" / f"edge-{SIZE}-seed0-tv1"
+    folder = root / "cache" / "bench" / f"edge-{SIZE}-seed0-x{EXPORT_REVISION}-tv1"
     export_artifacts(ResUnet("edge"), "edge", SIZE, folder, teacher_views=1)
     (root / "fp32").symlink_to(folder)
     return root
@@ -181,7 +181,8 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
     assert rows["onnx"]["teacher_views"] == 1 and rows["torch-ref"]["teacher_views"] is None
     assert rows["onnx:teacher=6+arena=shared"]["error"] is None
     assert rows["onnx:teacher=6+arena=shared"]["teacher_views"] == 6
-    assert (artifacts / "cache" / "bench" / f"edge-{SIZE}-seed0-tv6" / "manifest.json").exists()
+    tv6 = f"edge-{SIZE}-seed0-x{EXPORT_REVISION}-tv6"
+    assert (artifacts / "cache" / "bench" / tv6 / "manifest.json").exists()
     # the ratio is onnx's median over torch-ref's median, recomputed from the rows
     assert rows["onnx"]["time_vs_torch_ref"] == pytest.approx(
         rows["onnx"]["per_image"]["median_ms"] / rows["torch-ref"]["per_image"]["median_ms"])
