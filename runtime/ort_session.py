@@ -29,8 +29,9 @@ TUNING = {
     "gradopt": "optimisation level of the gradient graphs: extended (default; no NCHWc "
                "layout transform, whose reordered copy of every kernel would sit beside the "
                "shared original), or as opt",
-    "opt": "optimisation level of the forward graphs: disable, basic, extended, all "
-           "(default; the same graph a standalone predictor runs, bit for bit)",
+    "opt": "optimisation level of the forward graphs: disable, basic, extended "
+           "(default: no NCHWc copy of the kernels beside the shared ones; a standalone "
+           "predictor runs the same, bit for bit), all",
     "arena": "CPU memory arena: off (0, default), one per session (1), or shared (one "
              "arena for all sessions of the process, growing by what is asked)",
     "spin": "intra-op threads after a run: stop (default; they do not compete with the "
@@ -41,12 +42,13 @@ TUNING = {
 }
 # Why these (measured, ResNet-34 at 512x512, BENCHMARKS.md): shared weights save one copy
 # of the frozen tensors per session; NCHWc's reordered kernels cost ~70-350 MiB per
-# gradient graph for ~7 % on the convolutions alone and nothing measurable on whole
-# images; the shared arena is 10-20 % faster at 512 but adds ~100-155 MiB peak (memory
+# gradient graph, and ~80 MiB in the forward graph (ResNet-34 at 512: peak RSS 1.05x the
+# torch reference with it, 0.98x without), for ~7 % on the convolutions alone and 0-7 % on
+# whole images; the shared arena is 10-20 % faster at 512 but adds ~100-155 MiB peak (memory
 # first); spinning threads of the graph that just finished compete with the next graph's
 # on few cores, and the global pool that would avoid it binds every session of the
 # process.
-ENGINE_DEFAULTS = {"share": "1", "gradopt": "extended", "opt": "all", "arena": "0",
+ENGINE_DEFAULTS = {"share": "1", "gradopt": "extended", "opt": "extended", "arena": "0",
                    "spin": "stop", "pool": "session"}
 # the roles an engine opens at once (start-up paid there, not on the first image); the
 # others (infer_source, the mixed graphs) open on first use

@@ -31,7 +31,7 @@ from .ort_session import (
     available_providers,
     import_onnxruntime,
     provider_list,
-    session_options,
+    tuned_options,
 )
 
 PREDICTORS = ("auto", "onnxruntime", "tensorrt")
@@ -96,9 +96,10 @@ class OrtPredictor:
             manifest = load_manifest(folder, verify=verify)
             if graph not in manifest["graphs"]:
                 raise GrataError(f"artifact {folder} has no {graph!r} graph; export again")
+            # the engine's forward settings: the same graph an engine's `infer` runs
+            forward, _ = tuned_options(threads)
             session = ort.InferenceSession(str(folder / manifest["graphs"][graph]),
-                                           sess_options=session_options(threads),
-                                           providers=wanted)
+                                           sess_options=forward(False), providers=wanted)
         shapes = {i.name: i.shape for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         if set(shapes) != {"image", "theta"} or "logits" not in outputs:

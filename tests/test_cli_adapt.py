@@ -277,7 +277,7 @@ def test_old_flag_spelling_still_works(tiny, tmp_path):
 
 def test_gated_spec_records_each_decision(tiny, tmp_path):
     rc = main(adapt_args(tiny, tmp_path / "g", "--targets", TARGET_DOMAINS[0],
-                         "--methods", "bn,bn+gate,source"))
+                         "--methods", "bn,bn+gate,source", "--norm", "sample"))
     assert rc == 0
     report = json.loads((tmp_path / "g" / "report.json").read_text())
     rows = {r["method"]: r["images"] for r in report["results"]}
