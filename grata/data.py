@@ -328,13 +328,20 @@ def load_pair(image_path, mask_path, size: int, limit: int | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
     """Image and target; the mask must have the image's size before resizing (both as
     stored: a JPEG image decoded reduced is compared at its stored size)."""
+    img, mask = _open_pair(image_path, mask_path, limit)
+    return _image_array(img, size, quote(image_path)), _mask_array(mask, size, mask_path)
+
+
+def _open_pair(image_path, mask_path, limit: int | None) -> tuple[Image.Image, Image.Image]:
+    """Image (a JPEG above the limit decoded reduced) and mask, decoded; the mask must
+    have the image's size as stored."""
     img, img_size = _open(image_path, limit, reduce=True)
     mask, mask_size = _open(mask_path, limit)
     if img_size != mask_size:
         raise DataError(quote(mask_path), f"mask is {mask_size[0]}x{mask_size[1]} but "
                                           f"image {quote(image_path)} is "
                                           f"{img_size[0]}x{img_size[1]}")
-    return _image_array(img, size, quote(image_path)), _mask_array(mask, size, mask_path)
+    return img, mask
 
 
 def _photo_rgb(img: Image.Image, path) -> np.ndarray:
@@ -358,12 +365,7 @@ def load_photo_pair(image_path, mask_path, limit: int | None = None
     (uint8 [H, W, 3], bool [2, H, W]). The decoding limit applies as in `load_pair`;
     the mask must have the image's stored size (and follows the image when it was
     decoded reduced)."""
-    img, img_size = _open(image_path, limit, reduce=True)
-    mask, mask_size = _open(mask_path, limit)
-    if img_size != mask_size:
-        raise DataError(quote(mask_path), f"mask is {mask_size[0]}x{mask_size[1]} but "
-                                          f"image {quote(image_path)} is "
-                                          f"{img_size[0]}x{img_size[1]}")
+    img, mask = _open_pair(image_path, mask_path, limit)
     pixels = _photo_rgb(img, quote(image_path))
     levels = _mask_levels(mask, mask_path)
     if levels.size != img.size:  # the image was decoded reduced
