@@ -16,8 +16,10 @@ from .manifest import FORMAT_VERSION, load_manifest
 DEVICE_TEACHER_VIEWS = 1
 # What the exporter writes for the same model and options, in the artifact cache's keys
 # so folders of an earlier exporter are not reused (2: the convolution backward's
-# flipped kernels stored in the weights file instead of folded by each session).
-EXPORT_REVISION = 2
+# flipped kernels stored in the weights file instead of folded by each session; 3: BN's
+# backward recomputes xhat where its input is a ReLU output kept for the mask anyway;
+# 4: the full-resolution tail in phase layout, grata.export.phase).
+EXPORT_REVISION = 4
 
 __all__ = ["DEVICE_TEACHER_VIEWS", "EXPORT_REVISION", "FORMAT_VERSION", "export_artifacts",
            "load_manifest"]

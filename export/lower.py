@@ -214,7 +214,8 @@ class Lowering:
                 return "convt"
             raise GrataError(f"export: unsupported module {type(m).__name__} ({n.target})")
         if n.op == "call_method":
-            if n.target in ("flip", "sum", "mean", "detach", "sigmoid", "log", "neg"):
+            if n.target in ("flip", "sum", "mean", "detach", "sigmoid", "log", "neg",
+                            "reshape"):
                 return n.target
             raise GrataError(f"export: unsupported tensor method .{n.target}()")
         if n.op == "call_function":
@@ -335,9 +336,45 @@ class Lowering:
         rstd = self.b.op("Reciprocal", [std], n.name + "_rstd")
         # (keeping xc instead of xhat saves a pass but measured up to 3x less exact)
         xhat = self.b.op("Mul", [xc, rstd], n.name + "_xhat")
-        self.saved[n] = {"xhat": xhat, "a": self.b.op("Mul", [g4, rstd], n.name + "_a"),
-                         "hw": hw}
+        self.saved[n] = self._save_norm(n, x, mu, rstd, xhat, g4, hw)
         return self.b.op("Add", [self.b.op("Mul", [xhat, g4]), b4], n.name)
+
+    def _save_norm(self, n, x: str, mu: str, rstd: str, xhat: str, g4: str, hw: int) -> dict:
+        """What BN's backward keeps: xhat, or where the input is kept for another backward
+        anyway (a ReLU's output, for its mask) only the statistics, xhat being recomputed
+        there bit for bit: one activation-sized tensor less alive from the forward to the
+        backward (64 MiB per UnetBlock at ResNet-34 512x512)."""
+        saved = {"a": self.b.op("Mul", [g4, rstd], n.name + "_a"), "hw": hw}
+        src = n.args[0]
+        if isinstance(src, fx.Node) and src in self.needs and src.op != "placeholder" \
+                and self._key(src) == "relu":
+            saved.update(x=x, mu=mu, rstd=rstd)
+        else:
+            saved["xhat"] = xhat
+        return saved
+
+    def zero_after(self, n: fx.Node, dy: str) -> str:
+        """A scalar 0 computed from `dy`, the gradient of node `n` (its first element
+        times 0). A backward value that depends only on forward tensors is run by
+        onnxruntime as soon as they exist, which keeps it alive from the forward on;
+        depending on `dy` runs it when the backward reaches it. (NaN only where dy is
+        non-finite already.)"""
+        rank = len(self.shape(n))
+        first = self.b.slice(dy, [0] * rank, [1] * rank, list(range(rank)),
+                             hint=n.name + "_first")
+        return self.b.op("Mul", [first, self.b.scalar(0.0)], n.name + "_zero")
+
+    def _xhat(self, n, sv: dict, dy: str) -> str:
+        """BN's normalised input in the backward: kept, or recomputed from the kept input
+        once the backward reaches it. (0 - mu) equals -mu and x + (-mu) equals x - mu
+        exactly, and the different nodes keep onnxruntime's common-subexpression pass
+        from merging the recompute with the forward's (which would keep it alive)."""
+        if "xhat" in sv:
+            return sv["xhat"]
+        b = self.b
+        neg_mu = b.op("Sub", [self.zero_after(n, dy), sv["mu"]])
+        xc = b.op("Add", [sv["x"], neg_mu], n.name + "_xc_again")
+        return b.op("Mul", [xc, sv["rstd"]], n.name + "_xhat_again")
 
     def _mix_norm(self, n, m, name: str, gamma: str, beta: str, x: str) -> str:
         """BN with each sample's statistics mixed with the prior ones (`stats`) at `alpha`:
@@ -373,8 +410,7 @@ class Lowering:
         rstd = b.op("Reciprocal", [std], n.name + "_rstd")
         xhat = b.op("Mul", [b.op("Sub", [x, mu], n.name + "_xc"), rstd], n.name + "_xhat")
         if n in self.needs:
-            self.saved[n] = {"xhat": xhat, "a": b.op("Mul", [g4, rstd], n.name + "_a"),
-                             "hw": hw}
+            self.saved[n] = self._save_norm(n, x, mu, rstd, xhat, g4, hw)
         return b.op("Add", [b.op("Mul", [xhat, g4]), b4], n.name)
 
     def img_stats_output(self) -> str:
@@ -403,8 +439,9 @@ class Lowering:
         # dbeta = sum dy, dgamma = sum dy * xhat,
         # dx = a * (dy - mean dy - xhat * mean(dy * xhat)), a = gamma * rstd
         sv, name, b = self.saved[n], self.modname(n), self.b
+        xhat = self._xhat(n, sv, dy)
         s1 = self.hw_sum(dy, n.name + "_s1")
-        s2 = self.hw_sum(b.op("Mul", [dy, sv["xhat"]]), n.name + "_s2")
+        s2 = self.hw_sum(b.op("Mul", [dy, xhat]), n.name + "_s2")
         self.theta_grads.setdefault(name + ".bias", []).append(
             b.reduce("ReduceSum", s1, [0, 2, 3], keepdims=False, hint="d_" + name))
         self.theta_grads.setdefault(name + ".weight", []).append(
@@ -423,7 +460,7 @@ class Lowering:
         na = b.op("Mul", [sv["a"], scale])
         k1 = b.op("Mul", [na, s1])
         k2 = b.op("Mul", [na, s2])
-        dx = b.op("Add", [b.op("Mul", [dy, sv["a"]]), b.op("Mul", [sv["xhat"], k2])])
+        dx = b.op("Add", [b.op("Mul", [dy, sv["a"]]), b.op("Mul", [xhat, k2])])
         self.acc(x, b.op("Add", [dx, k1], "d_" + n.name))
 
     # -- activations and pooling ---------------------------------------------------------
@@ -435,7 +472,7 @@ class Lowering:
     def b_relu(self, n, dy):
         # dy * (out > 0); Greater + Cast + Mul runs ~4x faster in onnxruntime than
         # Sign or Where on these sizes
-        active = self.b.op("Greater", [self.env[n], self.b.scalar(0.0)])
+        active = self.b.op("Greater", [self.env[n], self.zero_after(n, dy)])
         mask = self.b.op("Cast", [active], to=FLOAT)
         self.acc(n.args[0], self.b.op("Mul", [dy, mask], "d_" + n.name))
 
@@ -464,7 +501,9 @@ class Lowering:
         nb, c, hi, wi = self.shape(x)
         ho, wo = self.shape(n)[2:]
         b, y = self.b, self.env[n]
-        xp = b.pad(self.v(x), [0, 0, p[0], p[1]], [0, 0, p[0], p[1]], value=-math.inf)
+        # x + 0 from dy: the masks below are built when the backward reaches them
+        xv = b.op("Add", [self.v(x), self.zero_after(n, dy)])
+        xp = b.pad(xv, [0, 0, p[0], p[1]], [0, 0, p[0], p[1]], value=-math.inf)
         # Masks of the first maximum of each window, in torch's scan order (row-major).
         terms: dict[tuple[int, int], list] = {}
         notyet = None
@@ -649,6 +688,30 @@ class Lowering:
         diff = b.op("Sub", [self.sigmoid(self.v(z)), self.v(t)])
         self.acc(z, b.op("Mul", [diff, scale], "d_" + n.name))
 
+    # -- layout ops (the phase tail, teacher views) ------------------------------------------
+    def f_reshape(self, n):
+        return self.b.reshape(self.v(n.args[0]), list(self.shape(n)), hint=n.name)
+
+    def b_reshape(self, n, dy):
+        self.acc(n.args[0], self.b.reshape(dy, list(self.shape(n.args[0])),
+                                           hint="d_" + n.name))
+
+    def _shuffle(self, n) -> tuple:
+        a = _bind(n, ("input", "upscale_factor"))
+        return a["input"], int(a["upscale_factor"])
+
+    def f_pixel_shuffle(self, n):
+        x, r = self._shuffle(n)
+        return self.b.op("DepthToSpace", [self.v(x)], n.name, blocksize=r, mode="CRD")
+
+    def b_pixel_shuffle(self, n, dy):
+        # the inverse permutation: [N, C, H r, W r] -> [N, C, H, r, W, r] -> [N, C r r, H, W]
+        x, r = self._shuffle(n)
+        nb, c, h, w = self.shape(n)
+        t = self.b.reshape(dy, [nb, c, h // r, r, w // r, r])
+        t = self.b.op("Transpose", [t], perm=[0, 1, 3, 5, 2, 4])
+        self.acc(x, self.b.reshape(t, list(self.shape(x)), hint="d_" + n.name))
+
     # -- layout ops (teacher views) ---------------------------------------------------------
     def f_cat(self, n):
         a = _bind(n, ("tensors", "dim"), {"dim": 0})
@@ -758,4 +821,5 @@ _FUNCTIONS = {
     torch.rot90: "rot90", torch.flip: "flip",
     operator.getitem: "getitem",
     F.binary_cross_entropy_with_logits: "bce",
+    F.pixel_shuffle: "pixel_shuffle", torch.pixel_shuffle: "pixel_shuffle",
 }

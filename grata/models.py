@@ -165,11 +165,14 @@ class ResUnet(nn.Module):
         self.bnout = Norm2d(spec.head)
         self.seg_head = nn.Conv2d(spec.head, num_classes, 1)
 
-    def forward(self, x):
+    def features(self, x):
+        """The decoder's features before the last upsampling (up5), [N, decoder, S/2, S/2]."""
         x, (s0, s1, s2, s3) = self.res(x)
         x = F.relu(x)
-        x = self.up4(self.up3(self.up2(self.up1(x, s3), s2), s1), s0)
-        return self.seg_head(F.relu(self.bnout(self.up5(x))))
+        return self.up4(self.up3(self.up2(self.up1(x, s3), s2), s1), s0)
+
+    def forward(self, x):
+        return self.seg_head(F.relu(self.bnout(self.up5(self.features(x)))))
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, Norm2d]]:

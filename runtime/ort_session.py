@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GrataError
+from .heap import keep_heap
 
 # device -> onnxruntime execution providers, in the order tried
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
@@ -39,17 +40,26 @@ TUNING = {
     "pool": "thread pools: session (one per session, default) or global (one for the "
             "process; every later session of the process must use it too)",
     "threads": "intra-op threads",
+    "order": "node order: priority (default; onnxruntime's priority-based topological "
+             "order, which runs each backward node later, when it is needed) or default",
+    "heap": "keep (default): glibc keeps freed memory in the process heap for the next "
+            "image instead of mapping and faulting large buffers afresh on every graph "
+            "(grata.runtime.heap); system: glibc's own thresholds",
 }
 # Why these (measured, ResNet-34 at 512x512, BENCHMARKS.md): shared weights save one copy
 # of the frozen tensors per session; NCHWc's reordered kernels cost ~70-350 MiB per
 # gradient graph, and ~80 MiB in the forward graph (ResNet-34 at 512: peak RSS 1.05x the
 # torch reference with it, 0.98x without), for ~7 % on the convolutions alone and 0-7 % on
 # whole images; the shared arena is 10-20 % faster at 512 but adds ~100-155 MiB peak (memory
-# first); spinning threads of the graph that just finished compete with the next graph's
-# on few cores, and the global pool that would avoid it binds every session of the
-# process.
+# first); keeping the heap gives the arena's speed without its peak (no page faults after
+# the first image: 0.38 -> 0.30 s at edge 512, 2.57 -> 2.10 s at ResNet-34 512, two
+# threads, peak unchanged or lower); spinning threads of the graph that just finished
+# compete with the next graph's on few cores, and the global pool that would avoid it
+# binds every session of the process. The priority order keeps fewer activations alive
+# at once (ResNet-34 512x512, two threads: 1081 -> 971 MiB peak at the same time).
 ENGINE_DEFAULTS = {"share": "1", "gradopt": "extended", "opt": "extended", "arena": "0",
-                   "spin": "stop", "pool": "session"}
+                   "spin": "stop", "pool": "session", "order": "priority",
+                   "heap": "keep"}
 # the roles an engine opens at once (start-up paid there, not on the first image); the
 # others (infer_source, the mixed graphs) open on first use
 EAGER_ROLES = ("infer", "entropy_grad", "consistency_grad")
@@ -185,6 +195,10 @@ def tuned_options(threads: int | None, tuning: dict | None = None):
     spin = _choice(t, "spin", ("stop", "1", "0"))
     pool = _choice(t, "pool", ("session", "global"))
     share = _choice(t, "share", ("0", "1")) == "1"
+    order = {"priority": ort.ExecutionOrder.PRIORITY_BASED,
+             "default": ort.ExecutionOrder.DEFAULT}[_choice(t, "order", ("priority", "default"))]
+    if _choice(t, "heap", ("keep", "system")) == "keep":
+        keep_heap()
     n = int(t.get("threads") or 0) or threads
     if pool == "global" and "pool" not in _PROCESS:
         from onnxruntime.capi import _pybind_state as C
@@ -203,6 +217,7 @@ def tuned_options(threads: int | None, tuning: dict | None = None):
         if grad not in made:
             opts = made[grad] = session_options(n)
             opts.graph_optimization_level = level[grad]
+            opts.execution_order = order
             if arena == "shared":
                 opts.enable_cpu_mem_arena = True
                 opts.add_session_config_entry("session.use_env_allocators", "1")

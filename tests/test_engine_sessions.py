@@ -130,14 +130,16 @@ def test_unknown_setting_is_refused(edge64):
         engine_sessions(folder, load_manifest(folder), threads=1, tuning={"arenas": "1"})
 
 
-def test_shared_arena_changes_nothing_but_memory(edge64):
+@pytest.mark.parametrize("key,values", [("arena", ("0", "shared")),
+                                        ("order", ("priority", "default"))])
+def test_memory_settings_change_nothing_but_memory(edge64, key, values):
     _, folder = edge64
     m = load_manifest(folder)
     feeds = _feeds(m["size"], np.load(folder / m["theta0"]), 3)
     grad_feeds = {k: feeds[k] for k in ("image", "theta")}
     outs = []
-    for arena in ("0", "shared"):
-        sessions = engine_sessions(folder, m, threads=1, tuning={"arena": arena})
+    for value in values:
+        sessions = engine_sessions(folder, m, threads=1, tuning={key: value})
         outs.append([sessions["entropy_grad"].run(None, grad_feeds)[1],
                      sessions["consistency_grad"].run(None, feeds)[1]])
     for a, b in zip(*outs):

@@ -171,11 +171,21 @@ def test_weights_stored_once(art64, edge):
                                     or k.endswith(("running_mean", "running_var"))}
     # the input gradient's kernels of stride-1 convolutions: flip(W) with in/out swapped,
     # stored beside W, read by gradient graphs only
+    # up5 (2x2 stride 2, transposed) is stored as the 1x1 convolution of the phase tail:
+    # output channel 4 c + 2 a + b is kernel position (a, b) of channel c
+    w5, b5 = state["up5.weight"], state["up5.bias"]
+    phase = torch.zeros(4 * w5.shape[1], w5.shape[0], 1, 1)
+    for c in range(w5.shape[1]):
+        for a in range(2):
+            for b in range(2):
+                phase[4 * c + 2 * a + b, :, 0, 0] = w5[:, c, a, b]
+    state = {**state, "up5.weight": phase, "up5.bias": b5.repeat_interleave(4)}
     modules = dict(edge.named_modules())
     assert flipped
     for name in flipped:
         conv = modules[name.removesuffix(".weight.flipT")]
-        assert isinstance(conv, torch.nn.Conv2d) and conv.stride == (1, 1), name
+        assert (isinstance(conv, torch.nn.Conv2d) and conv.stride == (1, 1)) \
+            or name == "up5.weight.flipT", name
     expect = {**state, **{n: torch.flip(state[n.removesuffix(".flipT")], [2, 3])
                           .transpose(0, 1) for n in flipped}}
     for role in ("infer", "infer_source", "infer_mix"):
@@ -443,6 +453,15 @@ def _tapped_session(folder: Path, role: str, work: Path):
     return sess, relus, pools
 
 
+def _spatial(mask):
+    """A mask of the phase tail ([N, C, 4 h, h]: each channel's four 2x2-block positions
+    stacked) in the model's layout [N, C, 2 h, 2 h]; other masks as they are."""
+    n, c, hh, w = mask.shape
+    if hh != 4 * w:
+        return mask
+    return F.pixel_shuffle(mask.reshape(n, 4 * c, w, w).to(torch.uint8), 2).bool()
+
+
 def _pool_attrs(attrs):
     a = {x.name: onnx.helper.get_attribute_value(x) for x in attrs}
     return a["kernel_shape"], a.get("strides", a["kernel_shape"]), a.get("pads", [0] * 4)[:2]
@@ -452,7 +471,7 @@ def _onnx_run(folder, role, feeds, work):
     sess, relus, pools = _tapped_session(folder, role, work)
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, feeds)))
-    masks = [torch.from_numpy(values[r] > 0) for r in relus]
+    masks = [_spatial(torch.from_numpy(values[r] > 0)) for r in relus]
     idx = []
     for name, attrs in pools:
         k, s, p = _pool_attrs(attrs)

@@ -79,15 +79,23 @@ def test_engine_defaults_and_what_tuning_changes():
     # the forward graphs skip the NCHWc layout transform too (its kernel copies)
     assert fwd.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     assert grad.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    # backward nodes run when needed (fewer activations alive at once)
+    assert fwd.execution_order == grad.execution_order == ort.ExecutionOrder.PRIORITY_BASED
+    assert plain.execution_order == ort.ExecutionOrder.DEFAULT
     options, share = tuned_options(2, {"arena": "1", "share": "0", "threads": "3",
-                                       "gradopt": "all", "spin": "0"})
+                                       "gradopt": "all", "spin": "0", "order": "default"})
     grad = options(True)
     assert grad.enable_cpu_mem_arena and grad.enable_mem_pattern and not share
     assert grad.intra_op_num_threads == 3
     assert grad.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert grad.execution_order == ort.ExecutionOrder.DEFAULT
     assert _entry(grad, "session.intra_op.allow_spinning") == "0"
     assert _entry(grad, "session.force_spinning_stop") is None
     with pytest.raises(GrataError, match="unknown onnx option 'arenas'"):
         tuned_options(1, {"arenas": "1"})
     with pytest.raises(GrataError, match="opt=fast: choose from"):
         tuned_options(1, {"opt": "fast"})
+    with pytest.raises(GrataError, match="order=lifo: choose from priority, default"):
+        tuned_options(1, {"order": "lifo"})
+    with pytest.raises(GrataError, match="heap=huge: choose from keep, system"):
+        tuned_options(1, {"heap": "huge"})

@@ -180,8 +180,11 @@ def run_adapt(args) -> dict:
         name, opts = parse_variant(b)
         if name not in ADAPT_BACKENDS:
             raise GrataError(f"unknown backend {name!r}; choose from {', '.join(ADAPT_BACKENDS)}")
-        if opts and name != "onnx":
-            raise GrataError(f"{b}: options apply to the onnx backend only")
+        if name != "onnx" and set(opts) - {"heap"}:
+            raise GrataError(f"{b}: the torch backends take only heap=keep|system; "
+                             "the other options apply to the onnx backend")
+        if opts.get("heap", "keep") not in ("keep", "system"):
+            raise GrataError(f"{b}: heap={opts['heap']}: choose from keep, system")
         if name == "onnx":
             choices = [str(k) for k in TEACHER_VIEW_CHOICES]
             teacher = opts.get("teacher", str(DEVICE_TEACHER_VIEWS))

@@ -167,6 +167,9 @@ def _adapt_worker(spec: dict) -> dict:
             return method.adapt(engine.to_input(img), image=img)
     elif backend in ("torch-ref", "torch"):
         import torch
+        if options.get("heap") == "keep":  # the runtime's heap setting, for comparison
+            from ..runtime.heap import keep_heap
+            keep_heap()
 
         from ..models import ResUnet
         torch.set_num_threads(threads)
@@ -199,6 +202,8 @@ def _adapt_worker(spec: dict) -> dict:
     memory = {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
               "peak_rss_bytes": peak_rss_bytes()}
     torch_imported = "torch" in sys.modules
+    from ..runtime.heap import heap_kept
+    memory["heap_kept"] = heap_kept()
     limit = None
     if spec.get("limit"):
         from .convlimit import conv_rate
