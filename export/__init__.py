@@ -18,8 +18,9 @@ DEVICE_TEACHER_VIEWS = 1
 # so folders of an earlier exporter are not reused (2: the convolution backward's
 # flipped kernels stored in the weights file instead of folded by each session; 3: BN's
 # backward recomputes xhat where its input is a ReLU output kept for the mask anyway;
-# 4: the full-resolution tail in phase layout, grata.export.phase).
-EXPORT_REVISION = 4
+# 4: the full-resolution tail in phase layout, grata.export.phase; 5: per-channel affine
+# maps as one BatchNormalization).
+EXPORT_REVISION = 5
 
 __all__ = ["DEVICE_TEACHER_VIEWS", "EXPORT_REVISION", "FORMAT_VERSION", "export_artifacts",
            "load_manifest"]

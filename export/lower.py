@@ -326,7 +326,6 @@ class Lowering:
         c = self.shape(n)[1]
         hw = math.prod(self.shape(n)[2:])
         g4 = self.b.cached(("g4", name), lambda: self.b.reshape(gamma, [1, c, 1, 1]))
-        b4 = self.b.cached(("b4", name), lambda: self.b.reshape(beta, [1, c, 1, 1]))
         inv_hw = self.b.scalar(1.0 / hw)
         mu = self.b.op("Mul", [self.hw_sum(x, n.name + "_sum"), inv_hw], n.name + "_mu")
         xc = self.b.op("Sub", [x, mu], n.name + "_xc")
@@ -337,7 +336,19 @@ class Lowering:
         # (keeping xc instead of xhat saves a pass but measured up to 3x less exact)
         xhat = self.b.op("Mul", [xc, rstd], n.name + "_xhat")
         self.saved[n] = self._save_norm(n, x, mu, rstd, xhat, g4, hw)
-        return self.b.op("Add", [self.b.op("Mul", [xhat, g4]), b4], n.name)
+        return self.affine(xhat, gamma, beta, self.shape(n)[1], n.name)
+
+    def affine(self, x: str, scale: str, bias: str, c: int, hint: str | None = None) -> str:
+        """x * scale + bias with per-channel [C] scale and bias, as one inference-mode
+        BatchNormalization (mean 0, variance 1, epsilon 0: its scale is 1 / sqrt(1) = 1
+        exactly and its shift bias - 0 * scale, so the same bits as Mul then Add) in one
+        pass instead of two: half the time of the two ops on these tensors."""
+        zeros = self.b.cached(("zeros", c), lambda: self.b.const(np.zeros(c, np.float32),
+                                                                  hint="zeros_c"))
+        ones = self.b.cached(("ones", c), lambda: self.b.const(np.ones(c, np.float32),
+                                                                hint="ones_c"))
+        return self.b.op("BatchNormalization", [x, scale, bias, zeros, ones], hint,
+                         epsilon=0.0)
 
     def _save_norm(self, n, x: str, mu: str, rstd: str, xhat: str, g4: str, hw: int) -> dict:
         """What BN's backward keeps: xhat, or where the input is kept for another backward
@@ -385,7 +396,6 @@ class Lowering:
         c = self.shape(n)[1]
         hw = math.prod(self.shape(n)[2:])
         g4 = b.cached(("g4", name), lambda: b.reshape(gamma, [1, c, 1, 1]))
-        b4 = b.cached(("b4", name), lambda: b.reshape(beta, [1, c, 1, 1]))
         mean_p = b.cached(("mean_p", name), lambda: b.reshape(
             self.theta_slice(name + ".weight", "stats"), [1, c, 1, 1]))
         var_p = b.cached(("var_p", name), lambda: b.reshape(
@@ -411,7 +421,7 @@ class Lowering:
         xhat = b.op("Mul", [b.op("Sub", [x, mu], n.name + "_xc"), rstd], n.name + "_xhat")
         if n in self.needs:
             self.saved[n] = self._save_norm(n, x, mu, rstd, xhat, g4, hw)
-        return b.op("Add", [b.op("Mul", [xhat, g4]), b4], n.name)
+        return self.affine(xhat, gamma, beta, self.shape(n)[1], n.name)
 
     def img_stats_output(self) -> str:
         """The per-image statistics of a batch-1 mixed graph as one flat vector in theta's
@@ -460,6 +470,11 @@ class Lowering:
         na = b.op("Mul", [sv["a"], scale])
         k1 = b.op("Mul", [na, s1])
         k2 = b.op("Mul", [na, s2])
+        if self.shape(n)[0] == 1:  # a and k1 per channel: one pass for a * dy + k1
+            c = self.shape(n)[1]
+            ady = self.affine(dy, b.reshape(sv["a"], [c]), b.reshape(k1, [c]), c)
+            self.acc(x, b.op("Add", [ady, b.op("Mul", [xhat, k2])], "d_" + n.name))
+            return
         dx = b.op("Add", [b.op("Mul", [dy, sv["a"]]), b.op("Mul", [xhat, k2])])
         self.acc(x, b.op("Add", [dx, k1], "d_" + n.name))
 
