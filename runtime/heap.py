@@ -4,10 +4,9 @@ instead of fresh mappings, and freed memory is not handed back to the kernel.
 Why: a gradient graph frees and allocates the same few hundred megabytes on every image.
 With glibc's defaults every buffer above the mmap threshold (at most 32 MiB) is a new
 mapping and the heap top is trimmed after each graph, so each image page-faults all of it
-again: ~100,000 faults (0.1-0.2 s of kernel time) per edge 512x512 image, ~400,000 per
-ResNet-34 one, 18-25 % of the image's time at two threads. Keeping the heap removes them
-without raising the peak (measured in BENCHMARKS.md); the memory the process holds
-after a peak stays at that peak, as an arena's would.
+again, a page at a time, in the kernel. Keeping the heap removes them (ResNet-34 512x512, two threads: 2.36 ->
+1.98 s per image, BENCHMARKS.md); the memory the process holds after a peak stays at
+that peak, as an arena's would.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ TUNING = {
     "pool": "thread pools: session (one per session, default) or global (one for the "
             "process; every later session of the process must use it too)",
     "threads": "intra-op threads",
+    "profile": "a file-name prefix: onnxruntime's per-node profile of every session "
+               "(end_profiling writes it; off by default)",
     "order": "node order: priority (default; onnxruntime's priority-based topological "
              "order, which runs each backward node later, when it is needed) or default",
     "heap": "keep (default): glibc keeps freed memory in the process heap for the next "
@@ -52,11 +54,11 @@ TUNING = {
 # torch reference with it, 0.98x without), for ~7 % on the convolutions alone and 0-7 % on
 # whole images; the shared arena is 10-20 % faster at 512 but adds ~100-155 MiB peak (memory
 # first); keeping the heap gives the arena's speed without its peak (no page faults after
-# the first image: 0.38 -> 0.30 s at edge 512, 2.57 -> 2.10 s at ResNet-34 512, two
-# threads, peak unchanged or lower); spinning threads of the graph that just finished
-# compete with the next graph's on few cores, and the global pool that would avoid it
-# binds every session of the process. The priority order keeps fewer activations alive
-# at once (ResNet-34 512x512, two threads: 1081 -> 971 MiB peak at the same time).
+# the first image: ResNet-34 512x512, two threads, 2.36 -> 1.98 s, peak 933 -> 976 MiB);
+# spinning threads of the graph that just finished compete with the next graph's on few
+# cores, and the global pool that would avoid it binds every session of the process. The
+# node order measured the same either way once the export orders the backward (973-996
+# MiB); priority is kept, an earlier graph layout held 1053 MiB under the default order.
 ENGINE_DEFAULTS = {"share": "1", "gradopt": "extended", "opt": "extended", "arena": "0",
                    "spin": "stop", "pool": "session", "order": "priority",
                    "heap": "keep"}
@@ -200,6 +202,7 @@ def tuned_options(threads: int | None, tuning: dict | None = None):
     if _choice(t, "heap", ("keep", "system")) == "keep":
         keep_heap()
     n = int(t.get("threads") or 0) or threads
+    profile = t.get("profile")
     if pool == "global" and "pool" not in _PROCESS:
         from onnxruntime.capi import _pybind_state as C
         C.set_global_thread_pool_sizes(int(n or default_threads()), 1)
@@ -229,6 +232,9 @@ def tuned_options(threads: int | None, tuning: dict | None = None):
                 opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
             if pool == "global":
                 opts.use_per_session_threads = False
+            if profile:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = f"{profile}-{'grad' if grad else 'fwd'}"
         return made[grad]
     return options, share
 

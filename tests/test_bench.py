@@ -1,6 +1,7 @@
 """grata bench: statistics on a fake clock, the JSON report, and the reference's maths."""
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -151,12 +152,14 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
     out = tmp_path / "adapt.json"
     rc = main(["bench", "adapt", "--archs", "edge", "--sizes", str(SIZE), "--images", "2",
                "--warmup", "0", "--threads", "1", "--backends",
-               "onnx,torch-ref,onnx:opt=bogus,onnx:teacher=6+arena=shared",
+               ("onnx,torch-ref,onnx:opt=bogus,onnx:teacher=6+arena=shared,"
+                "torch-ref:heap=keep"),
                "--matmul", "256", "--limit-reps", "1",
                "--quiet", "--json", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert "%limit" in table and "start s" in table and "error" in table
+    assert "faults" in table
     r = json.loads(out.read_text())
     assert r["suite"] == "adapt" and r["matmul"]["numpy_gflops"] > 0
     assert r["matmul"]["n"] == 256
@@ -178,6 +181,12 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
                                                       lim["gflops_per_s"])
         assert 0 < row["startup_s"] < row["wall_s"]
         assert row["load_before"] and row["load_after"]
+        assert isinstance(row["faults_per_image"], int) and row["faults_per_image"] >= 0
+    # the runtime keeps its heap; the reference only when asked (for comparison)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert rows["onnx"]["memory"]["heap_kept"] is glibc
+    assert rows["torch-ref"]["memory"]["heap_kept"] is False
+    assert rows["torch-ref:heap=keep"]["memory"]["heap_kept"] is glibc
     assert rows["onnx"]["teacher_views"] == 1 and rows["torch-ref"]["teacher_views"] is None
     assert rows["onnx:teacher=6+arena=shared"]["error"] is None
     assert rows["onnx:teacher=6+arena=shared"]["teacher_views"] == 6
@@ -191,6 +200,9 @@ def test_adapt_report_and_a_failing_worker(artifacts, tmp_path, monkeypatch, cap
     assert main(["bench", "adapt", "--archs", "edge", "--sizes", str(SIZE),
                  "--backends", "onnx:teacher=4", "--quiet", "--json", str(out)]) == 2
     assert "teacher=4: choose from 1, 2, 3, 6" in capsys.readouterr().err
+    assert main(["bench", "adapt", "--archs", "edge", "--sizes", str(SIZE),
+                 "--backends", "torch-ref:arena=1", "--quiet", "--json", str(out)]) == 2
+    assert "torch backends take only heap" in capsys.readouterr().err
 
 
 def test_conv_graph_is_the_models_convolutions(tmp_path):

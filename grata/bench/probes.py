@@ -36,6 +36,16 @@ def peak_rss_bytes() -> int:
     return kib * 1024
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (pages the kernel mapped in on first
+    touch: what a freshly mapped buffer costs)."""
+    try:
+        import resource
+    except ImportError:  # not on this OS
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def rss_bytes() -> int | None:
     kib = _status_kib("VmRSS")
     return None if kib is None else kib * 1024

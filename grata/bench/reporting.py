@@ -64,6 +64,10 @@ def _x(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def _count(n) -> str:
+    return "-" if n is None else f"{n / 1e3:.0f}k" if n >= 10_000 else str(n)
+
+
 def _load(r: dict) -> str:
     a, b = r.get("load_before"), r.get("load_after")
     return "-" if not a or not b else f"{a[0]:.1f}/{b[0]:.1f}"
@@ -71,7 +75,8 @@ def _load(r: dict) -> str:
 
 def format_adapt(report: dict) -> str:
     """One row per (arch, size, backend): median s/img (p90, min), time / ref, peak RSS
-    and its ratio, GFLOP/img, GFLOP/s, the dense-conv limit of the same worker and the
+    and its ratio, minor page faults per image (median), GFLOP/img, GFLOP/s, the
+    dense-conv limit of the same worker and the
     fraction of it, start-up, load average (1 min) before / after the worker."""
     s, mm = report["settings"], report["matmul"]
     lines = [_header(report, f"GraTa per image, {s['images']} images after {s['warmup']} "
@@ -82,7 +87,7 @@ def format_adapt(report: dict) -> str:
              f"{FORWARDS_PER_IMAGE} x forward; limit = "
              + (s.get("limit") or "not measured")]
     head = (f"{'arch':9} {'size':>4} {'backend':26} {'median s':>9} {'p90 s':>7} "
-            f"{'min s':>7} {'time/ref':>8} {'peakRSS':>8} {'RSS/ref':>7} {'GFLOP/img':>9} "
+            f"{'min s':>7} {'time/ref':>8} {'peakRSS':>8} {'RSS/ref':>7} {'faults':>8} {'GFLOP/img':>9} "
             f"{'GFLOP/s':>8} {'limit':>7} {'%limit':>6} {'start s':>7} {'load':>9}")
     lines += [head, "-" * len(head)]
     for r in report["results"]:
@@ -98,6 +103,7 @@ def format_adapt(report: dict) -> str:
                      f"{st['min_ms'] / 1e3:7.3f} {_x(r.get('time_vs_torch_ref')):>8} "
                      f"{_mb(r['memory']['peak_rss_bytes']):>8} "
                      f"{_x(r.get('peak_rss_vs_torch_ref')):>7} "
+                     f"{_count(r.get('faults_per_image')):>8} "
                      f"{r['flops_per_image'] / 1e9:9.1f} {r['gflops_per_s']:8.1f} "
                      f"{lim:>7} "
                      f"{'-' if frac is None else f'{100 * frac:.0f}%':>6} "

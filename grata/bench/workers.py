@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GrataError
-from .probes import DeviceMemoryPeak, peak_rss_bytes, rss_bytes
+from .probes import DeviceMemoryPeak, minor_faults, peak_rss_bytes, rss_bytes
 from .settings import ADAPT_BACKENDS, MALLOC_KEYS, MALLOC_SETTINGS, RESULT_TAG
 from .stats import measure, summarize
 
@@ -191,14 +191,16 @@ def _adapt_worker(spec: dict) -> dict:
         raise GrataError(f"unknown backend {backend!r}; choose from {', '.join(ADAPT_BACKENDS)}")
     startup = time.perf_counter() - t_start  # artifacts verified, sessions ready
     rss_setup = rss_bytes()
-    times = []
+    times, faults = [], []
     for i in range(spec["warmup"] + spec["images"]):
         img = bench_image(i, size)
+        f0 = minor_faults()
         t0 = time.perf_counter()
         step(img)
         dt = time.perf_counter() - t0
         if i >= spec["warmup"]:
             times.append(dt)
+            faults.append(minor_faults() - f0)
     memory = {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
               "peak_rss_bytes": peak_rss_bytes()}
     torch_imported = "torch" in sys.modules
@@ -210,6 +212,7 @@ def _adapt_worker(spec: dict) -> dict:
         limit = conv_rate(spec["limit"]["path"], spec["limit"]["forward_flops"], threads,
                           spec["limit"].get("reps", 3))
     return {"per_image": summarize(times), "times_s": times, "startup_s": startup,
+            "faults_per_image": int(np.median(faults)) if faults else None,
             "memory": memory, "limit": limit, "torch_imported": torch_imported}
 
 
