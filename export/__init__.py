@@ -19,8 +19,8 @@ DEVICE_TEACHER_VIEWS = 1
 # flipped kernels stored in the weights file instead of folded by each session; 3: BN's
 # backward recomputes xhat where its input is a ReLU output kept for the mask anyway;
 # 4: the full-resolution tail in phase layout, grata.export.phase; 5: per-channel affine
-# maps as one BatchNormalization).
-EXPORT_REVISION = 5
+# maps as one BatchNormalization; 6: its epsilon the ONNX default, which cuDNN accepts).
+EXPORT_REVISION = 6
 
 __all__ = ["DEVICE_TEACHER_VIEWS", "EXPORT_REVISION", "FORMAT_VERSION", "export_artifacts",
            "load_manifest"]

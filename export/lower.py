@@ -340,15 +340,16 @@ class Lowering:
 
     def affine(self, x: str, scale: str, bias: str, c: int, hint: str | None = None) -> str:
         """x * scale + bias with per-channel [C] scale and bias, as one inference-mode
-        BatchNormalization (mean 0, variance 1, epsilon 0: its scale is 1 / sqrt(1) = 1
-        exactly and its shift bias - 0 * scale, so the same bits as Mul then Add) in one
-        pass instead of two: half the time of the two ops on these tensors."""
+        BatchNormalization in one pass instead of Mul then Add (half their time on these
+        tensors), with the same bits: mean 0, and variance 1 - eps in float32 so that
+        var + eps is 1.0 exactly (its scale is then scale / sqrt(1), its shift bias).
+        epsilon stays at the ONNX default 1e-5, which cuDNN's minimum never clamps."""
+        ones = self.b.cached(("var1", c), lambda: self.b.const(
+            np.full(c, np.float32(1) - np.float32(AFFINE_EPS), np.float32), hint="var_c"))
         zeros = self.b.cached(("zeros", c), lambda: self.b.const(np.zeros(c, np.float32),
                                                                   hint="zeros_c"))
-        ones = self.b.cached(("ones", c), lambda: self.b.const(np.ones(c, np.float32),
-                                                                hint="ones_c"))
         return self.b.op("BatchNormalization", [x, scale, bias, zeros, ones], hint,
-                         epsilon=0.0)
+                         epsilon=AFFINE_EPS)
 
     def _save_norm(self, n, x: str, mu: str, rstd: str, xhat: str, g4: str, hw: int) -> dict:
         """What BN's backward keeps: xhat, or where the input is kept for another backward
@@ -821,6 +822,9 @@ class Lowering:
             begins[axis], ends[axis] = s, shape[axis] - e
         self.acc(x, self.b.pad(dy, begins, ends, hint="d_" + n.name))
 
+
+# BatchNormalization's epsilon in `Lowering.affine` (float32(1 - 1e-5) + 1e-5 == 1.0)
+AFFINE_EPS = 1e-5
 
 _FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu",

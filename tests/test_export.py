@@ -590,3 +590,41 @@ def test_mixed_graphs_at_one_and_zero_are_sample_and_source(art64):
 @pytest.mark.slow
 def test_parity_resnet34_128(tmp_path):
     _parity(_model("resnet34", 1), "resnet34", 128, tmp_path, seed=7)
+
+
+def test_affine_batchnorms_are_exact_multiply_adds(art64):
+    """Every BatchNormalization of the sample-statistics graphs is the per-channel affine
+    map (mean 0, var + eps == 1 in float32), and onnxruntime runs it with the bits of
+    x * scale + bias computed as two float32 roundings."""
+    folder, manifest = art64
+    found = 0
+    for role in ("entropy_grad", "consistency_grad", "infer"):
+        model = onnx.load(str(folder / manifest["graphs"][role]), load_external_data=False)
+        consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                  if t.data_location != onnx.TensorProto.EXTERNAL}
+        for node in model.graph.node:
+            if node.op_type != "BatchNormalization":
+                continue
+            found += 1
+            eps = next(a.f for a in node.attribute if a.name == "epsilon")
+            mean, var = consts[node.input[3]], consts[node.input[4]]
+            assert not mean.any()
+            assert np.all(var.astype(np.float32) + np.float32(eps) == np.float32(1))
+    assert found
+    rng = np.random.default_rng(0)
+    c = 16
+    x = rng.standard_normal((1, c, 64, 64)).astype(np.float32) * 3
+    g, b = rng.standard_normal((2, c)).astype(np.float32)
+    node = onnx.helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"],
+                                 epsilon=eps)
+    graph = onnx.helper.make_graph(
+        [node], "affine", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                              list(x.shape))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(a, n) for a, n in
+         ((g, "g"), (b, "b"), (mean[:1].repeat(c), "m"), (var[:1].repeat(c), "v"))])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(proto.SerializeToString(), session_options(1),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expect = (x * g[None, :, None, None]).astype(np.float32) + b[None, :, None, None]
+    np.testing.assert_array_equal(y, expect)
