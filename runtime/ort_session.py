@@ -43,7 +43,8 @@ TUNING = {
     "profile": "a file-name prefix: onnxruntime's per-node profile of every session "
                "(end_profiling writes it; off by default)",
     "order": "node order: priority (default; onnxruntime's priority-based topological "
-             "order, which runs each backward node later, when it is needed) or default",
+             "order) or default (its plain one); the same peak within run-to-run noise "
+             "since the exported graphs order their backward themselves",
     "heap": "keep (default): glibc keeps freed memory in the process heap for the next "
             "image instead of mapping and faulting large buffers afresh on every graph "
             "(grata.runtime.heap); system: glibc's own thresholds",
