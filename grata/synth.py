@@ -449,43 +449,67 @@ def _save(image: np.ndarray, path: Path, jpeg: bool) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def generate(root, seed: int = 0, n_source: tuple[int, int] = (80, 20),
-             n_target: tuple[int, int] = (18, 12), size: int = 320,
-             progress: bool = True) -> dict:
-    """Write the benchmark under root: ``<Domain>/<split>/{image,mask}/`` files,
-    ``<Domain>_train.csv`` and ``<Domain>_test.csv`` (columns image,mask, paths relative
-    to root) and ``synth.json``. Returns the summary (also in synth.json)."""
+def split_counts(n_source, n_target, targets, size: int, min_size: int, what: str) -> dict:
+    """{domain: (train, test)} for the source and `targets`, or a one-line `GrataError`
+    for a size below `min_size` or a negative or malformed count."""
+    counts = {SOURCE_DOMAIN: tuple(n_source), **{t: tuple(n_target) for t in targets}}
+    if size < min_size or any(len(c) != 2 or min(c) < 0 for c in counts.values()):
+        raise GrataError(f"{what}: need size >= {min_size} and (train, test) counts >= 0, "
+                         f"got size {size}, source {n_source}, target {n_target}")
+    return counts
+
+
+def write_splits(root: Path, counts: dict, seed: int, size: int, render_one, save_image,
+                 desc: str, progress: bool, rng=None) -> dict:
+    """Render and write every image of ``counts`` ({domain: (train, test)}) under root:
+    ``<Domain>/<split>/{image,mask}/`` files and the ``<Domain>_<split>.csv`` lists, in
+    one deterministic order. ``render_one(rng, domain, size)`` gives (image, mask, extra),
+    ``save_image(image, path, jpeg)`` writes an image; ``rng(seed, domain, split, i)``
+    seeds each image (default: this module's). Returns {image path: extra}."""
     from tqdm import tqdm
 
-    counts = {SOURCE_DOMAIN: tuple(n_source), **{t: tuple(n_target) for t in TARGET_DOMAINS}}
-    if size < 32 or any(len(c) != 2 or min(c) < 0 for c in counts.values()):
-        raise GrataError(f"synthetic benchmark: need size >= 32 and (train, test) counts >= 0, "
-                         f"got size {size}, source {n_source}, target {n_target}")
-    t0 = time.perf_counter()
-    root = Path(root)
+    rng = rng or _rng
     root.mkdir(parents=True, exist_ok=True)
-    total = sum(sum(c) for c in counts.values())
-    bar = tqdm(total=total, desc="synthetic fundus", unit="img", disable=not progress)
+    bar = tqdm(total=sum(sum(c) for c in counts.values()), desc=desc, unit="img",
+               disable=not progress)
+    extras = {}
     for domain, (n_train, n_test) in counts.items():
-        ext = ".jpg" if DOMAINS[domain].jpeg else ".png"
+        jpeg = DOMAINS[domain].jpeg
+        ext = ".jpg" if jpeg else ".png"
         for split, n in (("train", n_train), ("test", n_test)):
             rows = []
             for sub in ("image", "mask"):
                 (root / domain / split / sub).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                image, mask = render(_rng(seed, domain, split, i), domain, size)
+                image, mask, extra = render_one(rng(seed, domain, split, i), domain, size)
                 stem = f"{domain}_{split}_{i:04d}"
                 rel_img = f"{domain}/{split}/image/{stem}{ext}"
                 rel_mask = f"{domain}/{split}/mask/{stem}.png"
-                _save(image, root / rel_img, DOMAINS[domain].jpeg)
+                save_image(image, root / rel_img, jpeg)
                 _save(mask, root / rel_mask, False)
                 rows.append((rel_img, rel_mask))
+                extras[rel_img] = extra
                 bar.update()
             with open(root / f"{domain}_{split}.csv", "w", newline="") as f:
                 w = csv.writer(f, lineterminator="\n")
                 w.writerow(["image", "mask"])
                 w.writerows(rows)
     bar.close()
+    return extras
+
+
+def generate(root, seed: int = 0, n_source: tuple[int, int] = (80, 20),
+             n_target: tuple[int, int] = (18, 12), size: int = 320,
+             progress: bool = True) -> dict:
+    """Write the benchmark under root: ``<Domain>/<split>/{image,mask}/`` files,
+    ``<Domain>_train.csv`` and ``<Domain>_test.csv`` (columns image,mask, paths relative
+    to root) and ``synth.json``. Returns the summary (also in synth.json)."""
+    counts = split_counts(n_source, n_target, TARGET_DOMAINS, size, 32, "synthetic benchmark")
+    t0 = time.perf_counter()
+    root = Path(root)
+    total = sum(sum(c) for c in counts.values())
+    write_splits(root, counts, seed, size, lambda rng, d, s: (*render(rng, d, s), None),
+                 _save, "synthetic fundus", progress)
     summary = {
         "generator": "grata.synth", "version": VERSION, "seed": int(seed), "size": int(size),
         "source": SOURCE_DOMAIN, "targets": list(TARGET_DOMAINS),

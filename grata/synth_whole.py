@@ -23,7 +23,6 @@ Determinism: one PCG64 generator per (seed, domain, split, index), as in grata.s
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import time
@@ -35,7 +34,6 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from . import synth
-from .errors import GrataError
 from .roi import ROI_FRACTION
 from .synth import _camera, _radius, _save, _sigmoid, _wobble  # one scene and camera model
 
@@ -233,6 +231,15 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
     return out, mask, info
 
 
+def _save_photo(image: np.ndarray, path: Path, jpeg: bool) -> None:
+    if jpeg:
+        _save(image, path, True)
+    else:  # fast deflate: photographs are large and noisy (still deterministic)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "PNG", compress_level=1)
+        path.write_bytes(buf.getvalue())
+
+
 def generate_whole(root, seed: int = 0, n_source: tuple[int, int] = (4, 4),
                    n_target: tuple[int, int] = (4, 4), size: int = 1024,
                    progress: bool = True) -> dict:
@@ -240,46 +247,14 @@ def generate_whole(root, seed: int = 0, n_source: tuple[int, int] = (4, 4),
     ``<Domain>_test.csv``, columns image,mask; full-size masks) and ``synth.json`` with
     the true disc and FOV of every image. ``size`` is the width (height 0.78 size).
     Returns the summary."""
-    from tqdm import tqdm
-
     source, targets = synth.SOURCE_DOMAIN, TARGET_DOMAINS
-    counts = {source: tuple(n_source), **{t: tuple(n_target) for t in targets}}
-    if size < 128 or any(len(c) != 2 or min(c) < 0 for c in counts.values()):
-        raise GrataError(f"synthetic photographs: need size >= 128 and (train, test) counts "
-                         f">= 0, got size {size}, source {n_source}, target {n_target}")
+    counts = synth.split_counts(n_source, n_target, targets, size, 128,
+                                "synthetic photographs")
     t0 = time.perf_counter()
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     total = sum(sum(c) for c in counts.values())
-    bar = tqdm(total=total, desc="synthetic photographs", unit="img", disable=not progress)
-    truth = {}
-    for domain, (n_train, n_test) in counts.items():
-        jpeg = synth.DOMAINS[domain].jpeg
-        ext = ".jpg" if jpeg else ".png"
-        for split, n in (("train", n_train), ("test", n_test)):
-            rows = []
-            for sub in ("image", "mask"):
-                (root / domain / split / sub).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                image, mask, info = render_whole(_rng(seed, domain, split, i), domain, size)
-                stem = f"{domain}_{split}_{i:04d}"
-                rel_img = f"{domain}/{split}/image/{stem}{ext}"
-                rel_mask = f"{domain}/{split}/mask/{stem}.png"
-                if jpeg:
-                    _save(image, root / rel_img, True)
-                else:  # fast deflate: photographs are large and noisy (still deterministic)
-                    buf = io.BytesIO()
-                    Image.fromarray(image).save(buf, "PNG", compress_level=1)
-                    (root / rel_img).write_bytes(buf.getvalue())
-                _save(mask, root / rel_mask, False)
-                rows.append((rel_img, rel_mask))
-                truth[rel_img] = info
-                bar.update()
-            with open(root / f"{domain}_{split}.csv", "w", newline="") as f:
-                w = csv.writer(f, lineterminator="\n")
-                w.writerow(["image", "mask"])
-                w.writerows(rows)
-    bar.close()
+    truth = synth.write_splits(root, counts, seed, size, render_whole, _save_photo,
+                               "synthetic photographs", progress, rng=_rng)
     summary = {
         "generator": "grata.synth_whole", "version": VERSION,
         "camera_version": synth.VERSION, "seed": int(seed),
