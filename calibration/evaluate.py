@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import GrataError
+from grata.errors import GrataError
 
 DICE_KEYS = ("dice_od", "dice_oc", "dice_mean")
 TOLERANCE = 1.0  # points of mean Dice: the issue's target for INT8
@@ -24,10 +24,10 @@ def evaluate(variants: dict, data_root, targets: list[str], methods=("bn", "grat
     """Run `methods` over `targets` for each variant {name: artifact folder}; the first
     variant is the reference. Returns {"reports": {name: report}, "rows": [...],
     "mean_over_targets": {...}} with Dice deltas against the reference."""
-    from ..adapt import run
-    from ..export.manifest import load_manifest
-    from ..report import build_report
-    from ..runtime import OrtEngine
+    from grata.adapt import run
+    from grata.export.manifest import load_manifest
+    from grata.report import build_report
+    from grata.runtime import OrtEngine
 
     if not variants:
         raise GrataError("nothing to evaluate")
@@ -122,8 +122,8 @@ def format_comparison(comparison: dict) -> str:
 def model_sizes(variants: dict) -> dict:
     """Bytes of each variant's infer graph (file + the external data it uses) and of
     the whole artifact folder."""
-    from ..export.manifest import load_manifest
-    from .quantize import graph_bytes
+    from grata.export.manifest import load_manifest
+    from grata.calibration.quantize import graph_bytes
     out = {}
     for name, folder in variants.items():
         folder = Path(folder)

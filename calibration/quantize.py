@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GrataError
-from ..export.manifest import load_manifest, write_manifest
+from grata.errors import GrataError
+from grata.export.manifest import load_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ class ImageReader:
 
     def more(self) -> bool:
         """Read the next chunk of images; False when no readable image is left."""
-        from ..data import load_image
-        from ..errors import DataError
+        from grata.data import load_image
+        from grata.errors import DataError
         self._buffer = []
         while self._next < len(self.paths) and len(self._buffer) < self.chunk:
             path = self.paths[self._next]

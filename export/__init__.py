@@ -7,7 +7,7 @@ the runtime: `grata.runtime.ort_session`.)
 
 from __future__ import annotations
 
-from .manifest import FORMAT_VERSION, load_manifest
+from grata.export.manifest import FORMAT_VERSION, load_manifest
 
 # What the commands (grata export, the artifact cache, grata bench) export for a device:
 # the teacher view by view, the same target as one batch (tests/test_teacher_views.py)
@@ -46,7 +46,7 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     (verified manifest, nothing else in it), anything else is refused. The folder
     layout and manifest are described in this package's README.
     """
-    from .exporter import export_artifacts as _export
+    from grata.export.exporter import export_artifacts as _export
 
     return _export(model_or_checkpoint, arch, size, out_dir, opset=opset,
                    teacher_views=teacher_views)

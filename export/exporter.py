@@ -42,10 +42,10 @@ from grata.models import (
     theta_layout,
 )
 
-from .builder import FLIPPED, GraphBuilder
-from .manifest import write_manifest
-from .output import check_out_folder, replace_folder_atomically
-from .trace import INPUTS, MIX_ROLES, ROLES, TEACHER_VIEWS, check_teacher_views, trace
+from grata.export.builder import FLIPPED, GraphBuilder
+from grata.export.manifest import write_manifest
+from grata.export.output import check_out_folder, replace_folder_atomically
+from grata.export.trace import INPUTS, MIX_ROLES, ROLES, TEACHER_VIEWS, check_teacher_views, trace
 
 MIN_OPSET = 17
 MAX_OPSET = 21
@@ -97,7 +97,7 @@ def _external(name: str, array: np.ndarray, offset: int) -> TensorProto:
 
 def _build_role(model: ResUnet, role: str, size: int, opset: int, layout: list[dict],
                 teacher_views: int = TEACHER_VIEWS):
-    from .lower import Lowering
+    from grata.export.lower import Lowering
 
     n_theta = sum(e["shape"][0] for e in layout)
     base = MIX_ROLES.get(role, role)

@@ -41,7 +41,7 @@ from torch import fx, nn
 from grata.errors import GrataError
 from grata.models import Norm2d
 
-from .builder import FLIPPED, FLOAT, GraphBuilder
+from grata.export.builder import FLIPPED, FLOAT, GraphBuilder
 
 PREFIX = "model."
 GRAPH_INPUTS = ("image", "strong_image")

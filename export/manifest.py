@@ -119,7 +119,7 @@ def check_external_data(folder, manifest: dict, ranges: bool = True) -> None:
     `folder` (no `..`, not absolute, no symlink leaving it), name a file listed in the
     manifest, and (with `ranges`) the offset/length must lie within that file. Raises `GrataError` (one
     line) otherwise. Reads the protobuf itself: needs neither onnx nor onnxruntime."""
-    from .protoscan import ProtoError, external_tensors
+    from grata.export.protoscan import ProtoError, external_tensors
 
     folder = Path(folder)
     listed = manifest["sha256"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from grata.atomic import fsync_dir
 from grata.errors import GrataError
 
-from .manifest import MANIFEST, load_manifest
+from grata.export.manifest import MANIFEST, load_manifest
 
 _RENAME_EXCHANGE = 2  # renameat2 flag (Linux >= 3.15): swap two paths atomically
 _AT_FDCWD = -100

@@ -17,7 +17,7 @@ from grata.errors import GrataError
 from grata.losses import VIEWS, consistency_loss, entropy_loss, teacher_batch, teacher_target
 from grata.models import Norm2d
 
-from .phase import PhaseTail, phase_tail_applies
+from grata.export.phase import PhaseTail, phase_tail_applies
 
 ROLES = ("infer", "entropy_grad", "consistency_grad", "infer_source")
 # The same functions with mixed BN statistics (graph inputs `stats`, `alpha`).

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import metrics
-from .data import RoiOptions, Sample, Skipped, stream_domain
-from .errors import GrataError
-from .methods import create
-from .specs import RunSpec, parse_specs
-from .photo import scored
+from grata import metrics
+from grata.data import RoiOptions, Sample, Skipped, stream_domain
+from grata.errors import GrataError
+from grata.methods import create
+from grata.specs import RunSpec, parse_specs
+from grata.photo import scored
 
 PROTOCOLS = ("domain", "episodic", "continual")
 
@@ -68,7 +68,7 @@ class Runner:
         self.gate = None
         self.pair = None
         if spec.gate:
-            from .gate import Gate, GateConfig
+            from grata.gate import Gate, GateConfig
             self.gate = Gate(gate_config or GateConfig())
 
     @property
@@ -94,7 +94,7 @@ class Runner:
         m, e = self.method, self.engine
         if self.gate is None:
             return e.to_numpy(m.adapt(x, image=image))[0], {}
-        from .gate import gated_predict, source_logits
+        from grata.gate import gated_predict, source_logits
         m.update(x, image=image)
         logits = e.infer(x, norm=m.norm)
         # the gate's view passes overwrite the image statistics a stream rule moves to

@@ -7,9 +7,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import defaults
-from .digest import file_sha256
-from .errors import GrataError
+from grata import defaults
+from grata.digest import file_sha256
+from grata.errors import GrataError
 
 
 def _export_once(folder: Path, export, message: str, quiet: bool) -> Path:
@@ -34,7 +34,7 @@ def _export_fn():
     try:
         import torch  # noqa: F401  (exporting needs the reference)
 
-        from .export import DEVICE_TEACHER_VIEWS, export_artifacts
+        from grata.export import DEVICE_TEACHER_VIEWS, export_artifacts
     except ImportError:
         raise GrataError("exporting a model needs torch: pip install 'grata-edge[export]', "
                          "or pass --artifacts DIR") from None
@@ -48,12 +48,12 @@ def _layout() -> str:
     """The exporter's revision and the graph layout in a cache key (teacher views per
     pass), so folders exported by an earlier version or with another layout are not
     reused."""
-    from .export import DEVICE_TEACHER_VIEWS
+    from grata.export import DEVICE_TEACHER_VIEWS
     return _key_tail(DEVICE_TEACHER_VIEWS)
 
 
 def _key_tail(views: int) -> str:
-    from .export import EXPORT_REVISION
+    from grata.export import EXPORT_REVISION
     return f"x{EXPORT_REVISION}-tv{views}"
 
 
@@ -77,7 +77,7 @@ def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True,
     """Artifacts of a randomly initialised ResUnet (torch.manual_seed(seed)), exported
     once into the cache: timings do not depend on the weights. `teacher_views`: the
     consistency graphs' teacher views per pass (default: the device's)."""
-    from .export import DEVICE_TEACHER_VIEWS
+    from grata.export import DEVICE_TEACHER_VIEWS
     views = DEVICE_TEACHER_VIEWS if teacher_views is None else teacher_views
     folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}-{_key_tail(views)}"
     if (folder / "manifest.json").exists():
@@ -87,8 +87,8 @@ def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True,
     def make(tmp):
         import torch
 
-        from .export import export_artifacts
-        from .models import ResUnet
+        from grata.export import export_artifacts
+        from grata.models import ResUnet
         torch.manual_seed(seed)
         export_artifacts(ResUnet(arch), arch, size, tmp, teacher_views=views)
     return _export_once(folder, make, f"exporting a random {arch} at {size}x{size} to "

@@ -52,8 +52,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image
 
-from . import roi as roi_mod
-from .errors import DataError, GrataError
+from grata import roi as roi_mod
+from grata.errors import DataError, GrataError
 
 _SPLITS = ("train", "test")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

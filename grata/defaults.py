@@ -28,15 +28,15 @@ def checkpoint() -> Path:
 
 def synthetic_root(progress: bool = True) -> Path:
     """The synthetic benchmark of crops (`grata.synth`), generated once into the cache."""
-    from .synth import VERSION, generate
+    from grata.synth import VERSION, generate
     return _generated(f"synth-v{VERSION}-seed{SYNTH_SEED}", generate, progress)
 
 
 def whole_root(progress: bool = True) -> Path:
     """The synthetic whole-photograph benchmark (`grata.synth_whole`), generated once into
     the cache."""
-    from .synth import VERSION as CAMERA_VERSION
-    from .synth_whole import VERSION, generate_whole
+    from grata.synth import VERSION as CAMERA_VERSION
+    from grata.synth_whole import VERSION, generate_whole
     return _generated(f"synth-whole-v{VERSION}.{CAMERA_VERSION}-seed{SYNTH_SEED}",
                       generate_whole, progress)
 

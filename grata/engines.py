@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine import DEVICES, ENGINE_KINDS
-from .errors import GrataError
+from grata.engine import DEVICES, ENGINE_KINDS
+from grata.errors import GrataError
 
 
 def engine_factory(kind: str, *, device: str = "cpu", artifacts: Path | None = None,
@@ -20,13 +20,13 @@ def engine_factory(kind: str, *, device: str = "cpu", artifacts: Path | None = N
     if device not in DEVICES:
         raise GrataError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if kind == "onnx":
-        from .runtime import open_engine
+        from grata.runtime import open_engine
 
         def make_onnx():
             return open_engine(artifacts, device=device, threads=threads)
         return make_onnx
-    from .models import load_checkpoint
-    from .torch_engine import TorchEngine
+    from grata.models import load_checkpoint
+    from grata.torch_engine import TorchEngine
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -75,7 +75,7 @@ class GateConfig:
     min_component_share: float = 0.05
 
     def __post_init__(self):
-        from .errors import GrataError
+        from grata.errors import GrataError
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown:
             raise GrataError(f"unknown gate view {unknown[0]!r}; choose from "

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 log = logging.getLogger(__name__)
 

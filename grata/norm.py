@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 KINDS = ("source", "sample", "mix", "ema")
 ALIASES = {"running": "source"}

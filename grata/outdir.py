@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 
 def check_out_dir(path, what: str = "--out") -> Path:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from . import metrics, roi
-from .data import RoiOptions, photo_sample, to_mask_png
+from grata import metrics, roi
+from grata.data import RoiOptions, photo_sample, to_mask_png
 
 
 def paste_prediction(pred, box, shape) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 # One colour per method (matplotlib's default cycle, fixed so pages look alike).
 COLOURS = ("#595959", "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "#9467bd", "#8c564b")

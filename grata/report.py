@@ -9,7 +9,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import write_atomic
+from grata.atomic import write_atomic
 
 # One colour per method in plots (RGB).
 PALETTE = [(90, 90, 90), (31, 119, 180), (255, 127, 14), (214, 39, 40), (44, 160, 44),

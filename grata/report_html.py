@@ -19,9 +19,9 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .atomic import write_atomic
-from .errors import GrataError
-from .html_page import (
+from grata.atomic import write_atomic
+from grata.errors import GrataError
+from grata.html_page import (
     data_uri,
     esc,
     fmt,
@@ -97,7 +97,7 @@ def vcdr_flag(vcdr, threshold: float = DEFAULT_VCDR_THRESHOLD) -> bool:
 
 def overlay_path(run_dir: Path, method: str, target: str, row: dict) -> Path:
     """Where `grata adapt --overlays` wrote the overlay of a per-image row."""
-    from .specs import folder_name
+    from grata.specs import folder_name
     stem = Path(str(row.get("file", ""))).stem
     return (run_dir / "overlays" / folder_name(method) / target
             / f"{int(row.get('index', 0)):04d}_{stem}.png")
@@ -210,7 +210,7 @@ def _metrics_table(report: dict) -> str:
 
 
 def _stream_plots(report: dict, tab: dict) -> str:
-    from .plots import dice_stream_png
+    from grata.plots import dice_stream_png
     by_pair = {(r["method"], r["target"]): r for r in report.get("results", [])}
     figs = []
     for t in tab["targets"]:

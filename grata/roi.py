@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 ROI_FRACTION = 800 / 2124
 WORK_D = 320           # FOV diameter (px) at which the disc is searched for

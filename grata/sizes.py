@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 SIZE_STEP = 32   # the encoder halves the size five times
 MIN_SIZE = 64    # at 32 the bottleneck is 1x1 and per-image BN statistics are undefined

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GrataError
-from .norm import NormSpec
+from grata.errors import GrataError
+from grata.norm import NormSpec
 
 GATE_SUFFIX = "gate"
 _RULE_PARAM = re.compile(r"^(a=|m=|n=?)?[0-9.]")
@@ -51,7 +51,7 @@ def split_specs(text: str) -> list[str]:
 
 def parse_spec(text: str, default_norm="sample") -> RunSpec:
     """One ``METHOD[@RULE][+gate]`` -> a `RunSpec` (a bad part is a one-line GrataError)."""
-    from .methods import METHODS, parse_method
+    from grata.methods import METHODS, parse_method
     base, plus, suffix = str(text).strip().partition("+")
     if plus and suffix.strip().lower() != GATE_SUFFIX:
         raise GrataError(f"{text!r}: unknown suffix '+{suffix}'; the only one is "
@@ -89,7 +89,7 @@ def spec_hyperparameters(specs: list[RunSpec], hp_items=(), config: Path | None 
     method name or spec key) and ``--hp KEY.NAME=VALUE`` items (which win); a spec's own
     entries win over its method's. A key naming nothing in the run, a misspelt name or a
     bad value is a GrataError."""
-    from .methods.hyperparameters import load_config, resolved_hyperparameters
+    from grata.methods.hyperparameters import load_config, resolved_hyperparameters
     given: dict[str, dict] = {}
 
     def target(key: str, where: str) -> str:

@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .errors import GrataError
+from grata.errors import GrataError
 
 SOURCE_DOMAIN = "Clinic"
 # Targets whose camera differs from the source's (unchanged since version 3) ...

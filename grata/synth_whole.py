@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from . import synth
-from .roi import ROI_FRACTION
-from .synth import _camera, _radius, _save, _sigmoid, _wobble  # one scene and camera model
+from grata import synth
+from grata.roi import ROI_FRACTION
+from grata.synth import _camera, _radius, _save, _sigmoid, _wobble  # one scene and camera model
 
 # The cameras of the crop benchmark. Its content targets (crop scale, position, border) are
 # what the ROI rule itself produces from a whole photograph, so they have no whole version.

@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import losses
-from .errors import GrataError
-from .models import bn_parameters, flatten_theta, norm_layers, set_norm_mode, theta_layout
-from .norm import NormSpec, stats_views
+from grata import losses
+from grata.errors import GrataError
+from grata.models import bn_parameters, flatten_theta, norm_layers, set_norm_mode, theta_layout
+from grata.norm import NormSpec, stats_views
 
 
 class TorchEngine:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Sample, stream_domain
-from .errors import GrataError
-from .models import ResUnet, load_state, save_checkpoint, set_norm_mode
+from grata.data import Sample, stream_domain
+from grata.errors import GrataError
+from grata.models import ResUnet, load_state, save_checkpoint, set_norm_mode
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .numpy_update import COS_EPS, check_betas, check_step  # noqa: F401  (COS_EPS: docs)
+from grata.kernels.numpy_update import COS_EPS, check_betas, check_step  # noqa: F401  (COS_EPS: docs)
 
 __all__ = [
     "DeviceArray",
@@ -105,7 +105,7 @@ def kernel_source() -> str:
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: the package's cache folder, ``kernels/``."""
-    from ..defaults import cache_dir as root
+    from grata.defaults import cache_dir as root
     return root() / "kernels"
 
 

@@ -52,13 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import remove_temp_files, write_atomic
-from ..digest import array_sha256
-from ..errors import DataError, GrataError
-from ..norm import NormSpec
-from ..run_config import run_config
-from .engine import OrtEngine, route
-from .predictors import GRAPHS, make_predictor, resolve_ort_device
+from grata.atomic import remove_temp_files, write_atomic
+from grata.digest import array_sha256
+from grata.errors import DataError, GrataError
+from grata.norm import NormSpec
+from grata.run_config import run_config
+from grata.runtime.engine import OrtEngine, route
+from grata.runtime.predictors import GRAPHS, make_predictor, resolve_ort_device
 
 STATE_FILE = "state.npz"
 CONFIG_FILE = "config.json"
@@ -168,9 +168,9 @@ class AdaptiveModel:
                  reset: bool = False, calibration=None, cache_dir=None, verify: bool = True,
                  hyperparameters: dict | None = None, norm="sample", gate=None,
                  roi=None):
-        from ..gate import Gate, GateConfig
-        from ..methods import create, resolved_hyperparameters
-        from ..specs import parse_spec
+        from grata.gate import Gate, GateConfig
+        from grata.methods import create, resolved_hyperparameters
+        from grata.specs import parse_spec
 
         self.spec = parse_spec(method, norm)
         self.roi = roi  # grata.data.RoiOptions: the images are whole photographs
@@ -312,7 +312,7 @@ class AdaptiveModel:
     def _judge(self, x, logits, gate) -> tuple[np.ndarray, dict]:
         """The gate's choice between `logits` (the adapted prediction of x) and the source
         model's prediction, and its decision."""
-        from ..gate import gated_predict, source_logits
+        from grata.gate import gated_predict, source_logits
         e = self.engine
         # the view passes overwrite the image statistics a stream rule moves to
         img_stats = e.copy(e.img_stats) if self.method.norm.kind == "ema" else None
@@ -388,7 +388,7 @@ class AdaptiveModel:
     def _load(self, image, name: str | None):
         from PIL import Image
 
-        from ..data import load_image
+        from grata.data import load_image
         S = self.size
         if isinstance(image, np.ndarray):
             img = np.ascontiguousarray(image, dtype=np.float32)
@@ -420,8 +420,8 @@ class AdaptiveModel:
     def _load_photo(self, data: bytes, name: str):
         """A whole photograph: the disc localised, the ROI cut and resized to S. A
         photograph whose disc is not found is a DataError (rejected with the reason)."""
-        from ..data import load_photo, photo_sample
-        from ..roi import RoiRejected
+        from grata.data import load_photo, photo_sample
+        from grata.roi import RoiRejected
         try:
             pixels = load_photo(io.BytesIO(data))
             empty = np.zeros((2,) + pixels.shape[:2], bool)  # no truth when serving
@@ -437,12 +437,12 @@ class AdaptiveModel:
                 gate: dict | None = None, photo=None) -> dict:
         from PIL import Image
 
-        from ..data import to_mask_png
-        from ..metrics import binarize, probs_from_logits, vertical_cdr
+        from grata.data import to_mask_png
+        from grata.metrics import binarize, probs_from_logits, vertical_cdr
         pred = binarize(probs_from_logits(np.asarray(logits, np.float32)[0]))
         full = None
         if photo is not None:  # a whole photograph: the crop's mask pasted back in its box
-            from ..photo import paste_prediction
+            from grata.photo import paste_prediction
             full = paste_prediction(pred, photo.box, photo.shape)
             mask = to_mask_png(full)
         else:
@@ -476,7 +476,7 @@ class AdaptiveModel:
                 "photo": photo, "pred_full": full}
 
     def _calibration_images(self, folder: Path) -> list[np.ndarray]:
-        from ..data import load_image
+        from grata.data import load_image
         if not folder.is_dir():
             raise GrataError(f"--calibration {folder}: not a folder")
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .engine import OrtEngine
+from grata.runtime.engine import OrtEngine
 
 
 def open_engine(artifacts, device: str = "cpu", threads: int | None = None,
@@ -10,7 +10,7 @@ def open_engine(artifacts, device: str = "cpu", threads: int | None = None,
     """The engine for `device`: on "cuda" `CudaEngine` (theta, moments and gradients stay
     on the GPU), otherwise `OrtEngine`."""
     if device == "cuda":
-        from .cuda_engine import CudaEngine
+        from grata.runtime.cuda_engine import CudaEngine
 
         return CudaEngine(artifacts, threads=threads, verify=verify)
     return OrtEngine(artifacts, device=device, threads=threads, verify=verify)

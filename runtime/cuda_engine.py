@@ -21,11 +21,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import GrataError
-from ..export.manifest import load_manifest
-from ..kernels import adam_update
-from .engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
-from .ort_session import available_providers, engine_sessions, import_onnxruntime
+from grata.errors import GrataError
+from grata.export.manifest import load_manifest
+from grata.kernels import adam_update
+from grata.runtime.engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
+from grata.runtime.ort_session import available_providers, engine_sessions, import_onnxruntime
 
 
 def cuda_provider_available() -> bool:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GrataError
-from ..export.manifest import load_manifest
-from ..norm import NormSpec
-from .ort_session import engine_sessions, import_onnxruntime, provider_list
+from grata.errors import GrataError
+from grata.export.manifest import load_manifest
+from grata.norm import NormSpec
+from grata.runtime.ort_session import engine_sessions, import_onnxruntime, provider_list
 
 MIXED = {"infer": "infer_mix", "entropy_grad": "entropy_grad_mix",
          "consistency_grad": "consistency_grad_mix"}

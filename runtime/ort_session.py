@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GrataError
-from .heap import keep_heap
+from grata.errors import GrataError
+from grata.runtime.heap import keep_heap
 
 # device -> onnxruntime execution providers, in the order tried
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],

@@ -25,9 +25,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import GrataError
-from ..export.manifest import PRECISIONS, load_manifest
-from .ort_session import (
+from grata.errors import GrataError
+from grata.export.manifest import PRECISIONS, load_manifest
+from grata.runtime.ort_session import (
     available_providers,
     import_onnxruntime,
     provider_list,
@@ -144,7 +144,7 @@ def make_predictor(name: str = "auto", artifacts=None, *, graph: str = "infer",
         if name == "auto" and not tensorrt_installed():
             fallback = "the tensorrt package is not installed"
         else:
-            from .tensorrt import TensorRTPredictor
+            from grata.runtime.tensorrt import TensorRTPredictor
             try:
                 return TensorRTPredictor(artifacts, precision=precision or "fp16", graph=graph,
                                          cache_dir=cache_dir, calibration=calibration,

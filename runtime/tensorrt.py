@@ -75,11 +75,11 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import write_atomic
-from ..defaults import cache_dir
-from ..digest import bytes_sha256 as _sha256
-from ..errors import GrataError
-from ..export.manifest import PRECISIONS
+from grata.atomic import write_atomic
+from grata.defaults import cache_dir
+from grata.digest import bytes_sha256 as _sha256
+from grata.errors import GrataError
+from grata.export.manifest import PRECISIONS
 
 CACHE_FORMAT = 1
 WORKSPACE_BYTES = 1 << 30
@@ -392,7 +392,7 @@ class TensorRTPredictor:
     def __init__(self, artifacts, *, precision: str = "fp16", graph: str = "infer",
                  cache_dir=None, calibration: Sequence[np.ndarray] | None = None,
                  verify: bool = True):
-        from ..export.manifest import load_manifest
+        from grata.export.manifest import load_manifest
         if precision not in PRECISIONS:
             raise GrataError(f"unknown precision {precision!r}; choose from "
                              f"{', '.join(PRECISIONS)}")

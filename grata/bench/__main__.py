@@ -3,7 +3,7 @@
 
 import sys
 
-from .workers import worker_main
+from grata.bench.workers import worker_main
 
 if len(sys.argv) > 2 and sys.argv[1] == "--worker":
     sys.exit(worker_main(sys.argv[2:]))

@@ -21,7 +21,7 @@ def conv_graph(arch: str, size: int, seed: int, out: Path) -> dict:
     import torch
     from onnx import TensorProto, helper, numpy_helper, save
 
-    from ..models import ResUnet, flops
+    from grata.models import ResUnet, flops
 
     torch.manual_seed(seed)
     model = ResUnet(arch).eval()
@@ -61,7 +61,7 @@ def conv_rate(path, forward_flops: int, threads: int, reps: int = 3) -> dict:
     """Time the convolutions-alone graph (`conv_graph`) with the runtime's session
     settings at `threads`: one warm-up run, then `reps`; the median gives the rate.
     onnxruntime and numpy only."""
-    from ..runtime.ort_session import import_onnxruntime, session_options
+    from grata.runtime.ort_session import import_onnxruntime, session_options
 
     ort = import_onnxruntime()
     sess = ort.InferenceSession(str(path), sess_options=session_options(threads),

@@ -91,7 +91,7 @@ def _version(package: str) -> str | None:
 
 def machine_info() -> dict:
     """What the numbers were measured on (recorded in every report)."""
-    from ..runtime.ort_session import default_threads, physical_cores
+    from grata.runtime.ort_session import default_threads, physical_cores
     info = {"platform": platform.platform(),
             "machine": platform.machine(), "cpu": _cpu_model(),
             "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
@@ -103,14 +103,14 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    from .. import __version__
+    from grata import __version__
     out = {"grata": __version__, "python": platform.python_version()}
     for pkg in ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt",
                 "cuda-python", "scipy"):
         v = _version(pkg)
         if v is not None:
             out[pkg] = v
-    from ..runtime.ort_session import available_providers
+    from grata.runtime.ort_session import available_providers
     if importlib.util.find_spec("onnxruntime") is not None:
         out["onnxruntime_providers"] = available_providers()
     return out

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..augment import strong_augment
-from ..losses import VIEWS, entropy_loss
-from ..models import bn_parameters, set_norm_mode
+from grata.augment import strong_augment
+from grata.losses import VIEWS, entropy_loss
+from grata.models import bn_parameters, set_norm_mode
 
 
 class AuthorsGraTa:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .settings import FORWARDS_PER_IMAGE
+from grata.bench.settings import FORWARDS_PER_IMAGE
 
 
 def _mb(x) -> str:

@@ -8,12 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .. import defaults
-from ..errors import GrataError
-from ..export.manifest import PRECISIONS
-from ..sizes import check_size
-from .probes import gpu_info, machine_info, matmul_rate, versions
-from .settings import (
+from grata import defaults
+from grata.errors import GrataError
+from grata.export.manifest import PRECISIONS
+from grata.sizes import check_size
+from grata.bench.probes import gpu_info, machine_info, matmul_rate, versions
+from grata.bench.settings import (
     ADAPT_BACKENDS,
     FORMAT_VERSION,
     FORWARDS_PER_IMAGE,
@@ -21,7 +21,7 @@ from .settings import (
     STAGE_BACKENDS,
     STAGES,
 )
-from .workers import parse_variant, run_worker
+from grata.bench.workers import parse_variant, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ def _int8_artifacts(fp32: Path, quiet: bool) -> Path:
     """A QDQ INT8 copy of fp32 artifacts (calibrated on 16 synthetic source images),
     made once into the cache. Good enough for timing; `grata calibrate` makes the one
     to ship and scores it."""
-    from ..calibration.quantize import quantize_artifacts
-    from ..export.manifest import load_manifest
-    from ..synth import SOURCE_DOMAIN
+    from grata.calibration.quantize import quantize_artifacts
+    from grata.export.manifest import load_manifest
+    from grata.synth import SOURCE_DOMAIN
     m = load_manifest(fp32, verify=False)
     if m.get("precision", {}).get("infer", "fp32") != "fp32":
         return fp32
@@ -50,8 +50,8 @@ def _int8_artifacts(fp32: Path, quiet: bool) -> Path:
 
 
 def _fp16_artifacts(fp32: Path, quiet: bool) -> Path:
-    from ..calibration.quantize import convert_fp16
-    from ..export.manifest import load_manifest
+    from grata.calibration.quantize import convert_fp16
+    from grata.export.manifest import load_manifest
     m = load_manifest(fp32, verify=False)
     folder = defaults.cache_dir() / "bench" / f"fp16-{m['manifest_sha256'][:16]}"
     if not (folder / "manifest.json").exists():
@@ -64,7 +64,7 @@ def _fp16_artifacts(fp32: Path, quiet: bool) -> Path:
 # ----------------------------------------------------------------------------- suites
 
 def _available_backends() -> list[str]:
-    from ..runtime.ort_session import available_providers
+    from grata.runtime.ort_session import available_providers
     out = []
     have = available_providers()
     if have:
@@ -104,8 +104,8 @@ def stages_plan(backends: list[str], precisions: list[str] | None) -> list[tuple
 
 
 def run_stages(args) -> dict:
-    from ..artifacts import default_artifacts
-    from ..export.manifest import load_manifest
+    from grata.artifacts import default_artifacts
+    from grata.export.manifest import load_manifest
     quiet = args.quiet
     if args.artifacts is not None:
         fp32, weights = args.artifacts, f"artifacts {args.artifacts}"
@@ -124,7 +124,7 @@ def run_stages(args) -> dict:
     plan = stages_plan(backends, precisions)
     threads = args.threads
     if threads is None:
-        from ..runtime.ort_session import default_threads
+        from grata.runtime.ort_session import default_threads
         threads = default_threads()
     settings = {"suite": "stages", "artifacts": str(fp32), "weights": weights,
                 "arch": m["arch"], "size": m["size"], "stages": stages, "warmup": args.warmup,
@@ -166,12 +166,12 @@ def run_stages(args) -> dict:
 def run_adapt(args) -> dict:
     import torch  # the reference, FLOP counts and the exports need it
 
-    from ..artifacts import random_model_artifacts
-    from ..models import ResUnet, flops
+    from grata.artifacts import random_model_artifacts
+    from grata.models import ResUnet, flops
 
-    from ..export import DEVICE_TEACHER_VIEWS
-    from ..export.trace import TEACHER_VIEW_CHOICES
-    from .convlimit import conv_graph
+    from grata.export import DEVICE_TEACHER_VIEWS
+    from grata.export.trace import TEACHER_VIEW_CHOICES
+    from grata.bench.convlimit import conv_graph
 
     archs, sizes = _csv(args.archs), [int(s) for s in _csv(args.sizes)]
     backends = _csv(args.backends)
@@ -193,7 +193,7 @@ def run_adapt(args) -> dict:
             views[b] = int(teacher)
     threads = args.threads
     if threads is None:
-        from ..runtime.ort_session import default_threads
+        from grata.runtime.ort_session import default_threads
         threads = default_threads()
     if args.images < 1 or args.warmup < 0:
         raise GrataError("--images must be at least 1 and --warmup at least 0")
@@ -220,7 +220,7 @@ def run_adapt(args) -> dict:
                        for k in sorted(set(views.values()))}
             limit = None
             if args.limit_reps:
-                from .. import defaults
+                from grata import defaults
                 path = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{args.seed}-convs.onnx"
                 limit = conv_graph(arch, size, args.seed, path)
                 limit["reps"] = args.limit_reps

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GrataError
-from .probes import DeviceMemoryPeak, minor_faults, peak_rss_bytes, rss_bytes
-from .settings import ADAPT_BACKENDS, MALLOC_KEYS, MALLOC_SETTINGS, RESULT_TAG
-from .stats import measure, summarize
+from grata.errors import GrataError
+from grata.bench.probes import DeviceMemoryPeak, minor_faults, peak_rss_bytes, rss_bytes
+from grata.bench.settings import ADAPT_BACKENDS, MALLOC_KEYS, MALLOC_SETTINGS, RESULT_TAG
+from grata.bench.stats import measure, summarize
 
 
 def bench_image(index: int, size: int) -> np.ndarray:
@@ -56,7 +56,7 @@ def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
     `grata.runtime.ort_session.TUNING`), which the runtime's device names do not carry."""
     import importlib.util
 
-    from ..runtime import OrtEngine, open_engine
+    from grata.runtime import OrtEngine, open_engine
 
     if not options and device in ("cpu", "cuda"):  # what grata adapt runs
         if device == "cuda" and importlib.util.find_spec("cupy") is None:
@@ -81,8 +81,8 @@ def _sync_for(backend: str, engine):
 
 def _stage_worker(spec: dict) -> dict:
     """One backend x precision: time each stage. Runs in its own process."""
-    from ..kernels import grata_update
-    from ..methods import create
+    from grata.kernels import grata_update
+    from grata.methods import create
 
     backend, precision = spec["backend"], spec["precision"]
     size, seed, threads = spec["size"], spec["seed"], spec.get("threads")
@@ -96,8 +96,8 @@ def _stage_worker(spec: dict) -> dict:
         else:
             import torch
 
-            from ..models import ResUnet, load_checkpoint
-            from ..torch_engine import TorchEngine
+            from grata.models import ResUnet, load_checkpoint
+            from grata.torch_engine import TorchEngine
             if threads:
                 torch.set_num_threads(threads)
             if spec.get("checkpoint"):
@@ -111,7 +111,7 @@ def _stage_worker(spec: dict) -> dict:
         rss_setup = rss_bytes()
         rng = np.random.default_rng(seed)
         images = [bench_image(i, size) for i in range(4)]
-        from ..augment import strong_augment
+        from grata.augment import strong_augment
         x = engine.to_input(images[0])
         strong = engine.to_input(strong_augment(images[0], rng))
         method = create("grata", engine, seed=seed)
@@ -159,7 +159,7 @@ def _adapt_worker(spec: dict) -> dict:
     rss0 = rss_bytes()
     t_start = time.perf_counter()
     if backend == "onnx":
-        from ..methods import create
+        from grata.methods import create
         engine = make_onnx_engine(spec["artifacts"], "cpu", "fp32", threads, options)
         method = create("grata", engine, seed=seed)
 
@@ -168,21 +168,21 @@ def _adapt_worker(spec: dict) -> dict:
     elif backend in ("torch-ref", "torch"):
         import torch
         if options.get("heap") == "keep":  # the runtime's heap setting, for comparison
-            from ..runtime.heap import keep_heap
+            from grata.runtime.heap import keep_heap
             keep_heap()
 
-        from ..models import ResUnet
+        from grata.models import ResUnet
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         model = ResUnet(spec["arch"])
         if backend == "torch-ref":
-            from .reference import AuthorsGraTa
+            from grata.bench.reference import AuthorsGraTa
             ref = AuthorsGraTa(model, seed=seed)
 
             def step(img):
                 return ref.adapt(img)
         else:
-            from ..methods import create
+            from grata.methods import create
             method = create("grata", model, seed=seed)
 
             def step(img):
@@ -204,11 +204,11 @@ def _adapt_worker(spec: dict) -> dict:
     memory = {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
               "peak_rss_bytes": peak_rss_bytes()}
     torch_imported = "torch" in sys.modules
-    from ..runtime.heap import heap_kept
+    from grata.runtime.heap import heap_kept
     memory["heap_kept"] = heap_kept()
     limit = None
     if spec.get("limit"):
-        from .convlimit import conv_rate
+        from grata.bench.convlimit import conv_rate
         limit = conv_rate(spec["limit"]["path"], spec["limit"]["forward_flops"], threads,
                           spec["limit"].get("reps", 3))
     return {"per_image": summarize(times), "times_s": times, "startup_s": startup,

@@ -12,8 +12,8 @@ import importlib
 import logging
 import sys
 
-from .. import __version__
-from ..errors import GrataError
+from grata import __version__
+from grata.errors import GrataError
 
 VERBS: tuple[str, ...] = ("synth", "train_source", "export", "adapt", "serve", "report",
                           "bench", "calibrate")

@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..product import PRODUCT_METHODS, PRODUCT_NORM
-from ..errors import GrataError
-from ..specs import folder_name, split_specs
-from .common import (
+from grata.product import PRODUCT_METHODS, PRODUCT_NORM
+from grata.errors import GrataError
+from grata.specs import folder_name, split_specs
+from grata.cli.common import (
     add_alias,
     add_paper,
     add_hyperparameters,
@@ -23,8 +23,8 @@ from .common import (
     model_choice,
     product_choice,
 )
-from .report import add_html_args
-from .roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
+from grata.cli.report import add_html_args
+from grata.cli.roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
 
 EPILOG = """\
 examples:
@@ -104,21 +104,21 @@ def register(subparsers) -> dict:
 
 
 def cmd_adapt(args) -> int:
-    from ..adapt import check_names, run
-    from ..artifacts import cached_artifacts
-    from ..data import resolve_targets
-    from ..engines import engine_factory
-    from ..gate import GateConfig
-    from ..norm import NormSpec
-    from ..outdir import check_out_dir
-    from ..report import (
+    from grata.adapt import check_names, run
+    from grata.artifacts import cached_artifacts
+    from grata.data import resolve_targets
+    from grata.engines import engine_factory
+    from grata.gate import GateConfig
+    from grata.norm import NormSpec
+    from grata.outdir import check_out_dir
+    from grata.report import (
         build_report,
         format_table,
         plot_stream,
         write_json_atomic,
     )
-    from ..run_config import run_config
-    from ..specs import spec_hyperparameters
+    from grata.run_config import run_config
+    from grata.specs import spec_hyperparameters
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
     norm, base = product_choice(args)
     args.norm = NormSpec(norm)  # a bad rule: one line, exit 2
@@ -130,7 +130,7 @@ def cmd_adapt(args) -> int:
     root = whole or data_root(args.data, not args.quiet)
     source = args.source
     if source is None and args.data is None:
-        from ..synth import SOURCE_DOMAIN
+        from grata.synth import SOURCE_DOMAIN
         source = SOURCE_DOMAIN
     targets = resolve_targets(root, source, args.targets)
     if args.threads and args.engine == "torch":
@@ -190,7 +190,7 @@ def cmd_adapt(args) -> int:
 
 def _html(out: Path) -> Path | None:
     """The HTML page of a finished run; a failure here never costs the run its report."""
-    from ..report_html import write_adapt_html
+    from grata.report_html import write_adapt_html
     try:
         return write_adapt_html(out)
     except GrataError as exc:

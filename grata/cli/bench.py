@@ -35,10 +35,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench.settings import ADAPT_BACKENDS, MALLOC_SETTINGS, STAGE_BACKENDS, STAGES
-from ..errors import GrataError
-from ..export.manifest import PRECISIONS
-from ..runtime.ort_session import TUNING
+from grata.bench.settings import ADAPT_BACKENDS, MALLOC_SETTINGS, STAGE_BACKENDS, STAGES
+from grata.errors import GrataError
+from grata.export.manifest import PRECISIONS
+from grata.runtime.ort_session import TUNING
 
 EPILOG = """\
 suites:
@@ -114,9 +114,9 @@ def register(sub) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from ..bench.reporting import format_adapt, format_stages
-    from ..bench.suites import run_adapt, run_stages
-    from ..report import write_json_atomic
+    from grata.bench.reporting import format_adapt, format_stages
+    from grata.bench.suites import run_adapt, run_stages
+    from grata.report import write_json_atomic
     if args.warmup is None:
         args.warmup = 3 if args.suite == "stages" else 2
     if args.suite == "stages":

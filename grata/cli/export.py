@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import GrataError
-from .common import add_model_args, model_choice
+from grata.errors import GrataError
+from grata.cli.common import add_model_args, model_choice
 
 
 def register(subparsers) -> dict:
@@ -23,8 +23,8 @@ def register(subparsers) -> dict:
 def cmd_export(args) -> int:
     checkpoint, arch, size = model_choice(args)
     try:
-        from ..export import DEVICE_TEACHER_VIEWS, export_artifacts
-        from ..models import load_checkpoint
+        from grata.export import DEVICE_TEACHER_VIEWS, export_artifacts
+        from grata.models import load_checkpoint
     except ImportError:
         raise GrataError("export needs torch and onnx: pip install 'grata-edge[export]'") \
             from None

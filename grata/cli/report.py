@@ -45,7 +45,7 @@ def register(subparsers) -> dict:
 
 
 def cmd_report(args) -> int:
-    from ..report_html import write_report
+    from grata.report_html import write_report
     page = write_report(args.path, vcdr_threshold=args.vcdr_threshold,
                         plots=not args.no_plots)
     print(f"wrote {page}")

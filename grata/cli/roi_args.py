@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import defaults
-from ..errors import GrataError
+from grata import defaults
+from grata.errors import GrataError
 
 ROI_HELP = """\
 whole photographs:
@@ -23,7 +23,7 @@ whole photographs:
 
 def add_roi_args(p: argparse.ArgumentParser) -> None:
     """--roi auto|none, --roi-threshold, --whole."""
-    from ..roi import SCORE_THRESHOLD
+    from grata.roi import SCORE_THRESHOLD
     p.add_argument("--roi", choices=["none", "auto"], default=None,
                    help="none: the images are crops around the disc (default); auto: "
                    "whole photographs, the disc is localised and the ROI cut, and the "
@@ -38,7 +38,7 @@ def add_roi_args(p: argparse.ArgumentParser) -> None:
 
 def roi_choice(args, progress: bool):
     """(data root or None to keep --data / the crop default, RoiOptions or None)."""
-    from ..data import RoiOptions
+    from grata.data import RoiOptions
     if args.whole and args.data is not None:
         raise GrataError("--whole is the synthetic whole-photograph benchmark; "
                          "with --data use --roi auto")
@@ -60,7 +60,7 @@ def roi_config(roi) -> dict:
 
 def save_overlay(sample, pred, path: Path) -> None:
     """The overlay of a scored image: the crop's, or the whole photograph's with its box."""
-    from ..report import overlay, photo_overlay, save_png_atomic
+    from grata.report import overlay, photo_overlay, save_png_atomic
     photo = getattr(sample, "photo", None)
     img = overlay(sample.image, pred, sample.target) if photo is None else \
         photo_overlay(photo.pixels, pred, photo.target, photo.box)

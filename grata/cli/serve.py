@@ -8,12 +8,12 @@ import signal
 import threading
 from pathlib import Path
 
-from ..product import PRODUCT_NORM, SERVE_METHOD
-from ..export.manifest import PRECISIONS
-from ..runtime.adaptive import DEFAULT_MAX_DRIFT
-from ..runtime.inbox import DEFAULT_STABLE_S
-from ..runtime.predictors import ORT_DEVICES, PREDICTORS
-from .common import (
+from grata.product import PRODUCT_NORM, SERVE_METHOD
+from grata.export.manifest import PRECISIONS
+from grata.runtime.adaptive import DEFAULT_MAX_DRIFT
+from grata.runtime.inbox import DEFAULT_STABLE_S
+from grata.runtime.predictors import ORT_DEVICES, PREDICTORS
+from grata.cli.common import (
     add_alias,
     add_hyperparameters,
     add_paper,
@@ -22,7 +22,7 @@ from .common import (
     add_threads,
     product_choice,
 )
-from .report import add_html_args
+from grata.cli.report import add_html_args
 
 EPILOG = """\
 files: for each image NAME that lands in INBOX (names starting with '.' or ending in
@@ -108,10 +108,10 @@ def register(subparsers) -> dict:
 def cmd_serve(args) -> int:
     import os
 
-    from ..errors import GrataError
-    from ..norm import NormSpec
-    from ..runtime.inbox import check_folders, lock_inbox
-    from ..specs import parse_spec, spec_hyperparameters
+    from grata.errors import GrataError
+    from grata.norm import NormSpec
+    from grata.runtime.inbox import check_folders, lock_inbox
+    from grata.specs import parse_spec, spec_hyperparameters
 
     for flag, value in (("--max-drift", args.max_drift), ("--stable-for", args.stable_for),
                         ("--poll", args.poll), ("--settle", args.settle)):
@@ -130,8 +130,8 @@ def cmd_serve(args) -> int:
 
 
 def _serve(args, hp: dict) -> int:
-    from ..runtime.adaptive import AdaptiveModel, theta_digest
-    from ..runtime.inbox import log_stderr, serve
+    from grata.runtime.adaptive import AdaptiveModel, theta_digest
+    from grata.runtime.inbox import log_stderr, serve
 
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
@@ -176,9 +176,9 @@ def _serve(args, hp: dict) -> int:
 
 def _html_writer(outbox: Path, vcdr_threshold: float):
     """Rewrites OUTBOX/report.html after each image; a failure is a warning, never a stop."""
-    from ..errors import GrataError
-    from ..report_html import write_serve_html
-    from ..runtime.inbox import log_stderr
+    from grata.errors import GrataError
+    from grata.report_html import write_serve_html
+    from grata.runtime.inbox import log_stderr
 
     def write() -> None:
         try:
@@ -190,9 +190,9 @@ def _html_writer(outbox: Path, vcdr_threshold: float):
 
 def _roi(args):
     """RoiOptions for --roi auto (None for crops); a bad threshold is one line."""
-    from ..data import RoiOptions
-    from ..errors import GrataError
-    from ..roi import SCORE_THRESHOLD
+    from grata.data import RoiOptions
+    from grata.errors import GrataError
+    from grata.roi import SCORE_THRESHOLD
     threshold = SCORE_THRESHOLD if args.roi_threshold is None else args.roi_threshold
     if not 0.0 <= threshold <= 1.0:
         raise GrataError(f"--roi-threshold must be in [0, 1], got {threshold}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import GrataError
+from grata.errors import GrataError
 
 
 def register(subparsers) -> dict:
@@ -29,11 +29,11 @@ def cmd_synth(args) -> int:
     if args.width is not None and not args.whole:
         raise GrataError("--width goes with --whole (the crops' size is fixed)")
     if args.whole:
-        from ..synth_whole import generate_whole
+        from grata.synth_whole import generate_whole
         summary = generate_whole(args.out, seed=args.seed, size=args.width or 1024,
                                  progress=True)
     else:
-        from ..synth import generate
+        from grata.synth import generate
         summary = generate(args.out, seed=args.seed, progress=True)
     print(f"wrote {args.out}: {summary}")
     return 0

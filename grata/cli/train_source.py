@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import defaults
-from ..errors import GrataError
-from ..sizes import check_size
-from .common import data_root
+from grata import defaults
+from grata.errors import GrataError
+from grata.sizes import check_size
+from grata.cli.common import data_root
 
 
 def register(subparsers) -> dict:
@@ -33,8 +33,8 @@ def register(subparsers) -> dict:
 
 
 def cmd_train(args) -> int:
-    from ..synth import SOURCE_DOMAIN
-    from ..train import train_source
+    from grata.synth import SOURCE_DOMAIN
+    from grata.train import train_source
     root = data_root(args.data, True)
     domain = args.domain or (SOURCE_DOMAIN if args.data is None else None)
     if domain is None:

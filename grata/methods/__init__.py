@@ -6,11 +6,11 @@ norm="mix:0.2")``. `parse_method` reads the ``method@norm`` form (``"grata@mix:0
 
 from __future__ import annotations
 
-from ..errors import GrataError
-from ..norm import NormSpec, parse_norm
-from .base import Method
-from .hyperparameters import resolved_hyperparameters
-from .registry import METHODS
+from grata.errors import GrataError
+from grata.norm import NormSpec, parse_norm
+from grata.methods.base import Method
+from grata.methods.hyperparameters import resolved_hyperparameters
+from grata.methods.registry import METHODS
 
 
 def create(name: str, model, norm="sample", alpha: float | None = None,
@@ -28,7 +28,7 @@ def create(name: str, model, norm="sample", alpha: float | None = None,
     spec = parse_norm(norm, alpha=alpha, prior_n=prior_n, momentum=momentum)
     engine = model
     if not hasattr(model, "entropy_grad"):
-        from ..torch_engine import TorchEngine
+        from grata.torch_engine import TorchEngine
         engine = TorchEngine(model)
     return METHODS[name](engine, norm=spec, **hyperparameters)
 

@@ -6,8 +6,8 @@ import copy
 
 import numpy as np
 
-from ..augment import strong_augment
-from ..norm import NormSpec, ema_update
+from grata.augment import strong_augment
+from grata.norm import NormSpec, ema_update
 
 
 class Method:

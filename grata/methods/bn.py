@@ -1,6 +1,6 @@
 """BN: current-image statistics instead of the stored ones, no parameter update."""
 
-from .base import Method
+from grata.methods.base import Method
 
 
 class BatchNormAdapt(Method):

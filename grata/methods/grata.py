@@ -5,8 +5,8 @@ theta' = theta - g_a (at theta without alignment); Adam steps theta with g_p at
 eta = beta * (cos(g_p, g_a) + 1)^2 / 4 (eta = beta with a fixed learning rate).
 """
 
-from ..kernels import adam_update, grata_update
-from .base import Method
+from grata.kernels import adam_update, grata_update
+from grata.methods.base import Method
 
 
 class GraTa(Method):

@@ -7,8 +7,8 @@ import inspect
 import sys
 from pathlib import Path
 
-from ..errors import GrataError
-from .base import Method
+from grata.errors import GrataError
+from grata.methods.base import Method
 
 # constructor arguments that are not hyperparameters: the engine, the run's seed, and the
 # statistics rule (chosen per method with --norm / METHOD@RULE and recorded on its own)
@@ -30,7 +30,7 @@ def defaults_of(cls: type[Method]) -> dict:
 
 
 def _methods() -> dict:
-    from .registry import METHODS
+    from grata.methods.registry import METHODS
     return METHODS
 
 

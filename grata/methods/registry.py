@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Method
-from .bn import BatchNormAdapt
-from .grata import GraTa, GraTaFixedLR, GraTaNoAlign
-from .source import Source
-from .tent import Tent
+from grata.methods.base import Method
+from grata.methods.bn import BatchNormAdapt
+from grata.methods.grata import GraTa, GraTaFixedLR, GraTaNoAlign
+from grata.methods.source import Source
+from grata.methods.tent import Tent
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Source, BatchNormAdapt, Tent, GraTa, GraTaNoAlign, GraTaFixedLR)

@@ -1,7 +1,7 @@
 """Source only: the trained model with its stored BN statistics, no adaptation."""
 
-from ..norm import NormSpec
-from .base import Method
+from grata.norm import NormSpec
+from grata.methods.base import Method
 
 
 class Source(Method):

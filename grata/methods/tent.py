@@ -1,7 +1,7 @@
 """TENT: Adam on the BN affine parameters, minimising the prediction's entropy."""
 
-from ..kernels import adam_update
-from .base import Method
+from grata.kernels import adam_update
+from grata.methods.base import Method
 
 
 class Tent(Method):
