@@ -251,7 +251,9 @@ def test_reference_step_is_the_grata_step(one_thread):
         img = rng.random((3, SIZE, SIZE), dtype=np.float32)
         y_ref = ref.adapt(img)
         y = method.adapt(method.engine.to_input(img), image=img)
-        assert ref.last["cos"] == pytest.approx(float(method.last["cos"]), abs=1e-5)
+        # two float32 graphs of the same gradients, summed in other orders: measured up
+        # to 1.4e-5 apart on some CPUs (oneDNN picks its kernels by instruction set)
+        assert ref.last["cos"] == pytest.approx(float(method.last["cos"]), abs=5e-5)
         torch.testing.assert_close(y_ref, y, rtol=1e-4, atol=1e-4)
     theta_ref = torch.cat([p.detach().reshape(-1) for p in ref.params])
     theta0 = method.engine.theta0
