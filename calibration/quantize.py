@@ -21,8 +21,12 @@ result runs on onnxruntime's CPU provider and TensorRT builds INT8 engines from 
 
 FP16: `convert_fp16` converts every graph to float16 inside, float32 at the inputs and
 outputs (the runtime feeds it unchanged), with the frozen weights shared across graphs
-in one ``weights.bin`` as the float32 export does. For GPUs (CUDA / TensorRT providers);
-onnxruntime's CPU provider runs it, slowly.
+in one ``weights.bin`` as the float32 export does. Every node that reads an adapted input
+(theta; the statistics and weight of the mixed graphs) stays float32 (`adapted_nodes`):
+the slices that cut gamma and beta out of theta, the arithmetic of their scale and shift,
+and the normalisation or element-wise node where they meet the activations. In float16 a
+gamma of about 1 has a spacing of about 1e-3, so Adam steps of 1e-5 would vanish. For GPUs
+(CUDA / TensorRT providers); onnxruntime's CPU provider runs it, slowly.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ INT8_GRAPH = "infer_int8.onnx"
 # Ops kept in float32 inside the FP16 gradient graphs: the long sums of the BN statistics
 # and of their backward lose too much in float16 (measured: ~3 % error on the gradient).
 FP16_KEEP_FLOAT32 = ("ReduceSum", "ReduceMean", "ReduceSumSquare")
+# graph inputs that adaptation changes between images (kept float32 wherever read)
+ADAPTED_INPUTS = ("theta", "stats", "alpha")
 
 
 def list_images(folder, limit: int | None = None) -> list[Path]:
@@ -297,6 +303,13 @@ def check_qdq_graph(path) -> dict:
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and is_theta(node.input[0]):
             raise GrataError(f"{path}: theta is quantised ({node.name}); it must stay float")
+    # nor anything computed from theta alone (a scale or shift made of it)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    theta_path, _ = adapted_nodes(model)
+    for name in theta_path:
+        if ops[name] in ("QuantizeLinear", "DequantizeLinear"):
+            raise GrataError(f"{path}: a tensor made of theta is quantised ({name}); it "
+                             f"must stay float")
     return counts
 
 
@@ -328,6 +341,83 @@ def _shared_weights(models: dict, folder: Path, name: str = "weights.bin",
                     e.key, e.value = k, v
 
 
+def adapted_nodes(model, inputs=ADAPTED_INPUTS) -> tuple[list[str], list[str]]:
+    """(path, meet): names of the nodes of `model` that read an adapted graph input.
+
+    `path` nodes compute from adapted inputs and constants only (theta's slices, the
+    arithmetic of a scale and shift); `meet` nodes are where such a tensor meets an
+    activation (InstanceNormalization, BatchNormalization, Mul, Add). Constants are the
+    initializers and what is computed from them alone; integer tensors (shapes, indices,
+    quantised values) are never activations but make nothing constant."""
+    import onnx
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    const = {t.name for t in graph.initializer}
+    adapted = {i.name for i in graph.input if i.name in inputs}
+    path, meet = [], []
+
+    def is_float(name: str) -> bool:  # unknown types count as float (an activation)
+        return types.get(name, onnx.TensorProto.FLOAT) in floats
+
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        reads = [i for i in ins if i in adapted]
+        activations = [i for i in ins if i not in adapted and i not in const and is_float(i)]
+        if not reads:
+            if all(i in const for i in ins):
+                const.update(node.output)  # constants and what is computed from them
+            continue
+        if activations:
+            meet.append(node.name)
+        else:
+            path.append(node.name)
+            adapted.update(node.output)
+    return path, meet
+
+
+def drop_round_trips(model) -> int:
+    """Remove float32 -> float16 -> float32 Cast pairs (the converter puts one between
+    any two float32 nodes, which would round theta to float16 on its way to a node kept
+    in float32): the second Cast's readers read the float32 tensor itself. Returns how
+    many pairs were removed."""
+    import onnx
+    graph = model.graph
+    FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    replace = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if (cast_to(node) == FLOAT and first is not None and cast_to(first) == HALF
+                and types.get(first.input[0]) == FLOAT):
+            replace[node.output[0]] = first.input[0]
+    outputs = {o.name for o in graph.output}
+    replace = {k: v for k, v in replace.items() if k not in outputs}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    # drop the Casts nobody reads any more
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    return len(replace)
+
+
 def convert_fp16(artifacts, out_dir) -> dict:
     """Copy `artifacts` to `out_dir` with every graph in float16 inside, float32 at the
     inputs and outputs; returns the new manifest."""
@@ -343,13 +433,20 @@ def convert_fp16(artifacts, out_dir) -> dict:
                          f"artifacts")
     tmp = _staging(out_dir)
     try:
-        converted = {}
+        converted, kept = {}, {}
         for role in manifest["graphs"]:
             model = onnx.load(str(src / manifest["graphs"][role]))
             block = list(DEFAULT_OP_BLOCK_LIST) + ([] if role.startswith("infer")
                                                    else list(FP16_KEEP_FLOAT32))
+            path, meet = adapted_nodes(model)
+            if len({n.name for n in model.graph.node}) != len(model.graph.node):
+                raise GrataError(f"{manifest['graphs'][role]}: node names are not unique; "
+                                 f"export again")
+            kept[role] = len(path) + len(meet)
             converted[role] = convert_float_to_float16(
-                model, keep_io_types=True, op_block_list=block)
+                model, keep_io_types=True, op_block_list=block,
+                node_block_list=path + meet)
+            drop_round_trips(converted[role])
         weights = "weights.bin"
         _shared_weights(converted, tmp, weights)
         fields = _manifest_fields(manifest)
@@ -362,6 +459,8 @@ def convert_fp16(artifacts, out_dir) -> dict:
         fields["weights"] = weights
         fields["precision"] = {role: "fp16" for role in fields["graphs"]}
         fields["fp16"] = {"io": "float32", "kept_float32_ops": list(FP16_KEEP_FLOAT32),
+                          "kept_float32_adapted_nodes": kept,
+                          "adapted_inputs": list(ADAPTED_INPUTS),
                           "source_manifest_sha256": manifest["manifest_sha256"]}
         result = write_manifest(tmp, fields)
         _publish(tmp, out_dir)

@@ -183,3 +183,46 @@ def test_fp16_artifacts_run_and_agree(setup, tmp_path):
     assert g16.dtype == np.float32
     cos = float(g32 @ g16 / (np.linalg.norm(g32) * np.linalg.norm(g16)))
     assert cos > 0.99
+
+
+def test_fp16_graphs_follow_a_theta_step_of_1e5(setup, tmp_path):
+    """A gamma of about 1 has a float16 spacing of about 1e-3: were theta rounded to
+    float16 anywhere on its way to the normalisation, Adam steps of 1e-5 would vanish.
+    gamma values exactly representable in float16, moved by 1e-5, must move the output."""
+    from grata.calibration.quantize import ADAPTED_INPUTS, adapted_nodes
+    m = convert_fp16(setup / "fp32", tmp_path / "fp16")
+    assert m["fp16"]["adapted_inputs"] == list(ADAPTED_INPUTS)
+    half = OrtEngine(tmp_path / "fp16", threads=1)
+    x = half.to_input(load_image(list_images(setup / "data" / TARGET_DOMAINS[0])[0], SIZE))
+    gamma = np.abs(half.theta0) >= 0.5  # the BN scales (the shifts are small)
+    base = np.where(gamma, half.theta0.astype(np.float16).astype(np.float32), half.theta0)
+    moved = base + np.where(gamma, np.float32(1e-5), np.float32(0))
+    assert np.array_equal(moved.astype(np.float16), base.astype(np.float16))  # same in fp16
+    for role in ("infer", "infer_source"):  # InstanceNormalization, BatchNormalization
+        s = half.sessions[role]
+        a = s.run(["logits"], {"image": x, "theta": base.astype(np.float32)})[0]
+        b = s.run(["logits"], {"image": x, "theta": moved.astype(np.float32)})[0]
+        assert np.abs(a - b).max() > 0, role
+    # every node that reads theta stays float32 in the converted graphs: no Cast to
+    # float16 on theta's path
+    model = onnx.load(str(tmp_path / "fp16" / m["graphs"]["infer"]), load_external_data=False)
+    path, meet = adapted_nodes(model)
+    kinds = {n.name: n.op_type for n in model.graph.node}
+    assert {kinds[n] for n in path} == {"Slice"}
+    assert {kinds[n] for n in meet} == {"InstanceNormalization"}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.name in meet:
+            for name in node.input[1:]:
+                assert producer[name].op_type == "Slice" and producer[name].input[0] == "theta"
+
+
+def test_int8_graph_keeps_theta_and_its_arithmetic_float(setup):
+    _, manifest = _graph(setup / "int8")
+    model = onnx.load(str(setup / "int8" / manifest["graphs"]["infer"]),
+                      load_external_data=False)
+    from grata.calibration.quantize import adapted_nodes
+    path, meet = adapted_nodes(model)
+    kinds = {n.name: n.op_type for n in model.graph.node}
+    assert path and not {kinds[n] for n in path} & {"QuantizeLinear", "DequantizeLinear"}
+    assert {kinds[n] for n in meet} == {"InstanceNormalization"}
