@@ -24,17 +24,29 @@ from grata.models import bn_parameters, flatten_theta, norm_layers, set_norm_mod
 from grata.norm import NormSpec, stats_views
 
 
+def set_tf32(enabled: bool) -> None:
+    """TensorFloat-32 in torch's CUDA convolutions (cuDNN, on by default) and matrix
+    products: off unless asked for, so "fp32" on a GPU is float32. These are process-wide
+    switches; the legacy ones are used because they exist in every supported torch."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 class TorchEngine:
     """Adapts `model` in place; theta is a view of the model's BN parameters.
     Answers as `grata.engine.Engine` (`device` is "cpu" or "cuda", `torch_device` the
-    torch device)."""
+    torch device). On CUDA the convolutions run in float32 unless `tf32` (`set_tf32`)."""
 
     kind = "torch"
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None):
+    def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None,
+                 tf32: bool = False):
         self.torch_device = torch.device(device) if device is not None else next(
             model.parameters()).device
         self.device = self.torch_device.type
+        self.tf32 = bool(tf32) and self.device == "cuda"
+        if self.device == "cuda":
+            set_tf32(self.tf32)
         self.model = model.to(self.torch_device).eval()
         self.theta = flatten_theta(self.model)
         self.theta0 = self.theta.clone()

@@ -42,6 +42,7 @@ __all__ = [
     "grata_update",
     "kernel_source",
     "last_launch",
+    "release_stream",
 ]
 
 BLOCK = 256  # threads per block of the multi-block kernels (GRATA_BLOCK)
@@ -268,32 +269,63 @@ def _stream_handle(stream) -> int:
 
 
 def _core_stream(st: _DeviceState, handle: int):
+    """The cuda.core Stream of a raw handle, made once per handle (under the lock: two
+    threads on one new stream get one object)."""
     s = st.streams.get(handle)
-    if s is None:
-        core = _core()
-        if handle in (0, 1) and hasattr(core, "LEGACY_DEFAULT_STREAM"):
-            s = core.LEGACY_DEFAULT_STREAM
-        elif handle == 2 and hasattr(core, "PER_THREAD_DEFAULT_STREAM"):
-            s = core.PER_THREAD_DEFAULT_STREAM
-        else:
-            s = _core().Device(st.device_id).create_stream(_StreamHandle(handle))
-        st.streams[handle] = s
+    if s is not None:
+        return s
+    with _LOCK:
+        s = st.streams.get(handle)
+        if s is None:
+            core = _core()
+            if handle in (0, 1) and hasattr(core, "LEGACY_DEFAULT_STREAM"):
+                s = core.LEGACY_DEFAULT_STREAM
+            elif handle == 2 and hasattr(core, "PER_THREAD_DEFAULT_STREAM"):
+                s = core.PER_THREAD_DEFAULT_STREAM
+            else:
+                s = core.Device(st.device_id).create_stream(_StreamHandle(handle))
+            st.streams[handle] = s
     return s
 
 
 def _workspace(st: _DeviceState, handle: int, stream) -> int:
     """Device pointer of the workspace used on this stream (zeroed once, then kept
     consistent by the kernels). One per stream, so concurrent streams never share the
-    barrier counters."""
+    barrier counters; made under the lock, freed by `release_stream`."""
     ws = st.workspaces.get(handle)
-    if ws is None:
-        size = _WS_PARTIALS_OFFSET + 3 * 8 * max(st.max_coop_blocks, 1)
-        buf = _core().Device(st.device_id).allocate(size, stream=stream)
-        ptr = int(buf.handle)
-        _check_cu(_driver().cuMemsetD8Async(ptr, 0, size, handle))
-        ws = (buf, ptr)
-        st.workspaces[handle] = ws
+    if ws is not None:
+        return ws[1]
+    with _LOCK:
+        ws = st.workspaces.get(handle)
+        if ws is None:
+            size = _WS_PARTIALS_OFFSET + 3 * 8 * max(st.max_coop_blocks, 1)
+            buf = _core().Device(st.device_id).allocate(size, stream=stream)
+            ptr = int(buf.handle)
+            _check_cu(_driver().cuMemsetD8Async(ptr, 0, size, handle))
+            ws = (buf, ptr)
+            st.workspaces[handle] = ws
     return ws[1]
+
+
+def release_stream(stream, device_id: int | None = None) -> bool:
+    """Forget a stream before it is destroyed: its cached cuda.core Stream and its
+    workspace (freed after the work queued on the stream). A raw handle can be reused by
+    the driver for a new stream, which must not find the old one's workspace and barrier
+    counters. Returns whether anything was cached for it."""
+    handle = _stream_handle(stream)
+    found = False
+    with _LOCK:
+        states = [_STATES[device_id]] if device_id in _STATES else (
+            list(_STATES.values()) if device_id is None else [])
+        for st in states:
+            cstream = st.streams.pop(handle, None)
+            ws = st.workspaces.pop(handle, None)
+            if ws is not None:
+                if cstream is not None:
+                    cstream.sync()  # the kernels queued on it are done with the workspace
+                ws[0].close()
+            found = found or cstream is not None or ws is not None
+    return found
 
 
 # ---------------------------------------------------------------- device arrays

@@ -3,15 +3,26 @@
 theta, theta0, the moments (`zeros()`), the gradients and the losses are CuPy arrays. The
 graphs run through IOBinding: they read the image and theta from device memory and write
 grad / loss / logits into device buffers, and the update (`grata.kernels`) runs the fused
-CUDA kernel on the same buffers. onnxruntime computes on the engine's stream, which is also
-CuPy's current stream, so the kernel and the methods' in-place arithmetic (`theta -= g_a`)
-are queued behind the graphs; runs return without waiting for the device. Per image the
-host waits once (`all_finite`) and copies back only what it reads (`to_numpy`).
+CUDA kernel on the same buffers.
 
-Needs onnxruntime-gpu (not next to the CPU onnxruntime), CuPy for the driver's CUDA major
-version, the `gpu` extra for the kernel, and a CUDA device:
+One stream, the engine's own (`stream`, made with the engine, released by `close`):
 
-    pip install 'grata-edge[gpu]' onnxruntime-gpu cupy-cuda12x
+* onnxruntime computes on it: every session, the mixed-statistics ones opened later too,
+  is given it as ``user_compute_stream`` and checked to have taken it (its provider
+  options), else the engine refuses to start; runs return without a device sync
+  (``disable_synchronize_execution_providers``), which is safe only because of that;
+* CuPy's current stream is set to it on entry to every engine call, so the methods'
+  arithmetic (``theta -= g_a``) and the fused kernel, which launches on the stream its
+  CuPy arrays name (``__cuda_array_interface__``), queue behind the graphs that wrote the
+  gradients, and the next graph behind them.
+
+Per image the host waits once (`all_finite`) and copies back only what it reads
+(`to_numpy`). TensorFloat-32 is off in the CUDA provider unless `tf32`.
+
+Needs onnxruntime-gpu (not next to the CPU onnxruntime), CuPy, the `gpu` extra for the
+kernel, and a CUDA device:
+
+    pip install 'grata-edge[gpu,gpu-onnxruntime]'
 """
 
 from __future__ import annotations
@@ -25,20 +36,43 @@ from grata.errors import GrataError
 from grata.export.manifest import load_manifest
 from grata.kernels import adam_update
 from grata.runtime.engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
-from grata.runtime.ort_session import available_providers, engine_sessions, import_onnxruntime
+from grata.runtime.ort_session import (
+    available_providers,
+    cuda_options,
+    engine_sessions,
+    import_onnxruntime,
+)
 
 
 def cuda_provider_available() -> bool:
     return "CUDAExecutionProvider" in available_providers()
 
 
-def provider_options(stream_handle: int, device_id: int = 0) -> dict:
-    """CUDA execution provider options that make onnxruntime compute on `stream_handle`."""
-    return {"device_id": str(device_id), "user_compute_stream": str(int(stream_handle))}
+def provider_options(stream_handle: int, device_id: int = 0, tf32: bool = False) -> dict:
+    """CUDA execution provider options that make onnxruntime compute on `stream_handle`
+    (TF32 off unless `tf32`)."""
+    return cuda_options("tf32" if tf32 else "fp32", device_id=device_id,
+                        has_user_compute_stream=1, user_compute_stream=int(stream_handle))
 
 
-INSTALL = "pip install 'grata-edge[gpu]' onnxruntime-gpu cupy-cuda12x"
-_STREAMS: dict[int, Any] = {}  # one stream per device, shared by every engine on it
+def check_stream(role: str, session, stream_handle: int) -> None:
+    """A GrataError unless `session` runs on the CUDA provider with `stream_handle` as its
+    compute stream (what it reports in its provider options)."""
+    providers = session.get_providers()
+    if not providers or providers[0] != "CUDAExecutionProvider":
+        raise GrataError(f"onnxruntime could not start CUDAExecutionProvider for {role} (are "
+                         f"the CUDA and cuDNN libraries of onnxruntime-gpu installed?)")
+    opts = session.get_provider_options().get("CUDAExecutionProvider", {})
+    if str(opts.get("user_compute_stream")) != str(int(stream_handle)) or \
+            str(opts.get("has_user_compute_stream", "1")) not in ("1", "True", "true"):
+        raise GrataError(f"onnxruntime's CUDA provider does not compute {role} on the "
+                         f"engine's stream (user_compute_stream "
+                         f"{opts.get('user_compute_stream')!r}, expected {int(stream_handle)}); "
+                         f"this onnxruntime-gpu cannot run the CUDA engine")
+
+
+INSTALL = ("pip install 'grata-edge[gpu,gpu-onnxruntime]' (the gpu extra brings CuPy, "
+           "cupy-cuda12x)")
 
 
 class _Place(NamedTuple):
@@ -83,12 +117,10 @@ def _cuda_place(device_id: int, tf32: bool) -> _Place:
         raise GrataError(why)
     cp = _import_cupy()
     with cp.cuda.Device(device_id):
-        if device_id not in _STREAMS:
-            # Blocking: work a caller queues on the legacy default stream (another thread's
-            # CuPy) is still ordered with this stream.
-            _STREAMS[device_id] = cp.cuda.Stream(non_blocking=False)
-    stream = _STREAMS[device_id]
-    opts = {**provider_options(stream.ptr, device_id), "use_tf32": "1" if tf32 else "0"}
+        # The engine's own stream. Blocking: work a caller queues on the legacy default
+        # stream (another thread's CuPy) is still ordered with it.
+        stream = cp.cuda.Stream(non_blocking=False)
+    opts = provider_options(stream.ptr, device_id, tf32)
     return _Place(cp, "cuda", device_id, [("CUDAExecutionProvider", opts),
                                           "CPUExecutionProvider"], stream)
 
@@ -148,12 +180,8 @@ class CudaEngine(StreamStatistics):
         self.sessions = engine_sessions(self.folder, m, place.providers, threads,
                                         eager=[r for r in m["graphs"]
                                                if r not in MIXED.values()])
-        first = place.providers[0]
-        wanted = first if isinstance(first, str) else first[0]
         for role, s in self.sessions.opened().items():
-            if s.get_providers()[0] != wanted:
-                raise GrataError(f"onnxruntime could not start {wanted} for {role} (are the "
-                                 "CUDA and cuDNN libraries of onnxruntime-gpu installed?)")
+            self._check_session(role, s)
         self._run_options = ort.RunOptions()
         # No cudaStreamSynchronize at the end of each run: the next step is on the stream.
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -161,6 +189,11 @@ class CudaEngine(StreamStatistics):
         self._outputs = {}
         for role in ("entropy_grad", "consistency_grad"):
             self._bind_grad_outputs(role)
+
+    def _check_session(self, role: str, session) -> None:
+        """Every session computes on the engine's stream (see the module docstring)."""
+        if self._place.stream is not None:
+            check_stream(role, session, self._place.stream.ptr)
 
     def _bind_grad_outputs(self, role: str) -> None:
         p, xp = self._place, self.xp
@@ -175,7 +208,9 @@ class CudaEngine(StreamStatistics):
         statistics inputs it takes."""
         graph, spec = route(self, role, norm)
         if graph not in self._bindings:
-            self._bindings[graph] = self.sessions[graph].io_binding()
+            session = self.sessions[graph]  # opens it (the mixed graphs: on first use)
+            self._check_session(graph, session)
+            self._bindings[graph] = session.io_binding()
             if graph != "infer_mix":
                 self._bind_grad_outputs(graph)
             else:
@@ -198,7 +233,24 @@ class CudaEngine(StreamStatistics):
 
     @property
     def stream(self):
+        """The engine's stream: onnxruntime's, the kernel's and CuPy's (None on the host)."""
         return self._place.stream
+
+    def close(self) -> None:
+        """Release the sessions, then the stream (after the work queued on it) and what
+        the kernel cached for it."""
+        p = self._place
+        self._bindings, self._outputs = {}, {}
+        self.sessions = None
+        if p.stream is not None:
+            p.stream.synchronize()
+            try:
+                from grata.kernels.cuda_update import release_stream
+            except ImportError:  # no cuda-python: the kernel never cached the stream
+                release_stream = None
+            if release_stream is not None:
+                release_stream(p.stream.ptr, p.index)
+            self._place = p._replace(stream=None)
 
     # array helpers
     def to_input(self, image):
@@ -213,17 +265,20 @@ class CudaEngine(StreamStatistics):
         return x.get() if hasattr(x, "__cuda_array_interface__") else np.asarray(x)
 
     def zeros(self):
+        self._enter()
         return self.xp.zeros_like(self.theta)
 
-    @staticmethod
-    def copy(a):
+    def copy(self, a):
+        self._enter()
         return a.copy()
 
     def assign(self, dst, src) -> None:
+        self._enter()
         dst[...] = self.xp.asarray(src)
 
     def all_finite(self, *arrays) -> bool:
         """One check (one device sync) over every array and scalar given."""
+        self._enter()
         xp = self.xp
         flags = [xp.isfinite(xp.asarray(a.array if isinstance(a, _DeviceScalar) else a)).all()
                  for a in arrays]
@@ -231,6 +286,7 @@ class CudaEngine(StreamStatistics):
 
     def scalar(self):
         """A device float32 scalar for cos (None on the host, like `OrtEngine`)."""
+        self._enter()
         return _DeviceScalar(self.xp) if self._place.stream is not None else None
 
     # the three questions

@@ -146,13 +146,36 @@ def session_options(threads: int | None = None):
     return opts
 
 
+# What a CUDA provider computes float32 work in: onnxruntime's CUDA provider may use
+# TensorFloat-32 (10-bit mantissa) in its convolutions and matrix products when
+# `use_tf32` is unset, so "fp32" sets it to "0" and only "tf32" turns it on.
+COMPUTE_PRECISIONS = ("fp32", "tf32", "fp16", "int8")
+
+
+def cuda_options(precision: str = "fp32", **extra) -> dict:
+    """CUDA execution provider options for `precision`: TF32 only when it is "tf32"."""
+    return {**{k: str(v) for k, v in extra.items()},
+            "use_tf32": "1" if precision == "tf32" else "0"}
+
+
 def provider_list(device: str, precision: str = "fp32", cache_dir: Path | None = None) -> list:
     """onnxruntime providers (with options) for a device and precision; checks that this
-    onnxruntime has the first one."""
+    onnxruntime has the first one. The CUDA provider always gets explicit options
+    (`cuda_options`): TF32 off unless `precision` is "tf32", which needs a GPU device."""
     if device not in PROVIDERS:
         raise GrataError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
+    if precision not in COMPUTE_PRECISIONS:
+        raise GrataError(f"unknown precision {precision!r}; choose from "
+                         f"{', '.join(COMPUTE_PRECISIONS)}")
+    if precision == "tf32" and device == "cpu":
+        raise GrataError("precision 'tf32' is a GPU math mode; use --device cuda (or fp32)")
     providers: list = list(PROVIDERS[device])
+    if "CUDAExecutionProvider" in providers:
+        i = providers.index("CUDAExecutionProvider")
+        providers[i] = ("CUDAExecutionProvider", cuda_options(precision))
     if device == "tensorrt":
+        # The TensorRT provider has no TF32 switch of its own; its float32 layers follow
+        # TensorRT's builder default (grata.runtime.tensorrt clears TF32 for fp32).
         opts = {"trt_fp16_enable": precision in ("fp16", "int8"),
                 "trt_int8_enable": precision == "int8"}
         if cache_dir is not None:
@@ -343,7 +366,7 @@ def engine_sessions(folder: Path, manifest: dict, providers=("CPUExecutionProvid
     return sessions
 
 
-__all__ = ["EAGER_ROLES", "ENGINE_DEFAULTS", "PROVIDERS", "TUNING", "EngineSessions",
-           "available_providers", "default_threads", "engine_sessions", "import_onnxruntime",
-           "physical_cores", "provider_list", "session_options", "shared_weights",
-           "tuned_options"]
+__all__ = ["COMPUTE_PRECISIONS", "EAGER_ROLES", "ENGINE_DEFAULTS", "PROVIDERS", "TUNING",
+           "EngineSessions", "available_providers", "cuda_options", "default_threads",
+           "engine_sessions", "import_onnxruntime", "physical_cores", "provider_list",
+           "session_options", "shared_weights", "tuned_options"]

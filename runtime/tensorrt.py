@@ -23,13 +23,26 @@ not needed and not implemented.
 
 Precision
 ---------
-``fp16`` (default) sets ``BuilderFlag.FP16`` and pins the normalisation layers to fp32
-(``ILayer.precision`` with ``BuilderFlag.PREFER_PRECISION_CONSTRAINTS``): their
-per-image mean and variance are sums over up to 256x256 positions. ``fp32`` sets no
-flag. ``int8`` adds ``BuilderFlag.INT8`` with an entropy calibrator
-(``IInt8EntropyCalibrator2``) over caller-given images at the source theta; TensorRT 10
-deprecates this implicit quantisation. TensorRT 11 removes ``BuilderFlag.FP16``/``INT8``
-(strong typing only): there only ``fp32`` builds, and fp16/int8 are refused in one line.
+``fp32`` is float32 everywhere: ``BuilderFlag.TF32``, on by default in TensorRT, is
+cleared. ``tf32`` sets it (convolutions in TensorFloat-32), only when asked by name.
+``fp16`` sets ``BuilderFlag.FP16`` and pins to fp32 (``ILayer.precision`` and the output
+types, with ``BuilderFlag.PREFER_PRECISION_CONSTRAINTS``) every layer that reads the
+adapted inputs (theta, and the statistics of the mixed graphs): the slices, reshapes and
+arithmetic that turn theta into scales and shifts, and the layers where those meet the
+activations (the normalisation layers, or the element-wise scale and shift the ONNX
+importer makes of a BatchNormalization fed by theta). In float16 a gamma of about 1 has a
+spacing of about 1e-3 and Adam steps of 1e-5 would be rounded away; the normalisation's
+per-image mean and variance are also sums over up to 256x256 positions. ``int8`` adds
+``BuilderFlag.INT8`` with an entropy calibrator (``IInt8EntropyCalibrator2``) over
+caller-given images at the source theta (the same pinning); TensorRT 10 deprecates this
+implicit quantisation.
+
+The default precision is a documented choice per TensorRT build (`default_precision`):
+``fp16`` where the builder has ``BuilderFlag.FP16`` (TensorRT 10), ``fp32`` on a strongly
+typed TensorRT without it (TensorRT 11, PyPI's newest), where a network computes in the
+types of its ONNX graph. The precision built is the predictor's ``precision`` and goes
+into every record; asking for fp16 or int8 on such a build is refused in one line, never
+served in fp32 instead.
 
 Engine cache
 ------------
@@ -41,7 +54,9 @@ every field and its digest match and TensorRT deserialises it, otherwise it is r
 and replaced (engine first, sidecar last, each written to a temp file and renamed).
 
 Device buffers come from cuda-python (``cuda.bindings.runtime`` or ``cuda.cudart``) or,
-failing that, a CUDA build of torch.
+failing that, a CUDA build of torch. Given a `stream` (the adapting engine's), the
+predictor runs on it and takes device arrays (``__cuda_array_interface__``) for the image
+and theta by address: nothing is copied, and the engine's update is ordered before it.
 
 TensorRT Python API used (10.x), and where:
   trt.__version__, trt.Logger(trt.Logger.WARNING)                     import_tensorrt, build
@@ -49,11 +64,14 @@ TensorRT Python API used (10.x), and where:
   trt.OnnxParser(network, logger); parser.set_flag(
       trt.OnnxParserFlag.NATIVE_INSTANCENORM); parser.parse_from_file(path) -> bool;
       parser.num_errors; parser.get_error(i).desc()                   build_engine
-  network.num_layers; network.get_layer(i); layer.type == trt.LayerType.NORMALIZATION;
-      layer.precision = trt.float32; layer.set_output_type(0, trt.float32)   build_engine
+  network.num_inputs; network.get_input(i).name; network.num_layers; network.get_layer(i);
+      layer.type (trt.LayerType.CONSTANT); layer.num_inputs; layer.get_input(j) -> ITensor
+      | None; layer.num_outputs; layer.get_output(j); tensor.name; tensor.dtype;
+      layer.precision = trt.float32; layer.set_output_type(j, trt.float32)   pin_adapted
   builder.create_builder_config(); config.set_memory_pool_limit(
-      trt.MemoryPoolType.WORKSPACE, n); config.set_flag(trt.BuilderFlag.FP16 | INT8 |
-      PREFER_PRECISION_CONSTRAINTS); config.int8_calibrator = calibrator   build_engine
+      trt.MemoryPoolType.WORKSPACE, n); config.set_flag(trt.BuilderFlag.FP16 | INT8 | TF32 |
+      PREFER_PRECISION_CONSTRAINTS); config.clear_flag(trt.BuilderFlag.TF32);
+      config.int8_calibrator = calibrator                                build_engine
   trt.IInt8EntropyCalibrator2: get_batch_size(), get_batch(names) -> [int] | None,
       read_calibration_cache() -> None, write_calibration_cache(cache)    _calibrator
   builder.build_serialized_network(network, config) -> IHostMemory | None   build_engine
@@ -79,11 +97,14 @@ from grata.atomic import write_atomic
 from grata.defaults import cache_dir
 from grata.digest import bytes_sha256 as _sha256
 from grata.errors import GrataError
-from grata.export.manifest import PRECISIONS
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: TF32 cleared at fp32, adapted-input layers pinned at fp16/int8
 WORKSPACE_BYTES = 1 << 30
 MIN_MAJOR = 10
+PRECISIONS = ("fp32", "tf32", "fp16", "int8")
+# network inputs that adaptation changes between images: every layer reading them stays
+# float32 in a reduced-precision engine
+ADAPTED_INPUTS = ("theta", "stats", "alpha")
 
 
 def import_tensorrt() -> Any:
@@ -105,6 +126,33 @@ def import_tensorrt() -> Any:
         raise GrataError(f"predictor 'tensorrt' needs TensorRT {MIN_MAJOR} or newer "
                          f"(found {trt.__version__})")
     return trt
+
+
+def has_reduced_precision(trt: Any) -> bool:
+    """Whether this TensorRT builds FP16 engines from float32 graphs (TensorRT 10); a
+    strongly typed build (TensorRT 11) has no ``BuilderFlag.FP16``."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+def default_precision(trt: Any) -> str:
+    """The precision built when none is asked for: fp16 where the builder has the FP16
+    flag, fp32 on a strongly typed TensorRT (see the module docstring)."""
+    return "fp16" if has_reduced_precision(trt) else "fp32"
+
+
+def check_precision(trt: Any, precision: str) -> None:
+    """A one-line GrataError when this TensorRT cannot build `precision`."""
+    if precision not in PRECISIONS:
+        raise GrataError(f"unknown precision {precision!r}; choose from "
+                         f"{', '.join(PRECISIONS)}")
+    flags = {"fp16": ("FP16", "PREFER_PRECISION_CONSTRAINTS"),
+             "int8": ("FP16", "INT8", "PREFER_PRECISION_CONSTRAINTS"),
+             "tf32": ("TF32",)}.get(precision, ())
+    missing = [f for f in flags if not hasattr(trt.BuilderFlag, f)]
+    if missing:
+        raise GrataError(f"TensorRT {trt.__version__} has no BuilderFlag.{missing[0]} "
+                         f"(strongly typed): it does not build {precision} from these "
+                         f"float32 graphs; its default here is fp32 (--precision fp32)")
 
 
 # ----------------------------------------------------------------------- engine cache
@@ -180,6 +228,22 @@ class _Buffer:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
 
+def cuda_array(a, shape: tuple[int, ...], name: str) -> int | None:
+    """The device address of `a` when it is a float32 C-contiguous device array of
+    `shape` (``__cuda_array_interface__``), None for a host array; GrataError otherwise."""
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:
+        return None
+    if tuple(cai["shape"]) != tuple(shape) or cai["typestr"] not in ("<f4", "=f4", "|f4"):
+        raise GrataError(f"predict takes {name} as float32 {'x'.join(map(str, shape))}, "
+                         f"not {cai['typestr']} {tuple(cai['shape'])}")
+    strides = cai.get("strides")
+    if strides is not None and tuple(strides) != tuple(
+            int(np.prod(shape[k + 1:])) * 4 for k in range(len(shape))):
+        raise GrataError(f"predict takes a contiguous {name}")
+    return int(cai["data"][0])
+
+
 class _CudartDevice:
     """Buffers and one stream through cuda-python's runtime bindings."""
 
@@ -202,29 +266,34 @@ class _CudartDevice:
                              f"visible?")
         return rest[0] if len(rest) == 1 else None
 
+    def _on(self, stream: int | None):
+        if stream is None or int(stream) == self.stream_handle:
+            return self._stream
+        return self.rt.cudaStream_t(int(stream))
+
     def alloc(self, shape: tuple[int, ...], dtype=np.float32) -> _Buffer:
         buf = _Buffer(0, tuple(shape), dtype)
         buf.ptr = int(self._ok(self.rt.cudaMalloc(buf.nbytes), "cudaMalloc"))
         self._owned.append(buf.ptr)
         return buf
 
-    def upload(self, buf: _Buffer, host: np.ndarray) -> None:
+    def upload(self, buf: _Buffer, host: np.ndarray, stream: int | None = None) -> None:
         host = np.ascontiguousarray(host, dtype=buf.dtype)
         self._ok(self.rt.cudaMemcpyAsync(buf.ptr, host.ctypes.data, buf.nbytes,
                                          self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                         self._stream), "cudaMemcpyAsync")
+                                         self._on(stream)), "cudaMemcpyAsync")
         # pageable host memory: the copy has read `host` when the call returns
 
-    def download(self, buf: _Buffer) -> np.ndarray:
+    def download(self, buf: _Buffer, stream: int | None = None) -> np.ndarray:
         host = np.empty(buf.shape, buf.dtype)
         self._ok(self.rt.cudaMemcpyAsync(host.ctypes.data, buf.ptr, buf.nbytes,
                                          self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                                         self._stream), "cudaMemcpyAsync")
-        self.synchronize()
+                                         self._on(stream)), "cudaMemcpyAsync")
+        self.synchronize(stream)
         return host
 
-    def synchronize(self) -> None:
-        self._ok(self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+    def synchronize(self, stream: int | None = None) -> None:
+        self._ok(self.rt.cudaStreamSynchronize(self._on(stream)), "cudaStreamSynchronize")
 
     def close(self) -> None:
         for ptr in self._owned:
@@ -246,24 +315,29 @@ class _TorchDevice:
         self._stream = torch.cuda.Stream(device=self.device)
         self.stream_handle = int(self._stream.cuda_stream)
 
+    def _on(self, stream: int | None):
+        if stream is None or int(stream) == self.stream_handle:
+            return self._stream
+        return self.torch.cuda.ExternalStream(int(stream), device=self.device)
+
     def alloc(self, shape: tuple[int, ...], dtype=np.float32) -> _Buffer:
         if np.dtype(dtype) != np.float32:
             raise GrataError("only float32 device buffers are used")
         t = self.torch.empty(tuple(shape), dtype=self.torch.float32, device=self.device)
         return _Buffer(t.data_ptr(), tuple(shape), dtype, owner=t)
 
-    def upload(self, buf: _Buffer, host: np.ndarray) -> None:
+    def upload(self, buf: _Buffer, host: np.ndarray, stream: int | None = None) -> None:
         src = self.torch.from_numpy(np.ascontiguousarray(host, dtype=buf.dtype))
-        with self.torch.cuda.stream(self._stream):
+        with self.torch.cuda.stream(self._on(stream)):
             buf.owner.copy_(src.reshape(buf.shape))
 
-    def download(self, buf: _Buffer) -> np.ndarray:
-        with self.torch.cuda.stream(self._stream):
+    def download(self, buf: _Buffer, stream: int | None = None) -> np.ndarray:
+        with self.torch.cuda.stream(self._on(stream)):
             host = buf.owner.cpu()  # waits for the work queued on the stream
         return host.numpy()
 
-    def synchronize(self) -> None:
-        self._stream.synchronize()
+    def synchronize(self, stream: int | None = None) -> None:
+        self._on(stream).synchronize()
 
     def close(self) -> None:
         pass
@@ -328,6 +402,80 @@ def _calibrator(trt: Any, device, images: Sequence[np.ndarray], theta0: np.ndarr
     return Calibrator()
 
 
+def _is_float(trt: Any, tensor) -> bool:
+    return tensor.dtype in (trt.float32, trt.float16)
+
+
+def adapted_layers(trt: Any, network) -> tuple[list, list]:
+    """(path, meet): the layers of `network` that read an adapted input (`ADAPTED_INPUTS`).
+
+    `path` computes from adapted inputs and constants only (theta's slices, reshapes,
+    the arithmetic of a scale and shift); `meet` is where such a tensor meets an
+    activation (a normalisation, an element-wise scale or shift). Constants are the
+    constant layers and what is computed from them alone; integer tensors (shapes,
+    indices) are never activations but make nothing constant. Layers come in the
+    network's (topological) order."""
+    adapted = {network.get_input(i).name for i in range(network.num_inputs)
+               if network.get_input(i).name in ADAPTED_INPUTS}
+    const: set[str] = set()
+    path, meet = [], []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        ins = [layer.get_input(j) for j in range(layer.num_inputs)]
+        ins = [t for t in ins if t is not None]
+        outs = [layer.get_output(j).name for j in range(layer.num_outputs)]
+        reads = [t for t in ins if t.name in adapted]
+        activations = [t for t in ins if t.name not in adapted and t.name not in const
+                       and _is_float(trt, t)]
+        if not reads:
+            if all(t.name in const for t in ins):
+                const.update(outs)  # constants and what is computed from them alone
+            continue
+        if activations:
+            meet.append(layer)
+        else:
+            path.append(layer)
+            adapted.update(outs)
+    return path, meet
+
+
+def pin_adapted(trt: Any, network) -> list:
+    """Run every layer that reads an adapted input in float32 (its precision and its
+    float outputs); returns the pinned layers. Normalisation layers are pinned too."""
+    path, meet = adapted_layers(trt, network)
+    pinned = path + meet
+    seen = {id(layer) for layer in pinned}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.NORMALIZATION and id(layer) not in seen:
+            pinned.append(layer)
+    for layer in pinned:
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if _is_float(trt, layer.get_output(j)):
+                layer.set_output_type(j, trt.float32)
+    return pinned
+
+
+def configure_precision(trt: Any, config, network, precision: str, calibrator=None) -> None:
+    """The builder flags of `precision` (see the module docstring)."""
+    check_precision(trt, precision)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        if precision == "tf32":
+            config.set_flag(trt.BuilderFlag.TF32)
+        else:  # on by default in TensorRT: "fp32" means no TensorFloat-32 anywhere
+            config.clear_flag(trt.BuilderFlag.TF32)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        pin_adapted(trt, network)
+        if precision == "int8":
+            if calibrator is None:
+                raise GrataError("--precision int8 needs calibration images")
+            config.set_flag(trt.BuilderFlag.INT8)
+            config.int8_calibrator = calibrator
+
+
 def build_engine(trt: Any, onnx_path: Path, precision: str, *, calibrator=None) -> bytes:
     """Parse `onnx_path` (its external weights beside it) and build a serialized engine."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -342,25 +490,7 @@ def build_engine(trt: Any, onnx_path: Path, precision: str, *, calibrator=None) 
                          f"{' '.join(errors.split())[:300] or 'no detail'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if precision in ("fp16", "int8"):
-        needed = ("FP16", "PREFER_PRECISION_CONSTRAINTS") + (("INT8",) if precision == "int8"
-                                                             else ())
-        missing = [f for f in needed if not hasattr(trt.BuilderFlag, f)]
-        if missing:
-            raise GrataError(f"TensorRT {trt.__version__} has no BuilderFlag.{missing[0]} "
-                             f"(removed in TensorRT 11); use --precision fp32")
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                layer.precision = trt.float32
-                layer.set_output_type(0, trt.float32)
-        if precision == "int8":
-            if calibrator is None:
-                raise GrataError("--precision int8 needs calibration images")
-            config.set_flag(trt.BuilderFlag.INT8)
-            config.int8_calibrator = calibrator
+    configure_precision(trt, config, network, precision, calibrator)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise GrataError(f"TensorRT could not build an engine from {onnx_path.name} "
@@ -379,24 +509,39 @@ def calibration_digest(images: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def stream_handle(stream) -> int | None:
+    """The raw CUDA stream handle of a CuPy / torch / cuda.core stream or an int."""
+    if stream is None:
+        return None
+    for attr in ("ptr", "cuda_stream", "handle"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    return int(stream)
+
+
 class TensorRTPredictor:
     """``predict(image, theta) -> logits`` on a TensorRT engine of the ``infer`` graph.
 
     The engine comes from the cache or is built (and cached) once; ``built`` says which.
-    ``predict`` copies the image and theta to the device, runs ``execute_async_v3`` on
-    the predictor's stream and copies the logits back.
+    ``predict`` takes host arrays (copied to the device) or device arrays (bound by
+    address, no copy), runs ``execute_async_v3`` on the predictor's stream (`stream`: the
+    adapting engine's, so its update is ordered before; else one of its own) and copies
+    the logits back. `precision` None is `default_precision` of this TensorRT.
     """
 
     name = "tensorrt"
 
-    def __init__(self, artifacts, *, precision: str = "fp16", graph: str = "infer",
+    def __init__(self, artifacts, *, precision: str | None = None, graph: str = "infer",
                  cache_dir=None, calibration: Sequence[np.ndarray] | None = None,
-                 verify: bool = True):
+                 verify: bool = True, stream=None):
         from grata.export.manifest import load_manifest
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise GrataError(f"unknown precision {precision!r}; choose from "
                              f"{', '.join(PRECISIONS)}")
         trt = import_tensorrt()
+        asked = precision
+        precision = precision or default_precision(trt)
+        check_precision(trt, precision)
         folder = Path(artifacts)
         manifest = load_manifest(folder, verify=verify)
         if graph not in manifest["graphs"]:
@@ -404,6 +549,7 @@ class TensorRTPredictor:
         self.size, self.n_theta = int(manifest["size"]), int(manifest["n_theta"])
         self.precision = precision
         self.device = open_device()
+        self.stream_handle = stream_handle(stream) or self.device.stream_handle
         calib = list(calibration or []) if precision == "int8" else []
         if precision == "int8" and not calib:
             raise GrataError("--precision int8 needs calibration images (--calibration DIR)")
@@ -430,37 +576,51 @@ class TensorRTPredictor:
                 raise GrataError("TensorRT cannot deserialize the engine it just built")
         self._runtime, self._engine = runtime, engine
         self._context = engine.create_execution_context()
-        shapes = {"image": (1, 3, self.size, self.size), "theta": (self.n_theta,),
-                  "logits": (1, 2, self.size, self.size)}
+        self.shapes = {"image": (1, 3, self.size, self.size), "theta": (self.n_theta,),
+                       "logits": (1, 2, self.size, self.size)}
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        if names != set(shapes):
+        if names != set(self.shapes):
             raise GrataError(f"TensorRT engine has I/O {sorted(names)}; expected "
-                             f"{sorted(shapes)}")
+                             f"{sorted(self.shapes)}")
         self._buffers = {}
-        for name, shape in shapes.items():
+        self._bound: dict[str, int] = {}
+        for name, shape in self.shapes.items():
             mode = trt.TensorIOMode.OUTPUT if name == "logits" else trt.TensorIOMode.INPUT
             if (engine.get_tensor_mode(name) != mode
                     or tuple(engine.get_tensor_shape(name)) != shape
                     or engine.get_tensor_dtype(name) != trt.float32):
                 raise GrataError(f"TensorRT engine tensor {name!r} is not a float32 "
                                  f"{'x'.join(map(str, shape))} {mode}")
-            buf = self.device.alloc(shape)
-            if not self._context.set_tensor_address(name, buf.ptr):
-                raise GrataError(f"TensorRT refused the address of tensor {name!r}")
-            self._buffers[name] = buf
-        self.detail = f"TensorRT {trt.__version__} {precision} on {self.device.name}"
+            self._buffers[name] = self.device.alloc(shape)
+            self._bind(name, self._buffers[name].ptr)
+        note = "" if asked else " (this TensorRT's default)"
+        self.detail = f"TensorRT {trt.__version__} {precision}{note} on {self.device.name}"
 
-    def predict(self, image: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(image, dtype=np.float32)
-        t = np.ascontiguousarray(theta, dtype=np.float32)
-        if x.shape != (1, 3, self.size, self.size) or t.shape != (self.n_theta,):
-            raise GrataError(f"predict takes image 1x3x{self.size}x{self.size} and theta "
-                             f"[{self.n_theta}], not {x.shape} and {t.shape}")
-        self.device.upload(self._buffers["image"], x)
-        self.device.upload(self._buffers["theta"], t)
-        if not self._context.execute_async_v3(self.device.stream_handle):
+    def _bind(self, name: str, ptr: int) -> None:
+        if self._bound.get(name) != ptr:
+            if not self._context.set_tensor_address(name, ptr):
+                raise GrataError(f"TensorRT refused the address of tensor {name!r}")
+            self._bound[name] = ptr
+
+    def _input(self, name: str, a) -> None:
+        """Bind input `name`: a device array by its address, a host one through a copy."""
+        ptr = cuda_array(a, self.shapes[name], name)
+        if ptr is None:
+            host = np.ascontiguousarray(a, dtype=np.float32)
+            if host.shape != self.shapes[name]:
+                raise GrataError(f"predict takes image 1x3x{self.size}x{self.size} and "
+                                 f"theta [{self.n_theta}], not {name} {host.shape}")
+            buf = self._buffers[name]
+            self.device.upload(buf, host, self.stream_handle)
+            ptr = buf.ptr
+        self._bind(name, ptr)
+
+    def predict(self, image, theta) -> np.ndarray:
+        self._input("image", image)
+        self._input("theta", theta)
+        if not self._context.execute_async_v3(self.stream_handle):
             raise GrataError("TensorRT execute_async_v3 failed; see its log")
-        return self.device.download(self._buffers["logits"])
+        return self.device.download(self._buffers["logits"], self.stream_handle)
 
     def close(self) -> None:
         self._context = None
@@ -468,6 +628,8 @@ class TensorRTPredictor:
         self.device.close()
 
 
-__all__ = ["PRECISIONS", "EngineCache", "TensorRTPredictor", "build_engine",
-           "calibration_digest", "default_cache_dir", "engine_fields", "import_tensorrt",
-           "open_device"]
+__all__ = ["ADAPTED_INPUTS", "PRECISIONS", "EngineCache", "TensorRTPredictor",
+           "adapted_layers", "build_engine", "calibration_digest", "check_precision",
+           "configure_precision", "cuda_array", "default_cache_dir", "default_precision",
+           "engine_fields", "has_reduced_precision", "import_tensorrt", "open_device",
+           "pin_adapted", "stream_handle"]

@@ -9,10 +9,9 @@ import threading
 from pathlib import Path
 
 from grata.product import PRODUCT_NORM, SERVE_METHOD
-from grata.export.manifest import PRECISIONS
 from grata.runtime.adaptive import DEFAULT_MAX_DRIFT
 from grata.runtime.inbox import DEFAULT_STABLE_S
-from grata.runtime.predictors import ORT_DEVICES, PREDICTORS
+from grata.runtime.predictors import ORT_DEVICES, PREDICTORS, SERVE_PRECISIONS
 from grata.cli.common import (
     add_alias,
     add_hyperparameters,
@@ -66,10 +65,12 @@ def register(subparsers) -> dict:
                    "onnxruntime (default auto)")
     add_alias(s, "--backend", "predictor", choices=PREDICTORS)
     s.add_argument("--device", default="auto", choices=ORT_DEVICES,
-                   help="onnxruntime provider for adapting (and the onnxruntime predictor); "
-                   "auto: cuda where available, else cpu")
-    s.add_argument("--precision", choices=PRECISIONS,
-                   help="TensorRT precision (default fp16); onnxruntime serves fp32")
+                   help="where to adapt (and the onnxruntime predictor): cuda keeps theta on "
+                   "the GPU with the fused update; auto: cuda where it can run, else cpu")
+    s.add_argument("--precision", choices=SERVE_PRECISIONS,
+                   help="what the predictor computes in: fp32 (no TF32), tf32 (asked by "
+                   "name), fp16, int8 (TensorRT); default: TensorRT's fp16 where its "
+                   "builder has FP16, else fp32; onnxruntime serves fp32")
     s.add_argument("--calibration", type=Path, help="folder of images for --precision int8")
     s.add_argument("--state", type=Path, help="state folder (default OUTBOX/.state)")
     s.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
