@@ -57,7 +57,8 @@ from grata.digest import array_sha256
 from grata.errors import DataError, GrataError
 from grata.norm import NormSpec
 from grata.run_config import run_config
-from grata.runtime.engine import OrtEngine, route
+from grata.runtime.choose import open_engine
+from grata.runtime.engine import route
 from grata.runtime.predictors import GRAPHS, make_predictor, resolve_ort_device
 
 STATE_FILE = "state.npz"
@@ -108,11 +109,11 @@ class EnginePredictor:
     def predict(self, image: np.ndarray, theta: np.ndarray) -> np.ndarray:
         e = self.engine
         if theta is e.theta:
-            return e.infer(image, norm=self.norm)
+            return e.to_numpy(e.infer(image, norm=self.norm))
         saved = e.copy(e.theta)
         e.assign(e.theta, theta)
         try:
-            return e.infer(image, norm=self.norm)
+            return e.to_numpy(e.infer(image, norm=self.norm))
         finally:
             e.assign(e.theta, saved)
 
@@ -187,8 +188,9 @@ class AdaptiveModel:
             self._lock()
         try:
             ort_device = resolve_ort_device(device)
-            self.engine = OrtEngine(artifacts, device=ort_device, threads=threads,
-                                    verify=verify)
+            # on cuda: theta, moments and gradients stay on the GPU (the fused update)
+            self.engine = open_engine(artifacts, device=ort_device, threads=threads,
+                                      verify=verify)
             self.size = self.engine.size
             self.method = create(self.spec.method, self.engine, norm=self.spec.norm,
                                  seed=seed, **hyperparameters)
@@ -208,8 +210,9 @@ class AdaptiveModel:
                 self.predictor = make_predictor(
                     predictor, artifacts, graph=graph, device=ort_device, threads=threads,
                     precision=precision, session=self.engine.sessions.get(graph),
-                    cache_dir=cache_dir, calibration=calibration, verify=False)
-            self.source_sha256 = array_sha256(self.engine.theta0)
+                    cache_dir=cache_dir, calibration=calibration, verify=False,
+                    engine=self.engine)
+            self.source_sha256 = array_sha256(self.engine.to_numpy(self.engine.theta0))
             self.config = run_config(
                 artifacts=self.engine.manifest, seed=seed, size=self.size,
                 engine=self.engine.kind, device=ort_device,
@@ -241,7 +244,8 @@ class AdaptiveModel:
 
     @property
     def drift(self) -> float:
-        return relative_drift(self.engine.theta, self.engine.theta0)
+        e = self.engine
+        return relative_drift(e.to_numpy(e.theta), e.to_numpy(e.theta0))
 
     def describe(self) -> str:
         p = self.predictor
@@ -295,7 +299,7 @@ class AdaptiveModel:
             logits, decision = self._judge(x, logits, self.gate)
             t_gate = time.perf_counter() - t3
         if m.norm.kind == "ema":
-            self._stats_prev = e.norm_state()
+            self._stats_prev = e.copy(e.stats)  # on the engine: no host sync for it
             m.update_stream()  # after the prediction: the estimate moves to this image
         self.n_images += 1
         self.last_key = key or name
@@ -316,9 +320,9 @@ class AdaptiveModel:
         e = self.engine
         # the view passes overwrite the image statistics a stream rule moves to
         img_stats = e.copy(e.img_stats) if self.method.norm.kind == "ema" else None
-        chosen, _, _, decision = gated_predict(
-            gate, x, lambda xh: np.asarray(self.predictor.predict(xh, e.theta)),
-            lambda xh: np.asarray(source_logits(e, xh)), adapted_logits=logits)
+        chosen, _, _, decision = gated_predict(  # the views are made on the host
+            gate, e.to_numpy(x), lambda xh: np.asarray(self.predictor.predict(xh, e.theta)),
+            lambda xh: e.to_numpy(source_logits(e, e.to_input(xh))), adapted_logits=logits)
         if img_stats is not None:
             e.assign(e.img_stats, img_stats)
         return chosen, decision
@@ -337,7 +341,7 @@ class AdaptiveModel:
         stream = self.method.norm.kind == "ema" and self._stats_prev is not None
         if stream:
             now = e.norm_state()
-            e.load_norm_state(self._stats_prev)
+            e.load_norm_state(e.to_numpy(self._stats_prev))
         try:
             logits = np.asarray(self.predictor.predict(x, e.theta))
             if not np.isfinite(logits).all():
@@ -376,7 +380,7 @@ class AdaptiveModel:
         back = {k: snap[k] for k in ("theta", "m", "v", "t")}
         action = "restored the last good theta, moments and step"
         if self.max_drift is not None and \
-                relative_drift(back["theta"], e.theta0) > self.max_drift:
+                relative_drift(back["theta"], e.to_numpy(e.theta0)) > self.max_drift:
             zeros = np.zeros_like(back["theta"])
             back = {"theta": e.to_numpy(e.theta0), "m": zeros, "v": zeros, "t": 0}
             action = "reset to the source theta (the last good one is beyond max_drift)"
@@ -508,7 +512,8 @@ class AdaptiveModel:
         if st.get("stats") is not None:  # ema: the stream statistics (and the last image's)
             arrays["stats"] = st["stats"]
             if self._stats_prev is not None:
-                arrays["stats_prev"] = np.asarray(self._stats_prev, np.float32)
+                arrays["stats_prev"] = np.asarray(self.engine.to_numpy(self._stats_prev),
+                                                  np.float32)
         if self.gate is not None:
             arrays["gate"] = np.array(json.dumps(self.gate.state()))
         if good is not None:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from grata.kernels import cuda_update
 from grata.runtime import OrtEngine, cuda_engine, ort_session, predictors, tensorrt
-from grata.runtime.predictors import OrtPredictor, make_predictor
+from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.predictors import DevicePredictor, OrtPredictor, make_predictor
 
 from grata.errors import GrataError
 from grata.models import ResUnet
@@ -333,3 +334,136 @@ def test_kernel_stream_caches_are_locked_and_freed_with_the_stream(monkeypatch):
     assert s is not got[0][0] and cuda_update._workspace(st, 4242, s) == 0x5100
     assert memsets[-1] == (0x5100, 4242)
     assert not cuda_update.release_stream(9999, 0)
+
+
+# ------------------------------------------------------------------ 4. serve on cuda
+
+
+class FakeCudaEngine:
+    """`CudaEngine`'s interface over device arrays (`gpu_fakes.DeviceArray`), with the
+    graphs' numbers from the CPU engine; records every host read."""
+
+    kind, device = "onnx", "cuda"
+
+    def __init__(self, artifacts, device_id=0, threads=None, verify=True, tf32=False):
+        self.cpu = OrtEngine(artifacts, threads=threads, verify=verify)
+        self.stream = gpu_fakes.Stream(777)
+        self.folder, self.manifest = self.cpu.folder, self.cpu.manifest
+        self.size, self.layout, self.dtype = self.cpu.size, self.cpu.layout, np.float32
+        self.sessions = self.cpu.sessions
+        dev = self._dev
+        self.theta0, self.theta = dev(self.cpu.theta0), dev(self.cpu.theta0)
+        self.stats0 = None if self.cpu.stats0 is None else dev(self.cpu.stats0)
+        self.stats = None if self.stats0 is None else self.stats0.copy()
+        self.img_stats = None if self.stats0 is None else dev(np.zeros_like(self.cpu.stats0))
+        self.reads, self.graph_thetas = [], []
+
+    def _dev(self, a):
+        return gpu_fakes.DeviceArray(a, stream=self.stream.ptr)
+
+    def to_input(self, image):
+        from grata.runtime.engine import check_input
+        return self._dev(check_input(image, self.size))
+
+    def to_numpy(self, x):
+        if isinstance(x, gpu_fakes.DeviceArray):
+            self.reads.append(x.shape)
+            return gpu_fakes.host(x).copy()
+        return np.asarray(x)
+
+    def zeros(self):
+        return self._dev(np.zeros(self.theta.shape, np.float32))
+
+    def copy(self, a):
+        return a.copy()
+
+    def assign(self, dst, src):
+        dst[...] = src if isinstance(src, gpu_fakes.DeviceArray) else np.asarray(src)
+
+    def all_finite(self, *arrays):
+        return all(np.isfinite(gpu_fakes.host(a)).all() for a in arrays)
+
+    def scalar(self):
+        return self._dev(np.zeros(1))
+
+    def norm_state(self):
+        return self.to_numpy(self.stats)
+
+    def load_norm_state(self, stats):
+        self.stats[...] = np.asarray(stats, np.float32)
+
+    def _sync_in(self):
+        self.graph_thetas.append(self.theta)
+        self.cpu.theta[...] = gpu_fakes.host(self.theta)
+        if self.stats is not None:
+            self.cpu.stats[...] = gpu_fakes.host(self.stats)
+
+    def infer(self, x, norm="sample"):
+        self._sync_in()
+        out = self.cpu.infer(gpu_fakes.host(x), norm=norm)
+        if self.img_stats is not None:
+            self.img_stats[...] = self.cpu.img_stats
+        return self._dev(out)
+
+    def entropy_grad(self, x, norm="sample"):
+        self._sync_in()
+        loss, g = self.cpu.entropy_grad(gpu_fakes.host(x), norm=norm)
+        return self._dev([loss])[0], self._dev(g)
+
+    def consistency_grad(self, x, strong, norm="sample"):
+        self._sync_in()
+        loss, g = self.cpu.consistency_grad(gpu_fakes.host(x), gpu_fakes.host(strong),
+                                            norm=norm)
+        return self._dev([loss])[0], self._dev(g)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused kernel's entry points, recording their device arrays and stream, doing
+    the update with the numpy implementation on the arrays' values."""
+    from grata.kernels import numpy_update
+    calls = []
+
+    def grata(theta, m, v, g_p, g_a, step, beta, betas, eps, *, cos_out=None, **kw):
+        calls.append(("grata", theta, kw))
+        h = gpu_fakes.host
+        out = None if cos_out is None else h(cos_out)
+        return numpy_update.grata_update(h(theta), h(m), h(v), h(g_p), h(g_a), step, beta,
+                                         betas, eps, cos_out=out)
+
+    def adam(theta, m, v, g, step, lr, betas, eps, **kw):
+        calls.append(("adam", theta, kw))
+        h = gpu_fakes.host
+        numpy_update.adam_update(h(theta), h(m), h(v), h(g), step, lr, betas, eps)
+
+    monkeypatch.setattr(cuda_update, "grata_update", grata)
+    monkeypatch.setattr(cuda_update, "adam_update", adam)
+    return calls
+
+
+@pytest.mark.parametrize("norm", ["sample", "ema:0.2"])
+def test_serve_on_cuda_adapts_on_the_device_engine(monkeypatch, art, fused, norm):
+    monkeypatch.setattr(cuda_engine, "CudaEngine", FakeCudaEngine)
+    images = [np.random.default_rng(i).random((3, 64, 64), dtype=np.float32)
+              for i in range(3)]
+    ref = AdaptiveModel(art, method="grata", predictor="onnxruntime", device="cpu",
+                        threads=1, norm=norm)
+    gpu = AdaptiveModel(art, method="grata", predictor="onnxruntime", device="cuda",
+                        threads=1, norm=norm)
+    e = gpu.engine
+    assert isinstance(e, FakeCudaEngine)
+    if norm == "sample":
+        assert isinstance(gpu.predictor, DevicePredictor)
+    theta = e.theta
+    for img in images:
+        r, q = ref.process(img)["record"], gpu.process(img)["record"]
+        # the same numbers as the CPU engine (the fake kernel is the numpy update) ...
+        assert q["theta_sha256"] == r["theta_sha256"] and q["vcdr"] == r["vcdr"]
+    # ... with theta on the device throughout: the same device array, updated in place
+    # by the fused kernel once per image, and every graph (the predictor's too) read it
+    assert e.theta is theta and isinstance(theta, gpu_fakes.DeviceArray)
+    assert [c[0] for c in fused] == ["grata"] * len(images)
+    assert all(c[1] is theta for c in fused)
+    assert all(t is theta for t in e.graph_thetas)
+    assert np.linalg.norm(gpu.theta - gpu_fakes.host(e.theta0)) > 0  # theta moved
+    assert gpu.describe().startswith("method")
