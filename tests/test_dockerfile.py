@@ -45,6 +45,11 @@ def _instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _is_project(token: str) -> bool:
+    """The project itself (`.` or `./[extra,...]`): its versions are pyproject's."""
+    return re.fullmatch(r"\.(/?\[[a-z0-9,-]+\])?", token) is not None
+
+
 def test_hadolint_is_clean():
     result = _lint(DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -70,7 +75,7 @@ def test_dockerfile_pins_its_inputs_and_runs_as_a_user():
     for r in runs:
         for cmd in re.findall(r"pip install ([^&]*)", r):
             reqs = [t.strip('"') for t in cmd.split() if not t.startswith("-")
-                    and not t.startswith('"$') and t.strip('"') != "."]
+                    and not t.startswith('"$') and not _is_project(t.strip('"'))]
             assert all(re.search(r"(==|>=|<)", q) for q in reqs), cmd
     # the SHELL makes a failing stage of a pipe fail the build
     assert any(w == "SHELL" and "pipefail" in rest for w, rest in ins)
@@ -102,3 +107,24 @@ def test_image_properties():
     copied = {rest.split()[0] for word, rest in ins if word == "COPY" and "--from" not in rest}
     for path in copied:
         assert (ROOT / path).exists(), path
+
+
+def test_final_image_installs_the_gpu_extras_and_never_the_cpu_onnxruntime():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    ins = _instructions(DOCKERFILE.read_text())
+    final = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    runs = " ".join(rest for word, rest in final if word == "RUN")
+    installed = re.findall(r'"?\./?\[([a-z0-9,-]+)\]"?', runs)
+    assert installed and {"gpu", "gpu-onnxruntime"} <= set(installed[0].split(","))
+    assert "device" not in installed[0].split(",")  # its CPU onnxruntime would clash
+    for name in installed[0].split(","):
+        assert name in extras, name
+    # every package of those extras is pinned to a version in the same command
+    pinned = {m.group(1) for m in re.finditer(r'"([a-z0-9-]+)==\$\{[A-Z_]+\}"', runs)}
+    for name in installed[0].split(","):
+        for req in extras[name]:
+            package = re.match(r"[a-z0-9-]+", req).group(0)
+            assert package in pinned, (name, package)
