@@ -356,7 +356,7 @@ class FakeCudaEngine:
         self.stats0 = None if self.cpu.stats0 is None else dev(self.cpu.stats0)
         self.stats = None if self.stats0 is None else self.stats0.copy()
         self.img_stats = None if self.stats0 is None else dev(np.zeros_like(self.cpu.stats0))
-        self.reads, self.graph_thetas = [], []
+        self.reads, self.graph_thetas, self.stats_reads = [], [], 0
 
     def _dev(self, a):
         return gpu_fakes.DeviceArray(a, stream=self.stream.ptr)
@@ -368,6 +368,7 @@ class FakeCudaEngine:
     def to_numpy(self, x):
         if isinstance(x, gpu_fakes.DeviceArray):
             self.reads.append(x.shape)
+            self.stats_reads += x is self.stats
             return gpu_fakes.host(x).copy()
         return np.asarray(x)
 
@@ -467,3 +468,7 @@ def test_serve_on_cuda_adapts_on_the_device_engine(monkeypatch, art, fused, norm
     assert all(t is theta for t in e.graph_thetas)
     assert np.linalg.norm(gpu.theta - gpu_fakes.host(e.theta0)) > 0  # theta moved
     assert gpu.describe().startswith("method")
+    if norm.startswith("ema"):
+        # the stream statistics come to the host once per image (the state's snapshot);
+        # the ones the image was served at stay on the device
+        assert e.stats_reads == len(images)
