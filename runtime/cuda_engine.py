@@ -34,7 +34,7 @@ import numpy as np
 
 from grata.errors import GrataError
 from grata.export.manifest import load_manifest
-from grata.kernels import adam_update
+from grata.kernels import adam_update, cuda_update
 from grata.runtime.engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
 from grata.runtime.ort_session import (
     available_providers,
@@ -244,12 +244,7 @@ class CudaEngine(StreamStatistics):
         self.sessions = None
         if p.stream is not None:
             p.stream.synchronize()
-            try:
-                from grata.kernels.cuda_update import release_stream
-            except ImportError:  # no cuda-python: the kernel never cached the stream
-                release_stream = None
-            if release_stream is not None:
-                release_stream(p.stream.ptr, p.index)
+            cuda_update.release_stream(p.stream.ptr, p.index)
             self._place = p._replace(stream=None)
 
     # array helpers

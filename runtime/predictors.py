@@ -36,6 +36,7 @@ import numpy as np
 
 from grata.errors import GrataError
 from grata.export.manifest import PRECISIONS, load_manifest
+from grata.runtime.cuda_engine import cuda_unavailable
 from grata.runtime.ort_session import (
     COMPUTE_PRECISIONS,
     available_providers,
@@ -90,8 +91,6 @@ def resolve_ort_device(device: str) -> str:
     import_onnxruntime()
     if "CUDAExecutionProvider" not in available_providers():
         return "cpu"
-    from grata.runtime.cuda_engine import cuda_unavailable
-
     return "cuda" if cuda_unavailable() is None else "cpu"
 
 

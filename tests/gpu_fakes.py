@@ -10,6 +10,7 @@ from __future__ import annotations
 import types
 
 import numpy as np
+from grata.runtime.tensorrt import _Buffer
 
 # ---------------------------------------------------------------- device arrays
 
@@ -320,8 +321,6 @@ class Device:
         self._next = 0x1000
 
     def alloc(self, shape, dtype=np.float32):
-        from grata.runtime.tensorrt import _Buffer
-
         self._next += 0x100000
         return _Buffer(self._next, tuple(shape), dtype)
 

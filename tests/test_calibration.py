@@ -7,6 +7,8 @@ import onnx
 import pytest
 from grata.calibration.evaluate import compare
 from grata.calibration.quantize import (
+    ADAPTED_INPUTS,
+    adapted_nodes,
     check_qdq_graph,
     convert_fp16,
     list_images,
@@ -189,7 +191,6 @@ def test_fp16_graphs_follow_a_theta_step_of_1e5(setup, tmp_path):
     """A gamma of about 1 has a float16 spacing of about 1e-3: were theta rounded to
     float16 anywhere on its way to the normalisation, Adam steps of 1e-5 would vanish.
     gamma values exactly representable in float16, moved by 1e-5, must move the output."""
-    from grata.calibration.quantize import ADAPTED_INPUTS, adapted_nodes
     m = convert_fp16(setup / "fp32", tmp_path / "fp16")
     assert m["fp16"]["adapted_inputs"] == list(ADAPTED_INPUTS)
     half = OrtEngine(tmp_path / "fp16", threads=1)
@@ -221,7 +222,6 @@ def test_int8_graph_keeps_theta_and_its_arithmetic_float(setup):
     _, manifest = _graph(setup / "int8")
     model = onnx.load(str(setup / "int8" / manifest["graphs"]["infer"]),
                       load_external_data=False)
-    from grata.calibration.quantize import adapted_nodes
     path, meet = adapted_nodes(model)
     kinds = {n.name: n.op_type for n in model.graph.node}
     assert path and not {kinds[n] for n in path} & {"QuantizeLinear", "DequantizeLinear"}

@@ -33,7 +33,7 @@ sys.meta_path.insert(0, _Refuse())
 
 
 def _run(code: str, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, check=False,
                           text=True, timeout=240, cwd=BENCH, env=env)
 
 

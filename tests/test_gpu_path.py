@@ -4,6 +4,7 @@ reduced-precision TensorRT engines, theta taken by device address on the engine'
 one stream per CUDA engine checked in every session, the kernel's stream caches, and
 `grata serve --device cuda` on the device engine with the fused update."""
 
+import json
 import threading
 import time
 import types
@@ -14,9 +15,10 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from grata.kernels import cuda_update
+from grata.kernels import cuda_update, numpy_update
 from grata.runtime import OrtEngine, cuda_engine, ort_session, predictors, tensorrt
 from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.engine import check_input
 from grata.runtime.predictors import DevicePredictor, OrtPredictor, make_predictor
 
 from grata.errors import GrataError
@@ -147,7 +149,6 @@ def test_strongly_typed_tensorrt_defaults_to_fp32_and_refuses_fp16():
 @pytest.fixture
 def fake_trt(monkeypatch, art):
     """TensorRTPredictor over fake TensorRT and device modules (strongly typed)."""
-    import json
     manifest = json.loads((art / "manifest.json").read_text())
     trt = gpu_fakes.tensorrt("11.4.0", fp16=False, size=manifest["size"],
                              n_theta=manifest["n_theta"])
@@ -362,7 +363,6 @@ class FakeCudaEngine:
         return gpu_fakes.DeviceArray(a, stream=self.stream.ptr)
 
     def to_input(self, image):
-        from grata.runtime.engine import check_input
         return self._dev(check_input(image, self.size))
 
     def to_numpy(self, x):
@@ -422,7 +422,6 @@ class FakeCudaEngine:
 def fused(monkeypatch):
     """The fused kernel's entry points, recording their device arrays and stream, doing
     the update with the numpy implementation on the arrays' values."""
-    from grata.kernels import numpy_update
     calls = []
 
     def grata(theta, m, v, g_p, g_a, step, beta, betas, eps, *, cos_out=None, **kw):
