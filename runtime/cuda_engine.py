@@ -52,7 +52,7 @@ def provider_options(stream_handle: int, device_id: int = 0, tf32: bool = False)
     """CUDA execution provider options that make onnxruntime compute on `stream_handle`
     (TF32 off unless `tf32`)."""
     return cuda_options("tf32" if tf32 else "fp32", device_id=device_id,
-                        has_user_compute_stream=1, user_compute_stream=int(stream_handle))
+                        user_compute_stream=int(stream_handle))
 
 
 def check_stream(role: str, session, stream_handle: int) -> None:
