@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grata.data import Sample, stream_domain
+from grata.domains import Sample, stream_domain
 from grata.errors import GrataError
 from grata.models import ResUnet, load_state, save_checkpoint, set_norm_mode
 

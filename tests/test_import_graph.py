@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> folder, as in pyproject's package-dir
 FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime",
            "grata.kernels": "kernels", "grata.calibration": "calibration"}
-LOWER = ("grata.data", "grata.synth", "grata.models", "grata.export", "grata.kernels",
-         "grata.losses", "grata.augment", "grata.metrics", "grata.engine", "grata.methods")
+LOWER = ("grata.data", "grata.domains", "grata.decode", "grata.masks", "grata.synth",
+         "grata.models", "grata.export", "grata.kernels", "grata.losses", "grata.augment",
+         "grata.metrics", "grata.engine", "grata.methods")
 UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
 
 

@@ -106,7 +106,7 @@ def register(subparsers) -> dict:
 def cmd_adapt(args) -> int:
     from grata.adapt import check_names, run
     from grata.artifacts import cached_artifacts
-    from grata.data import resolve_targets
+    from grata.domains import resolve_targets
     from grata.engines import engine_factory
     from grata.gate import GateConfig
     from grata.norm import NormSpec

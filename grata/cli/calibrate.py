@@ -72,7 +72,7 @@ def cmd_calibrate(args) -> int:
     from grata.artifacts import cached_artifacts
     from grata.calibration.evaluate import evaluate, format_comparison, model_sizes
     from grata.calibration.quantize import convert_fp16, quantize_artifacts
-    from grata.data import resolve_targets
+    from grata.domains import resolve_targets
     from grata.report import write_json_atomic
 
     if args.max_images < 0:

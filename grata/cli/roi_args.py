@@ -38,7 +38,7 @@ def add_roi_args(p: argparse.ArgumentParser) -> None:
 
 def roi_choice(args, progress: bool):
     """(data root or None to keep --data / the crop default, RoiOptions or None)."""
-    from grata.data import RoiOptions
+    from grata.domains import RoiOptions
     if args.whole and args.data is not None:
         raise GrataError("--whole is the synthetic whole-photograph benchmark; "
                          "with --data use --roi auto")

@@ -190,7 +190,7 @@ def _html_writer(outbox: Path, vcdr_threshold: float):
 
 def _roi(args):
     """RoiOptions for --roi auto (None for crops); a bad threshold is one line."""
-    from grata.data import RoiOptions
+    from grata.domains import RoiOptions
     from grata.errors import GrataError
     from grata.roi import SCORE_THRESHOLD
     threshold = SCORE_THRESHOLD if args.roi_threshold is None else args.roi_threshold
