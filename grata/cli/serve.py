@@ -23,6 +23,7 @@ from grata.cli.common import (
     product_choice,
 )
 from grata.cli.report import add_html_args
+from grata.cli.roi_args import add_roi_args, roi_options
 
 EPILOG = """\
 files: for each image NAME that lands in INBOX (names starting with '.' or ending in
@@ -91,15 +92,8 @@ def register(subparsers) -> dict:
                    help="a file that cannot be served is rejected only once its size and "
                    "time have been unchanged this long; until then it is tried again, so "
                    f"a stalled copy is served once it completes (default {DEFAULT_STABLE_S:g})")
-    s.add_argument("--roi", choices=["none", "auto"], default="none",
-                   help="none: each image is a crop around the optic disc (default); auto: "
-                   "a whole fundus photograph: the disc is found, the benchmark's ROI cut "
-                   "and segmented, and the mask pasted back at the photograph's size (the "
-                   "record holds the box and the localisation score); a photograph whose "
-                   "disc is not found is rejected with the reason, never segmented blindly")
-    s.add_argument("--roi-threshold", type=float, default=None, metavar="SCORE",
-                   help="with --roi auto: the localisation score below which a photograph "
-                   "is rejected (default: grata.roi.SCORE_THRESHOLD)")
+    add_roi_args(s, whole=False, missed="rejected",
+                 note=" (the record holds the box and the localisation score)")
     add_html_args(s, "OUTBOX")
     add_quiet(s, "no line per image")
     return {"serve": cmd_serve}
@@ -140,7 +134,7 @@ def _serve(args, hp: dict) -> int:
                           checkpoint_every=args.checkpoint_every,
                           max_drift=args.max_drift if args.max_drift > 0 else None,
                           seed=args.seed, reset=args.reset, calibration=args.calibration,
-                          hyperparameters=hp, norm=args.norm, roi=_roi(args))
+                          hyperparameters=hp, norm=args.norm, roi=roi_options(args))
     stop = threading.Event()
     previous = {}
     try:
@@ -186,18 +180,3 @@ def _html_writer(outbox: Path, vcdr_threshold: float):
         except (GrataError, OSError) as exc:
             log_stderr(f"grata serve: warning: report.html not rewritten: {exc}")
     return write
-
-
-def _roi(args):
-    """RoiOptions for --roi auto (None for crops); a bad threshold is one line."""
-    from grata.domains import RoiOptions
-    from grata.errors import GrataError
-    from grata.roi import SCORE_THRESHOLD
-    threshold = SCORE_THRESHOLD if args.roi_threshold is None else args.roi_threshold
-    if not 0.0 <= threshold <= 1.0:
-        raise GrataError(f"--roi-threshold must be in [0, 1], got {threshold}")
-    if args.roi == "none":
-        if args.roi_threshold is not None:
-            raise GrataError("--roi-threshold goes with --roi auto")
-        return None
-    return RoiOptions(threshold=threshold)
