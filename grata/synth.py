@@ -62,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from tqdm import tqdm
 
 from grata.errors import GrataError
 
@@ -181,6 +181,7 @@ def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Zero-mean, unit-std low-frequency noise: a coarse grid, Gaussian-smoothed (so
     the grid does not show) and spline-upsampled."""
+    from scipy import ndimage
     coarse = ndimage.gaussian_filter(rng.standard_normal((cells, cells)), 0.7, mode="wrap")
     up = ndimage.zoom(coarse, size / cells, order=3, mode="grid-wrap", grid_mode=True)
     up = up[:size, :size]
@@ -217,6 +218,7 @@ def _vessels(rng, size: int, origin, side: float, cup_r: float, scale: float = 1
     edges: arcades leaving the cup up and down and bending temporally, smaller nasal
     and temporal vessels, random branching, tapering width. `scale`: anatomy size
     relative to the source's crops (calibre and step scale with it, length against it)."""
+    from scipy import ndimage
     k = 2  # supersampling
     canv = {"vein": Image.new("L", (size * k, size * k)),
             "artery": Image.new("L", (size * k, size * k))}
@@ -414,6 +416,7 @@ def _field_of_view(rng, xx, yy, cx, cy, keep, px):
 
 def camera(rng, d: Domain, img, xx, yy, px):
     """Illumination, white balance, exposure, tone curve, blur, noise, 8-bit."""
+    from scipy import ndimage
     S = img.shape[-1]
     ang = rng.uniform(0, 2 * np.pi)
     slope = rng.uniform(*d.gradient)
@@ -469,8 +472,6 @@ def write_splits(root: Path, counts: dict, seed: int, size: int, render_one, sav
     one deterministic order. ``render_one(rng, domain, size)`` gives (image, mask, extra),
     ``save_image(image, path, jpeg)`` writes an image; ``rng(seed, domain, split, i)``
     seeds each image (default: this module's). Returns {image path: extra}."""
-    from tqdm import tqdm
-
     rng = rng or _rng
     root.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(sum(c) for c in counts.values()), desc=desc, unit="img",

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from grata import synth
 from grata.roi import ROI_FRACTION
@@ -61,6 +60,7 @@ def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
 
 def _smooth(rng, h: int, w: int, cells: int) -> np.ndarray:
     """Zero-mean unit-std low-frequency noise of shape [h, w]."""
+    from scipy import ndimage
     ch = max(2, round(cells * h / w))
     coarse = ndimage.gaussian_filter(rng.standard_normal((ch, cells)), 0.7, mode="wrap")
     up = np.asarray(Image.fromarray(coarse.astype(np.float32), "F").resize((w, h),
@@ -71,6 +71,7 @@ def _smooth(rng, h: int, w: int, cells: int) -> np.ndarray:
 def _draw_vessels(rng, w: int, h: int, disc, side: float, dd: float, fov):
     """Vein and artery opacity maps [h, w]: superior and inferior arcades bending
     around the macula, nasal vessels, small macular branches; random branching."""
+    from scipy import ndimage
     canv = {"vein": Image.new("L", (w, h)), "artery": Image.new("L", (w, h))}
     draws = {n: ImageDraw.Draw(c) for n, c in canv.items()}
     temporal = np.pi if side > 0 else 0.0  # disc on the right: temporal is to the left

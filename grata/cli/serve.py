@@ -4,15 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
 
-from grata.product import PRODUCT_NORM, SERVE_METHOD
-from grata.export.manifest import PRECISIONS
-from grata.runtime.adaptive import DEFAULT_MAX_DRIFT
-from grata.runtime.inbox import DEFAULT_STABLE_S
-from grata.runtime.predictors import ORT_DEVICES, PREDICTORS
 from grata.cli.common import (
     add_alias,
     add_hyperparameters,
@@ -24,6 +20,15 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import add_roi_args, roi_options
+from grata.errors import GrataError
+from grata.export.manifest import PRECISIONS
+from grata.norm import NormSpec
+from grata.product import PRODUCT_NORM, SERVE_METHOD
+from grata.report_html import write_serve_html
+from grata.runtime.adaptive import DEFAULT_MAX_DRIFT, AdaptiveModel, theta_digest
+from grata.runtime.inbox import DEFAULT_STABLE_S, check_folders, lock_inbox, log_stderr, serve
+from grata.runtime.predictors import ORT_DEVICES, PREDICTORS
+from grata.specs import parse_spec, spec_hyperparameters
 
 EPILOG = """\
 files: for each image NAME that lands in INBOX (names starting with '.' or ending in
@@ -100,13 +105,6 @@ def register(subparsers) -> dict:
 
 
 def cmd_serve(args) -> int:
-    import os
-
-    from grata.errors import GrataError
-    from grata.norm import NormSpec
-    from grata.runtime.inbox import check_folders, lock_inbox
-    from grata.specs import parse_spec, spec_hyperparameters
-
     for flag, value in (("--max-drift", args.max_drift), ("--stable-for", args.stable_for),
                         ("--poll", args.poll), ("--settle", args.settle)):
         if not value >= 0:
@@ -124,9 +122,6 @@ def cmd_serve(args) -> int:
 
 
 def _serve(args, hp: dict) -> int:
-    from grata.runtime.adaptive import AdaptiveModel, theta_digest
-    from grata.runtime.inbox import log_stderr, serve
-
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
     model = AdaptiveModel(args.artifacts, state, method=args.method, predictor=args.predictor,
@@ -170,10 +165,6 @@ def _serve(args, hp: dict) -> int:
 
 def _html_writer(outbox: Path, vcdr_threshold: float):
     """Rewrites OUTBOX/report.html after each image; a failure is a warning, never a stop."""
-    from grata.errors import GrataError
-    from grata.report_html import write_serve_html
-    from grata.runtime.inbox import log_stderr
-
     def write() -> None:
         try:
             write_serve_html(outbox, vcdr_threshold=vcdr_threshold)
