@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from grata.adapt import check_names, run
+from grata import adapt, domains
 from grata.artifacts import cached_artifacts
 from grata.cli.common import (
     add_alias,
@@ -24,7 +24,6 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
-from grata.domains import resolve_targets
 from grata.engines import engine_factory
 from grata.errors import GrataError
 from grata.gate import GateConfig
@@ -118,7 +117,7 @@ def cmd_adapt(args) -> int:
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
     norm, base = product_choice(args)
     args.norm = NormSpec(norm)  # a bad rule: one line, exit 2
-    specs = check_names(args.methods, args.protocol, args.norm)
+    specs = adapt.check_names(args.methods, args.protocol, args.norm)
     hp = spec_hyperparameters(specs, args.hp, args.config, args.norm, base=base)
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
@@ -127,7 +126,7 @@ def cmd_adapt(args) -> int:
     source = args.source
     if source is None and args.data is None:
         source = SOURCE_DOMAIN
-    targets = resolve_targets(root, source, args.targets)
+    targets = domains.resolve_targets(root, source, args.targets)
     if args.threads and args.engine == "torch":
         import torch
         torch.set_num_threads(args.threads)
@@ -166,7 +165,7 @@ def cmd_adapt(args) -> int:
         write_json_atomic(out / "report.json", build_report(results, config, complete=False))
 
     start = time.perf_counter()
-    results = run(factory, root, targets, size, args.methods, args.protocol, args.seed,
+    results = adapt.run(factory, root, targets, size, args.methods, args.protocol, args.seed,
                   on_image=on_image, on_domain=on_domain, progress=not args.quiet,
                   hyperparameters=hp, norm=args.norm, gate_config=gate, roi=roi)
     report = build_report(results, config, complete=True)
