@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from grata import metrics
+
 MASK_TOLERANCE = 24      # grey levels of JPEG noise accepted around 0, 128 and 255
 MASK_STRAY = 0.01        # at most this fraction of mask pixels farther from a level
 
@@ -112,10 +114,10 @@ def to_mask_png(pred) -> np.ndarray:
     """Prediction [2, H, W] (bool or probabilities, threshold 0.5) -> uint8 [H, W] mask
     in the file encoding: 255 background, 128 rim, 0 cup (a cup pixel outside the disc
     is still cup, so the reader reads it back as disc and cup)."""
-    p = np.asarray(pred)
+    p = metrics.binarize(pred)
     if p.ndim != 3 or p.shape[0] != 2:
         raise ValueError(f"expected a [2, H, W] prediction, got shape {p.shape}")
-    disc, cup = p[0] >= 0.5, p[1] >= 0.5
+    disc, cup = p[0], p[1]
     out = np.full(p.shape[1:], 255, np.uint8)
     out[disc] = 128
     out[cup] = 0
