@@ -29,7 +29,7 @@ from grata.runtime import OrtEngine
 from grata import defaults, metrics
 from grata.adapt import Runner
 from grata.artifacts import cached_artifacts
-from grata.data import Skipped, resolve_targets, stream_domain
+from grata.domains import Skipped, resolve_targets, stream_domain
 from grata.errors import GrataError
 from grata.gate import GateConfig
 from grata.specs import parse_spec

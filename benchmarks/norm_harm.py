@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 
-from grata import data, defaults, metrics
+from grata import defaults, domains, metrics
 from grata.errors import GrataError
 from grata.models import load_checkpoint, set_norm_mode
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         if args.data is None and chosen is None:  # the generator's order, not the alphabet
             from grata.synth import TARGET_DOMAINS
             chosen = list(TARGET_DOMAINS)
-        targets = data.resolve_targets(root, args.source, chosen)
+        targets = domains.resolve_targets(root, args.source, chosen)
         model = load_checkpoint(args.checkpoint or defaults.checkpoint(), args.arch)
     except (GrataError, ValueError) as e:
         print(f"norm_harm: {e}", file=sys.stderr)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     names = ["source", "bn"] + [f"mix {a:g}" for a in mix]
     table = {}
     for t in targets:
-        samples = [s for s in data.stream_domain(root, t, args.size) if isinstance(s, data.Sample)]
+        samples = [s for s in domains.stream_domain(root, t, args.size) if isinstance(s, domains.Sample)]
         row = {}
         for name, (rule, a) in zip(names, rules):
             set_statistics(model, rule, a)

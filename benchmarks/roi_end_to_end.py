@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from grata import adapt, defaults, synth, synth_whole
-from grata.data import RoiOptions
+from grata.domains import RoiOptions
 from grata.engines import engine_factory
 
 HOSTILE = {"artefact": {"artefact": 1.5, "uneven": 0.0},

@@ -162,7 +162,7 @@ def run_soak(work, artifacts, *, images=500, kills=20, stalls=40, hostile_rounds
     """Run the soak in `work` (a new folder); returns the counts and every problem."""
     from grata.runtime.inbox import display_name
 
-    from grata.data import quote
+    from grata.decode import quote
 
     work = Path(work)
     inbox, outbox = work / "inbox", work / "outbox"

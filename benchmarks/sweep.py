@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from grata import adapt, data, defaults
+from grata import adapt, defaults, domains
 from grata.errors import GrataError
 from grata.norm import NormSpec
 
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         if args.data is None and chosen is None:  # the generator's order
             from grata.synth import TARGET_DOMAINS
             chosen = list(TARGET_DOMAINS)
-        targets = data.resolve_targets(root, args.source, chosen)
+        targets = domains.resolve_targets(root, args.source, chosen)
         if args.artifacts:
             artifacts = args.artifacts
         else:

@@ -19,6 +19,7 @@ import numpy as np
 
 from grata.digest import file_sha256
 from grata.errors import GrataError
+from grata.export.protoscan import ProtoError, external_tensors
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -119,8 +120,6 @@ def check_external_data(folder, manifest: dict, ranges: bool = True) -> None:
     `folder` (no `..`, not absolute, no symlink leaving it), name a file listed in the
     manifest, and (with `ranges`) the offset/length must lie within that file. Raises `GrataError` (one
     line) otherwise. Reads the protobuf itself: needs neither onnx nor onnxruntime."""
-    from grata.export.protoscan import ProtoError, external_tensors
-
     folder = Path(folder)
     listed = manifest["sha256"]
     for role, name in sorted(manifest["graphs"].items()):

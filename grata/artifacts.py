@@ -10,6 +10,7 @@ from pathlib import Path
 from grata import defaults
 from grata.digest import file_sha256
 from grata.errors import GrataError
+from grata.export import DEVICE_TEACHER_VIEWS, EXPORT_REVISION, export_artifacts
 
 
 def _export_once(folder: Path, export, message: str, quiet: bool) -> Path:
@@ -33,8 +34,6 @@ def _export_fn():
     """export_artifacts with the device's teacher layout (`DEVICE_TEACHER_VIEWS`)."""
     try:
         import torch  # noqa: F401  (exporting needs the reference)
-
-        from grata.export import DEVICE_TEACHER_VIEWS, export_artifacts
     except ImportError:
         raise GrataError("exporting a model needs torch: pip install 'grata-edge[export]', "
                          "or pass --artifacts DIR") from None
@@ -48,12 +47,10 @@ def _layout() -> str:
     """The exporter's revision and the graph layout in a cache key (teacher views per
     pass), so folders exported by an earlier version or with another layout are not
     reused."""
-    from grata.export import DEVICE_TEACHER_VIEWS
     return _key_tail(DEVICE_TEACHER_VIEWS)
 
 
 def _key_tail(views: int) -> str:
-    from grata.export import EXPORT_REVISION
     return f"x{EXPORT_REVISION}-tv{views}"
 
 
@@ -77,7 +74,6 @@ def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True,
     """Artifacts of a randomly initialised ResUnet (torch.manual_seed(seed)), exported
     once into the cache: timings do not depend on the weights. `teacher_views`: the
     consistency graphs' teacher views per pass (default: the device's)."""
-    from grata.export import DEVICE_TEACHER_VIEWS
     views = DEVICE_TEACHER_VIEWS if teacher_views is None else teacher_views
     folder = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{seed}-{_key_tail(views)}"
     if (folder / "manifest.json").exists():
@@ -87,7 +83,6 @@ def random_model_artifacts(arch: str, size: int, seed: int, quiet: bool = True,
     def make(tmp):
         import torch
 
-        from grata.export import export_artifacts
         from grata.models import ResUnet
         torch.manual_seed(seed)
         export_artifacts(ResUnet(arch), arch, size, tmp, teacher_views=views)

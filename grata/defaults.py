@@ -8,6 +8,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from grata import synth, synth_whole
+
 SYNTH_SEED = 0
 DEFAULT_ARCH = "edge"
 DEFAULT_SIZE = 128
@@ -28,17 +30,14 @@ def checkpoint() -> Path:
 
 def synthetic_root(progress: bool = True) -> Path:
     """The synthetic benchmark of crops (`grata.synth`), generated once into the cache."""
-    from grata.synth import VERSION, generate
-    return _generated(f"synth-v{VERSION}-seed{SYNTH_SEED}", generate, progress)
+    return _generated(f"synth-v{synth.VERSION}-seed{SYNTH_SEED}", synth.generate, progress)
 
 
 def whole_root(progress: bool = True) -> Path:
     """The synthetic whole-photograph benchmark (`grata.synth_whole`), generated once into
     the cache."""
-    from grata.synth import VERSION as CAMERA_VERSION
-    from grata.synth_whole import VERSION, generate_whole
-    return _generated(f"synth-whole-v{VERSION}.{CAMERA_VERSION}-seed{SYNTH_SEED}",
-                      generate_whole, progress)
+    return _generated(f"synth-whole-v{synth_whole.VERSION}.{synth.VERSION}-seed{SYNTH_SEED}",
+                      synth_whole.generate_whole, progress)
 
 
 def _generated(name: str, generate, progress: bool) -> Path:

@@ -9,7 +9,8 @@ statistics: what the ``source`` method predicts), from the image alone:
   plausible fraction of the crop, is roughly elliptical (its area against the ellipse of
   its second moments, its aspect ratio), the cup lies inside the disc and the vertical
   cup-to-disc ratio is at most 1. Each failed check is a named reason.
-- agreement (`agreement`): Dice between the prediction and the predictions of flipped
+- agreement (`agreement`): Dice (`grata.metrics.dice_ratio`; masks where the logit is
+  >= 0, `grata.metrics.binarize`) between the prediction and the predictions of flipped
   views of the image mapped back (the GraTa teacher views; a model that is sure of a
   structure finds it in every view). 1 when they agree exactly.
 - entropy (`mean_entropy`): the mean binary entropy of the sigmoid maps, in [0, 1].
@@ -43,6 +44,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from grata import metrics
+from grata.errors import GrataError
+
 # view name -> (forward, inverse) on [..., H, W] arrays (inverse maps a prediction back)
 VIEWS: dict[str, tuple[Callable, Callable]] = {
     "hflip": (lambda a: a[..., ::-1], lambda a: a[..., ::-1]),
@@ -75,7 +79,6 @@ class GateConfig:
     min_component_share: float = 0.05
 
     def __post_init__(self):
-        from grata.errors import GrataError
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown:
             raise GrataError(f"unknown gate view {unknown[0]!r}; choose from "
@@ -96,10 +99,10 @@ class GateConfig:
 
 # -- scores on numpy masks and logits ------------------------------------------------------
 
-def binarize(logits) -> np.ndarray:
+def _masks(logits) -> np.ndarray:
     """[2, S, S] (or [1, 2, S, S]) logits -> bool masks (sigmoid >= 0.5, i.e. logit >= 0)."""
-    a = np.asarray(logits, dtype=np.float32)
-    return (a[0] if a.ndim == 4 else a) >= 0
+    a = np.asarray(logits)
+    return metrics.binarize(a[0] if a.ndim == 4 else a, logits=True)
 
 
 def mean_entropy(logits) -> float:
@@ -111,18 +114,13 @@ def mean_entropy(logits) -> float:
     return float(h.mean() / math.log(2))
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two bool masks in [0, 1]; two empty masks agree (1)."""
-    inter = np.logical_and(a, b).sum()
-    return float((2 * inter + 1e-6) / (a.sum() + b.sum() + 1e-6))
-
-
 def agreement(pred: np.ndarray, views: list[np.ndarray]) -> float:
     """Mean Dice (over channels and views) between a [2, S, S] bool prediction and the
     predictions of its views mapped back; 1 without views or when all agree exactly."""
     if not views:
         return 1.0
-    return float(np.mean([dice(pred[c], v[c]) for v in views for c in range(pred.shape[0])]))
+    return float(np.mean([metrics.dice_ratio(pred[c], v[c])
+                          for v in views for c in range(pred.shape[0])]))
 
 
 def _components(mask: np.ndarray) -> list[int]:
@@ -190,8 +188,8 @@ def score(logits, view_logits: list, cfg: GateConfig | None = None) -> Scores:
     """Scores of a prediction ([1, 2, S, S] logits) given its views' logits, each already
     mapped back to the image's orientation."""
     cfg = cfg or GateConfig()
-    pred = binarize(logits)
-    return Scores(plausibility(pred, cfg), agreement(pred, [binarize(v) for v in view_logits]),
+    pred = _masks(logits)
+    return Scores(plausibility(pred, cfg), agreement(pred, [_masks(v) for v in view_logits]),
                   mean_entropy(logits))
 
 
@@ -292,6 +290,5 @@ def gated_predict(gate: Gate, x_host: np.ndarray, adapted: Callable, source: Cal
     return (la if decision["chosen"] == "adapted" else ls), la, ls, decision
 
 
-__all__ = ["VIEWS", "Gate", "GateConfig", "Scores", "agreement", "binarize", "decide",
-           "dice", "gated_predict", "mean_entropy", "plausibility", "score", "source_logits",
-           "view_logits"]
+__all__ = ["VIEWS", "Gate", "GateConfig", "Scores", "agreement", "decide", "gated_predict",
+           "mean_entropy", "plausibility", "score", "source_logits", "view_logits"]

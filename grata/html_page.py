@@ -16,6 +16,8 @@ import math
 import os
 import re
 
+from PIL import Image, UnidentifiedImageError
+
 # C0 controls (but tab, newline, carriage return) are not allowed in HTML text.
 _CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -69,7 +71,6 @@ def thumbnail_uri(path, max_px: int) -> str | None:
 # A server rewrites its page after every image: thumbnails of unchanged files are reused.
 @functools.lru_cache(maxsize=4096)
 def _thumbnail(path: str, mtime_ns: int, size: int, max_px: int) -> str | None:
-    from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")

@@ -40,12 +40,16 @@ def probs_from_logits(logits) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
 
-def binarize(probs) -> np.ndarray:
+def binarize(values, logits: bool = False) -> np.ndarray:
     """Bool mask: bool input unchanged, anything else foreground where value >= 0.5.
 
     0/1 or 0/255 integer masks therefore pass through correctly too; NaN is background.
+    With ``logits``: foreground where the logit is >= 0 (sigmoid >= 0.5), decided on the
+    sign in float32, as the engines compute, so no rounding of a sigmoid near 0.5 moves it.
     """
-    a = np.asarray(probs)
+    if logits:
+        return np.asarray(values, dtype=np.float32) >= 0
+    a = np.asarray(values)
     if a.dtype == np.bool_:
         return a
     return a >= THRESHOLD
@@ -58,12 +62,18 @@ def _pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
     return p, g
 
 
-def dice(pred, gt) -> float:
-    """Dice of one channel in percent: (2|P∩G| + 1e-6) / (|P| + |G| + 1e-6) * 100 (float64)."""
+def dice_ratio(pred, gt) -> float:
+    """Dice of one channel in [0, 1]: (2|P∩G| + 1e-6) / (|P| + |G| + 1e-6) (float64); two
+    empty masks agree (1)."""
     p, g = _pair(pred, gt)
     inter = float(np.count_nonzero(p & g))
     total = float(np.count_nonzero(p)) + float(np.count_nonzero(g))
-    return (2.0 * inter + DICE_SMOOTH) / (total + DICE_SMOOTH) * 100.0
+    return (2.0 * inter + DICE_SMOOTH) / (total + DICE_SMOOTH)
+
+
+def dice(pred, gt) -> float:
+    """Dice of one channel in percent, as the benchmark reports it: `dice_ratio` * 100."""
+    return dice_ratio(pred, gt) * 100.0
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

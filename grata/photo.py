@@ -1,6 +1,6 @@
 """Whole photographs through a crop model: paste the crop's prediction back, score it.
 
-The model sees the benchmark's ROI resized to S x S (`grata.data.photo_sample`); what a
+The model sees the benchmark's ROI resized to S x S (`grata.domains.photo_sample`); what a
 camera user gets, and what is scored, is a mask of the photograph's own size with the
 prediction in the ROI box and background elsewhere. A wrong box therefore costs Dice.
 """
@@ -12,7 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 from grata import metrics, roi
-from grata.data import RoiOptions, photo_sample, to_mask_png
+from grata.domains import RoiOptions, photo_sample
+from grata.masks import to_mask_png
 
 
 def paste_prediction(pred, box, shape) -> np.ndarray:

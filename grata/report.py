@@ -9,6 +9,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from grata import metrics
 from grata.atomic import write_atomic
 
 # One colour per method in plots (RGB).
@@ -156,7 +157,7 @@ def photo_overlay(pixels: np.ndarray, pred: np.ndarray, target: np.ndarray | Non
 
     def shrink(m):
         return np.stack([np.asarray(Image.fromarray(c.astype(np.uint8) * 255).resize(
-            (w, h), Image.NEAREST)) > 127 for c in np.asarray(m) >= 0.5])
+            (w, h), Image.NEAREST)) > 127 for c in metrics.binarize(m)])
 
     img = overlay(small.transpose(2, 0, 1) / 255.0, shrink(pred),
                   None if target is None else shrink(target))

@@ -34,6 +34,8 @@ from grata.html_page import (
     thumbnail_uri,
     value_html,
 )
+from grata.plots import dice_stream_png
+from grata.specs import folder_name
 
 REPORT_FILE = "report.html"
 DEFAULT_VCDR_THRESHOLD = 0.6  # a common referral cue for glaucoma suspicion
@@ -97,7 +99,6 @@ def vcdr_flag(vcdr, threshold: float = DEFAULT_VCDR_THRESHOLD) -> bool:
 
 def overlay_path(run_dir: Path, method: str, target: str, row: dict) -> Path:
     """Where `grata adapt --overlays` wrote the overlay of a per-image row."""
-    from grata.specs import folder_name
     stem = Path(str(row.get("file", ""))).stem
     return (run_dir / "overlays" / folder_name(method) / target
             / f"{int(row.get('index', 0)):04d}_{stem}.png")
@@ -210,7 +211,6 @@ def _metrics_table(report: dict) -> str:
 
 
 def _stream_plots(report: dict, tab: dict) -> str:
-    from grata.plots import dice_stream_png
     by_pair = {(r["method"], r["target"]): r for r in report.get("results", [])}
     figs = []
     for t in tab["targets"]:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from grata.errors import GrataError
 
@@ -79,6 +78,7 @@ def _check(image) -> np.ndarray:
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -102,6 +102,7 @@ def _block_mean(x: np.ndarray) -> np.ndarray:
 
 def _normconv(x: np.ndarray, m: np.ndarray, sigma, msum=None) -> np.ndarray:
     """Gaussian mean of x over the mask m only (outside pixels do not darken it)."""
+    from scipy import ndimage
     num = ndimage.gaussian_filter(x * m, sigma, mode="constant", truncate=3.0)
     den = msum if msum is not None else ndimage.gaussian_filter(m, sigma, mode="constant",
                                                                 truncate=3.0)
@@ -145,6 +146,7 @@ def find_fov(image) -> dict | None:
 def _fit_circle(m: np.ndarray):
     """Least-squares circle (cx, cy, r in mask pixels, centres at integers) through the
     mask's edge pixels away from the frame; None when too few or not a circle."""
+    from scipy import ndimage
     edge = m & ~ndimage.binary_erosion(m)
     edge[[0, -1], :] = False
     edge[:, [0, -1]] = False
@@ -175,6 +177,7 @@ def locate_disc(image) -> dict:
     (confidence), ``fov`` (``{"cx", "cy", "d"}`` or None) and ``reason`` (why the score
     is low, or ""). A photograph without a field of view or without a disc-like
     candidate gets score 0 and NaN coordinates."""
+    from scipy import ndimage
     a = _check(image)
     H, W = a.shape[:2]
     # One integer box reduction first (cheap, reads every pixel once); everything else
@@ -295,6 +298,7 @@ def _sigmoid(x):
 def _refine(nl: np.ndarray, px: int, py: int, r0: float) -> tuple[float, float, float]:
     """Centre (continuous, working pixels) and radius of the bright component around
     the peak, thresholded at _FRAC of the way from its surround up to its core."""
+    from scipy import ndimage
     h, w = nl.shape
     k = int(np.ceil(2.2 * r0))
     y0, y1, x0, x1 = max(0, py - k), min(h, py + k + 1), max(0, px - k), min(w, px + k + 1)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from grata import __version__
 from grata.digest import file_sha256
+from grata.export.manifest import load_manifest
+from grata.methods.hyperparameters import as_json
 
 
 def model_identity(artifacts=None, checkpoint_file=None) -> dict:
@@ -13,7 +15,6 @@ def model_identity(artifacts=None, checkpoint_file=None) -> dict:
     or the checkpoint file's SHA-256."""
     if artifacts is not None:
         if not isinstance(artifacts, dict):
-            from grata.export.manifest import load_manifest
             artifacts = load_manifest(Path(artifacts), verify=False)
         return {"artifacts_manifest_sha256": artifacts["manifest_sha256"],
                 "arch": artifacts["arch"]}
@@ -31,7 +32,6 @@ def run_config(*, seed: int, size: int, engine: str, device: str, methods: dict,
     With `norm` (the run's default statistics rule) and `specs` (`grata.specs.RunSpec`s):
     ``norm`` and ``norms`` ({key: the rule it ran under}); with `gate` (a
     `grata.gate.GateConfig`): ``gate``, its settings."""
-    from grata.methods.hyperparameters import as_json
     out = {"grata_version": __version__, **model_identity(artifacts, checkpoint_file),
            "seed": int(seed), "size": int(size), "engine": engine, "device": device,
            "methods": {m: as_json(hp) for m, hp in methods.items()}}

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grata.errors import GrataError
+from grata.methods import METHODS, parse_method
+from grata.methods.hyperparameters import load_config, resolved_hyperparameters
 from grata.norm import NormSpec
 
 GATE_SUFFIX = "gate"
@@ -51,7 +53,6 @@ def split_specs(text: str) -> list[str]:
 
 def parse_spec(text: str, default_norm="sample") -> RunSpec:
     """One ``METHOD[@RULE][+gate]`` -> a `RunSpec` (a bad part is a one-line GrataError)."""
-    from grata.methods import METHODS, parse_method
     base, plus, suffix = str(text).strip().partition("+")
     if plus and suffix.strip().lower() != GATE_SUFFIX:
         raise GrataError(f"{text!r}: unknown suffix '+{suffix}'; the only one is "
@@ -89,7 +90,6 @@ def spec_hyperparameters(specs: list[RunSpec], hp_items=(), config: Path | None 
     method name or spec key) and ``--hp KEY.NAME=VALUE`` items (which win); a spec's own
     entries win over its method's. A key naming nothing in the run, a misspelt name or a
     bad value is a GrataError."""
-    from grata.methods.hyperparameters import load_config, resolved_hyperparameters
     given: dict[str, dict] = {}
 
     def target(key: str, where: str) -> str:

@@ -62,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
+from tqdm import tqdm
 
 from grata.errors import GrataError
 
@@ -79,7 +79,7 @@ _SPLIT_IDS = {"train": 0, "test": 1}
 
 
 @dataclass(frozen=True)
-class _Domain:
+class Domain:
     """Scene statistics and camera model of one domain (pixel sizes are at S=320)."""
     disc: tuple[float, float]          # vertical disc diameter, fraction of the ROI
     cdr: tuple[float, float, float]    # vCDR: low, high, share of large (glaucomatous) cups
@@ -112,26 +112,26 @@ class _Domain:
     reflex: tuple[int, int] = (0, 0)   # number of bright specular reflexes (low, high)
 
 
-DOMAINS: dict[str, _Domain] = {
-    "Clinic": _Domain(
+DOMAINS: dict[str, Domain] = {
+    "Clinic": Domain(
         disc=(0.28, 0.42), cdr=(0.3, 0.65, 0.2), gains=(1.0, 1.0, 1.0), exposure=(0.8, 1.0),
         gamma=(0.85, 1.15), contrast=(0.9, 1.05), vignette=(0.1, 0.3), blur=(0.0, 0.6),
         shift="source: clean desktop camera"),
-    "Handheld": _Domain(
+    "Handheld": Domain(
         disc=(0.30, 0.46), cdr=(0.3, 0.65, 0.2), gains=(0.85, 1.15, 0.72),
         exposure=(0.8, 1.05), gamma=(0.9, 1.2), contrast=(0.85, 1.0), vignette=(0.35, 0.55),
         gradient=(0.2, 0.4), blur=(1.8, 3.0), noise=(0.015, 0.025), haze=(0.05, 0.15),
         shift="defocus blur, uneven illumination and glare, sensor noise, green LED cast"),
-    "Widefield": _Domain(
+    "Widefield": Domain(
         disc=(0.24, 0.34), cdr=(0.3, 0.65, 0.2), gains=(0.92, 1.1, 1.0), exposure=(0.8, 1.0),
         gamma=(0.8, 0.95), contrast=(0.8, 0.9), blur=(0.5, 0.9), blue_keep=0.75,
         shift="laser pseudo-colour (less blue, green-heavy), low contrast, small disc"),
-    "LowLight": _Domain(
+    "LowLight": Domain(
         disc=(0.28, 0.42), cdr=(0.3, 0.65, 0.2), gains=(0.8, 1.0, 1.5),
         exposure=(0.3, 0.45), gamma=(1.3, 1.6), contrast=(0.95, 1.05), vignette=(0.45, 0.65),
         noise=(0.03, 0.05),
         shift="under-exposed, high gamma, strong noise, heavy vignetting, blue cast"),
-    "Legacy": _Domain(
+    "Legacy": Domain(
         disc=(0.34, 0.46), cdr=(0.45, 0.75, 0.4), gains=(1.04, 0.95, 0.76),
         exposure=(0.85, 1.0), gamma=(0.9, 1.0), contrast=(0.78, 0.9), black=0.06,
         blur=(0.4, 0.8), jpeg=True,
@@ -165,12 +165,12 @@ DOMAINS.update({
 assert set(DOMAINS) == {SOURCE_DOMAIN, *TARGET_DOMAINS}
 
 # Scene colours (linear RGB, before the camera).
-_BG = np.array([0.72, 0.30, 0.12], np.float32)
-_RIM = np.array([0.92, 0.52, 0.30], np.float32)
-_CUP = np.array([1.00, 0.92, 0.74], np.float32)
-_PPA = np.array([0.88, 0.70, 0.50], np.float32)
-_VEIN = np.array([0.40, 0.07, 0.05], np.float32)
-_ARTERY = np.array([0.55, 0.13, 0.07], np.float32)
+BG_RGB = np.array([0.72, 0.30, 0.12], np.float32)
+RIM_RGB = np.array([0.92, 0.52, 0.30], np.float32)
+CUP_RGB = np.array([1.00, 0.92, 0.74], np.float32)
+PPA_RGB = np.array([0.88, 0.70, 0.50], np.float32)
+VEIN_RGB = np.array([0.40, 0.07, 0.05], np.float32)
+ARTERY_RGB = np.array([0.55, 0.13, 0.07], np.float32)
 
 
 def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
@@ -181,13 +181,14 @@ def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Zero-mean, unit-std low-frequency noise: a coarse grid, Gaussian-smoothed (so
     the grid does not show) and spline-upsampled."""
+    from scipy import ndimage
     coarse = ndimage.gaussian_filter(rng.standard_normal((cells, cells)), 0.7, mode="wrap")
     up = ndimage.zoom(coarse, size / cells, order=3, mode="grid-wrap", grid_mode=True)
     up = up[:size, :size]
     return ((up - up.mean()) / (up.std() + 1e-6)).astype(np.float32)
 
 
-def _radius(xx, yy, cx, cy, rx, ry, tilt, wobble) -> np.ndarray:
+def outline_radius(xx, yy, cx, cy, rx, ry, tilt, wobble) -> np.ndarray:
     """Normalised elliptic radius (1 on the boundary) of a shape with a wavy outline."""
     dx, dy = xx - np.float32(cx), yy - np.float32(cy)
     c, s = np.float32(np.cos(tilt)), np.float32(np.sin(tilt))
@@ -201,12 +202,14 @@ def _radius(xx, yy, cx, cy, rx, ry, tilt, wobble) -> np.ndarray:
     return r / edge
 
 
-def _wobble(rng, amount: float):
+def outline_wobble(rng, amount: float):
+    """Random harmonics (k, amplitude, phase), k = 2..5, of an outline for `outline_radius`."""
     return [(k, amount * rng.uniform(0.3, 1.0) / k, rng.uniform(0, 2 * np.pi))
             for k in range(2, 6)]
 
 
-def _sigmoid(x):
+def sigmoid(x):
+    """The logistic function, its argument clipped so exp never overflows."""
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
 
 
@@ -215,6 +218,7 @@ def _vessels(rng, size: int, origin, side: float, cup_r: float, scale: float = 1
     edges: arcades leaving the cup up and down and bending temporally, smaller nasal
     and temporal vessels, random branching, tapering width. `scale`: anatomy size
     relative to the source's crops (calibre and step scale with it, length against it)."""
+    from scipy import ndimage
     k = 2  # supersampling
     canv = {"vein": Image.new("L", (size * k, size * k)),
             "artery": Image.new("L", (size * k, size * k))}
@@ -300,8 +304,8 @@ def render(rng: np.random.Generator, domain: str, size: int):
     crx = min(cry * rng.uniform(0.85, 1.1), 0.9 * rx)
     ccx = cx + side * rng.uniform(0.0, 0.35) * (rx - crx)
     ccy = cy + rng.uniform(-0.15, 0.15) * (ry - cry)
-    rho_d = _radius(xx, yy, cx, cy, rx, ry, tilt, _wobble(rng, 0.05))
-    rho_c = _radius(xx, yy, ccx, ccy, crx, cry, tilt, _wobble(rng, 0.08))
+    rho_d = outline_radius(xx, yy, cx, cy, rx, ry, tilt, outline_wobble(rng, 0.05))
+    rho_c = outline_radius(xx, yy, ccx, ccy, crx, cry, tilt, outline_wobble(rng, 0.08))
     disc = rho_d < 1.0
     cup = (rho_c < 1.0) & disc
     mask = np.full((S, S), 255, np.uint8)
@@ -312,7 +316,7 @@ def render(rng: np.random.Generator, domain: str, size: int):
     tex = (_smooth_noise(rng, S, _cells(4, anat)) * 0.08
            + _smooth_noise(rng, S, _cells(16, anat)) * 0.035)
     pig = rng.uniform(0.8, 1.1)
-    bg = _BG[:, None, None] * pig * np.stack([np.ones_like(xx),
+    bg = BG_RGB[:, None, None] * pig * np.stack([np.ones_like(xx),
                                               np.full_like(xx, rng.uniform(0.85, 1.15)),
                                               np.full_like(xx, rng.uniform(0.8, 1.2))])
     r2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / (0.75 * S) ** 2
@@ -328,29 +332,30 @@ def render(rng: np.random.Generator, domain: str, size: int):
     if rng.random() < d.ppa:
         grow = rng.uniform(*d.ppa_size)
         shift = side * (grow - 1.0) * rx * rng.uniform(0.6, 1.0)
-        rho_p = _radius(xx, yy, cx + shift, cy, rx * grow, ry * rng.uniform(1.0, 1.1), tilt,
-                        _wobble(rng, 0.08))
-        a = _sigmoid((1.0 - rho_p) / 0.05) * _sigmoid((rho_d - 1.0) / 0.04)
+        rho_p = outline_radius(xx, yy, cx + shift, cy, rx * grow,
+                               ry * rng.uniform(1.0, 1.1), tilt, outline_wobble(rng, 0.08))
+        a = sigmoid((1.0 - rho_p) / 0.05) * sigmoid((rho_d - 1.0) / 0.04)
         a = (a * np.clip(0.75 + 0.5 * _smooth_noise(rng, S, _cells(24, anat)), 0, 1)
              * rng.uniform(*d.ppa_alpha))
-        img = img * (1 - a) + _PPA[:, None, None] * a
+        img = img * (1 - a) + PPA_RGB[:, None, None] * a
 
     # Disc with a blurred edge; its rim is orange-pink, brightening toward the cup.
-    a_d = _sigmoid((1.0 - rho_d) / rng.uniform(0.03, 0.07))[None]
-    rim = _RIM[:, None, None] * rng.uniform(0.85, 1.05) * (
+    a_d = sigmoid((1.0 - rho_d) / rng.uniform(0.03, 0.07))[None]
+    rim = RIM_RGB[:, None, None] * rng.uniform(0.85, 1.05) * (
         1.0 + 0.06 * np.clip(1.0 - rho_d, 0, 1)[None] + 0.03 * tex[None])
     img = img * (1 - a_d) + rim * a_d
     # Cup pallor: yellow-white, fading into the rim over a wide band; its extent only
     # roughly follows the annotated cup, as in real photographs.
     pal = rng.uniform(0.85, 1.1)
-    rho_p = _radius(xx, yy, ccx, ccy, crx * pal, cry * pal, tilt, _wobble(rng, 0.04))
-    a_c = (_sigmoid((1.0 - rho_p) / rng.uniform(0.1, 0.22)) * rng.uniform(0.6, 1.0))[None]
-    cupc = _CUP[:, None, None] * (1.0 + 0.05 * np.clip(1.0 - rho_p, 0, 1)[None])
+    rho_p = outline_radius(xx, yy, ccx, ccy, crx * pal, cry * pal, tilt,
+                           outline_wobble(rng, 0.04))
+    a_c = (sigmoid((1.0 - rho_p) / rng.uniform(0.1, 0.22)) * rng.uniform(0.6, 1.0))[None]
+    cupc = CUP_RGB[:, None, None] * (1.0 + 0.05 * np.clip(1.0 - rho_p, 0, 1)[None])
     img = img * (1 - a_c) + cupc * a_c
 
     # Vessels over everything (they occlude the rim).
     vein, artery = _vessels(rng, S, (ccx, ccy), side, min(crx, cry), anat)
-    for v, col, op in ((artery, _ARTERY, 0.7), (vein, _VEIN, 0.8)):
+    for v, col, op in ((artery, ARTERY_RGB, 0.7), (vein, VEIN_RGB, 0.8)):
         a = (v * op * rng.uniform(0.85, 1.0))[None]
         img = img * (1 - a) + col[:, None, None] * a
 
@@ -358,7 +363,7 @@ def render(rng: np.random.Generator, domain: str, size: int):
         img = img + _reflexes(rng, d.reflex, xx, yy)
     if d.fov:
         img = img * _field_of_view(rng, xx, yy, cx, cy, 1.2 * max(rx, ry), px)[None]
-    return _camera(rng, d, img, xx, yy, px), mask
+    return camera(rng, d, img, xx, yy, px), mask
 
 
 def _cells(cells: int, scale: float) -> int:
@@ -374,9 +379,9 @@ def _reflexes(rng, count, xx, yy):
     for _ in range(rng.integers(count[0], count[1] + 1)):
         x0, y0 = rng.uniform(0.1, 0.9, 2) * S
         ry = rng.uniform(0.02, 0.07) * S
-        rho = _radius(xx, yy, x0, y0, ry * rng.uniform(0.25, 1.0), ry, rng.uniform(0, np.pi),
-                      _wobble(rng, 0.15))
-        light += rng.uniform(0.4, 1.0) * _sigmoid((1.0 - rho) / 0.25)
+        rho = outline_radius(xx, yy, x0, y0, ry * rng.uniform(0.25, 1.0), ry,
+                             rng.uniform(0, np.pi), outline_wobble(rng, 0.15))
+        light += rng.uniform(0.4, 1.0) * sigmoid((1.0 - rho) / 0.25)
     return light[None] * np.array([1.0, 0.97, 0.92], np.float32)[:, None, None]
 
 
@@ -394,7 +399,7 @@ def _field_of_view(rng, xx, yy, cx, cy, keep, px):
         inside = big - np.sqrt((xx - ox) ** 2 + (yy - oy) ** 2)
         rim = rng.uniform(0.3, 0.6) * np.exp(-np.maximum(inside, 0) / (
             rng.uniform(0.03, 0.07) * S))
-        return _sigmoid(inside / (0.6 * px)) * (1.0 - rim)
+        return sigmoid(inside / (0.6 * px)) * (1.0 - rim)
     # Room between the disc and each side (left, right, top, bottom).
     room = np.array([cx - keep, S - cx - keep, cy - keep, S - cy - keep])
     first = int(rng.integers(4))
@@ -405,12 +410,13 @@ def _field_of_view(rng, xx, yy, cx, cy, keep, px):
     for k in sides:
         width = min(rng.uniform(0.1, 0.3) * S, room[k] - 0.02 * S)
         dist = (xx, S - xx, yy, S - yy)[k] - width  # > 0: inside the photograph
-        out *= _sigmoid(dist / (0.6 * px))
+        out *= sigmoid(dist / (0.6 * px))
     return out
 
 
-def _camera(rng, d: _Domain, img, xx, yy, px):
+def camera(rng, d: Domain, img, xx, yy, px):
     """Illumination, white balance, exposure, tone curve, blur, noise, 8-bit."""
+    from scipy import ndimage
     S = img.shape[-1]
     ang = rng.uniform(0, 2 * np.pi)
     slope = rng.uniform(*d.gradient)
@@ -439,7 +445,7 @@ def _camera(rng, d: _Domain, img, xx, yy, px):
     return np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
-def _save(image: np.ndarray, path: Path, jpeg: bool) -> None:
+def write_image(image: np.ndarray, path: Path, jpeg: bool) -> None:
     """Write deterministically (no timestamps or other metadata)."""
     buf = io.BytesIO()
     if jpeg:
@@ -466,8 +472,6 @@ def write_splits(root: Path, counts: dict, seed: int, size: int, render_one, sav
     one deterministic order. ``render_one(rng, domain, size)`` gives (image, mask, extra),
     ``save_image(image, path, jpeg)`` writes an image; ``rng(seed, domain, split, i)``
     seeds each image (default: this module's). Returns {image path: extra}."""
-    from tqdm import tqdm
-
     rng = rng or _rng
     root.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=sum(sum(c) for c in counts.values()), desc=desc, unit="img",
@@ -486,7 +490,7 @@ def write_splits(root: Path, counts: dict, seed: int, size: int, render_one, sav
                 rel_img = f"{domain}/{split}/image/{stem}{ext}"
                 rel_mask = f"{domain}/{split}/mask/{stem}.png"
                 save_image(image, root / rel_img, jpeg)
-                _save(mask, root / rel_mask, False)
+                write_image(mask, root / rel_mask, False)
                 rows.append((rel_img, rel_mask))
                 extras[rel_img] = extra
                 bar.update()
@@ -509,7 +513,7 @@ def generate(root, seed: int = 0, n_source: tuple[int, int] = (80, 20),
     root = Path(root)
     total = sum(sum(c) for c in counts.values())
     write_splits(root, counts, seed, size, lambda rng, d, s: (*render(rng, d, s), None),
-                 _save, "synthetic fundus", progress)
+                 write_image, "synthetic fundus", progress)
     summary = {
         "generator": "grata.synth", "version": VERSION, "seed": int(seed), "size": int(size),
         "source": SOURCE_DOMAIN, "targets": list(TARGET_DOMAINS),

@@ -31,11 +31,16 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from grata import synth
 from grata.roi import ROI_FRACTION
-from grata.synth import _camera, _radius, _save, _sigmoid, _wobble  # one scene and camera model
+from grata.synth import (  # one scene and camera model
+    camera,
+    outline_radius,
+    outline_wobble,
+    sigmoid,
+    write_image,
+)
 
 # The cameras of the crop benchmark. Its content targets (crop scale, position, border) are
 # what the ROI rule itself produces from a whole photograph, so they have no whole version.
@@ -55,6 +60,7 @@ def _rng(seed: int, domain: str, split: str, index: int) -> np.random.Generator:
 
 def _smooth(rng, h: int, w: int, cells: int) -> np.ndarray:
     """Zero-mean unit-std low-frequency noise of shape [h, w]."""
+    from scipy import ndimage
     ch = max(2, round(cells * h / w))
     coarse = ndimage.gaussian_filter(rng.standard_normal((ch, cells)), 0.7, mode="wrap")
     up = np.asarray(Image.fromarray(coarse.astype(np.float32), "F").resize((w, h),
@@ -65,6 +71,7 @@ def _smooth(rng, h: int, w: int, cells: int) -> np.ndarray:
 def _draw_vessels(rng, w: int, h: int, disc, side: float, dd: float, fov):
     """Vein and artery opacity maps [h, w]: superior and inferior arcades bending
     around the macula, nasal vessels, small macular branches; random branching."""
+    from scipy import ndimage
     canv = {"vein": Image.new("L", (w, h)), "artery": Image.new("L", (w, h))}
     draws = {n: ImageDraw.Draw(c) for n, c in canv.items()}
     temporal = np.pi if side > 0 else 0.0  # disc on the right: temporal is to the left
@@ -156,7 +163,7 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
     q2 = ((xx - mx) ** 2 + (yy - my) ** 2) / dd ** 2
     macula = 1.0 - rng.uniform(0.25, 0.4) * np.exp(-q2 / (2 * 0.7 ** 2)) \
         - 0.15 * np.exp(-q2 / (2 * 0.12 ** 2))
-    img = (synth._BG * pig * chan)[:, None, None] * (shade * macula)[None]
+    img = (synth.BG_RGB * pig * chan)[:, None, None] * (shade * macula)[None]
 
     # Disc, cup pallor, atrophy: rendered in a window around the disc.
     half = int(np.ceil(2.2 * max(rx, ry))) + 4
@@ -164,8 +171,8 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
     y0, y1 = max(0, int(cy) - half), min(H, int(cy) + half)
     px_, py_ = xx[y0:y1, x0:x1], yy[y0:y1, x0:x1]
     win = img[:, y0:y1, x0:x1]
-    rho_d = _radius(px_, py_, cx, cy, rx, ry, tilt, _wobble(rng, 0.05))
-    rho_c = _radius(px_, py_, ccx, ccy, crx, cry, tilt, _wobble(rng, 0.08))
+    rho_d = outline_radius(px_, py_, cx, cy, rx, ry, tilt, outline_wobble(rng, 0.05))
+    rho_c = outline_radius(px_, py_, ccx, ccy, crx, cry, tilt, outline_wobble(rng, 0.08))
     mask = np.full((H, W), 255, np.uint8)
     mwin = mask[y0:y1, x0:x1]
     mwin[rho_d < 1.0] = 128
@@ -174,23 +181,24 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
     if rng.random() < d.ppa:
         grow = rng.uniform(1.12, 1.35)
         shift = temporal * (grow - 1.0) * rx * rng.uniform(0.6, 1.0)
-        rho_p = _radius(px_, py_, cx + shift, cy, rx * grow, ry * rng.uniform(1.0, 1.1), tilt,
-                        _wobble(rng, 0.08))
-        a = _sigmoid((1.0 - rho_p) / 0.05) * _sigmoid((rho_d - 1.0) / 0.04)
+        rho_p = outline_radius(px_, py_, cx + shift, cy, rx * grow,
+                               ry * rng.uniform(1.0, 1.1), tilt, outline_wobble(rng, 0.08))
+        a = sigmoid((1.0 - rho_p) / 0.05) * sigmoid((rho_d - 1.0) / 0.04)
         a = a * rng.uniform(0.5, 0.9)
-        win = win * (1 - a) + synth._PPA[:, None, None] * a
-    a_d = _sigmoid((1.0 - rho_d) / rng.uniform(0.03, 0.07))[None]
-    rim = synth._RIM[:, None, None] * rng.uniform(0.85, 1.05) * (
+        win = win * (1 - a) + synth.PPA_RGB[:, None, None] * a
+    a_d = sigmoid((1.0 - rho_d) / rng.uniform(0.03, 0.07))[None]
+    rim = synth.RIM_RGB[:, None, None] * rng.uniform(0.85, 1.05) * (
         1.0 + 0.06 * np.clip(1.0 - rho_d, 0, 1)[None] + 0.03 * ltex[None])
     win = win * (1 - a_d) + rim * a_d
     pal = rng.uniform(0.85, 1.1)
-    rho_p = _radius(px_, py_, ccx, ccy, crx * pal, cry * pal, tilt, _wobble(rng, 0.04))
-    a_c = (_sigmoid((1.0 - rho_p) / rng.uniform(0.1, 0.22)) * rng.uniform(0.6, 1.0))[None]
-    win = win * (1 - a_c) + synth._CUP[:, None, None] * a_c
+    rho_p = outline_radius(px_, py_, ccx, ccy, crx * pal, cry * pal, tilt,
+                           outline_wobble(rng, 0.04))
+    a_c = (sigmoid((1.0 - rho_p) / rng.uniform(0.1, 0.22)) * rng.uniform(0.6, 1.0))[None]
+    win = win * (1 - a_c) + synth.CUP_RGB[:, None, None] * a_c
     img[:, y0:y1, x0:x1] = win
 
     vein, artery = _draw_vessels(rng, W, H, (ccx, ccy), side, dd, (fcx, fcy, R * 0.99))
-    for v, col, op in ((artery, synth._ARTERY, 0.7), (vein, synth._VEIN, 0.8)):
+    for v, col, op in ((artery, synth.ARTERY_RGB, 0.7), (vein, synth.VEIN_RGB, 0.8)):
         a = (v * op * rng.uniform(0.85, 1.0))[None]
         img = img * (1 - a) + col[:, None, None] * a
 
@@ -209,17 +217,17 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
         ang = rng.uniform(0, 2 * np.pi)
         slope = ((xx - fcx) * np.cos(ang) + (yy - fcy) * np.sin(ang)) / R
         img = img * (1.0 + uneven * slope)[None]
-    img = np.clip(img, 0, None) * _sigmoid((1.0 - rr) / 0.004)[None]  # the FOV edge
+    img = np.clip(img, 0, None) * sigmoid((1.0 - rr) / 0.004)[None]  # the FOV edge
 
     # The domain's camera, centred on the FOV (its pixel sizes are at a 320 px ROI).
     cam_x = xx - fcx + W / 2
     cam_y = yy - fcy + W / 2
-    out = _camera(rng, d, img.astype(np.float32), cam_x, cam_y, roi / 320.0)
+    out = camera(rng, d, img.astype(np.float32), cam_x, cam_y, roi / 320.0)
     # Stray light stays inside the aperture: outside the FOV only the camera's black
     # level and read noise remain.
     black = 255.0 * d.black + 255.0 * float(np.mean(d.noise)) * np.sqrt(0.2) \
         * rng.standard_normal((H, W), dtype=np.float32)
-    keep = _sigmoid((1.015 - rr) / 0.004)[..., None]
+    keep = sigmoid((1.015 - rr) / 0.004)[..., None]
     out = np.clip(out * keep + black[..., None] * (1 - keep) + 0.5, 0, 255).astype(np.uint8)
     info = {"cx": round(float(cx), 2), "cy": round(float(cy), 2),
             "rx": round(float(rx), 2), "ry": round(float(ry), 2),
@@ -233,7 +241,7 @@ def render_whole(rng: np.random.Generator, domain: str, width: int = 1024,
 
 def _save_photo(image: np.ndarray, path: Path, jpeg: bool) -> None:
     if jpeg:
-        _save(image, path, True)
+        write_image(image, path, True)
     else:  # fast deflate: photographs are large and noisy (still deterministic)
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, "PNG", compress_level=1)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from grata.data import Sample, stream_domain
+from grata.domains import Sample, stream_domain
 from grata.errors import GrataError
 from grata.models import ResUnet, load_state, save_checkpoint, set_norm_mode
 
@@ -107,7 +108,6 @@ def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
     model.train()
     bar = range(start, epochs)
     if progress:
-        from tqdm import tqdm
         bar = tqdm(bar, initial=start, total=epochs, desc="train", unit="epoch")
     for epoch in bar:
         for g in opt.param_groups:

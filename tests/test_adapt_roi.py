@@ -15,7 +15,8 @@ from PIL import Image
 
 from grata import adapt, defaults, metrics, roi, synth_whole
 from grata.cli import main
-from grata.data import RoiOptions, load_pair, stream_domain
+from grata.decode import load_pair
+from grata.domains import RoiOptions, stream_domain
 from grata.engines import engine_factory
 from grata.models import load_checkpoint
 from grata.photo import segment_photograph
@@ -258,7 +259,7 @@ def test_run_without_roi_keeps_crops(tmp_path):
 
 
 def test_the_decoding_limit_holds_for_photographs(whole, tmp_path, monkeypatch):
-    from grata.data import load_photo_pair
+    from grata.decode import load_photo_pair
     name = f"{TARGET}/test/image/{TARGET}_test_0000.png"
     mask = whole / name.replace("/image/", "/mask/")
     pixels, target = load_photo_pair(whole / name, mask)

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from grata.adapt import run
 from grata.cli import main
-from grata.data import load_image
+from grata.decode import load_image
 from grata.errors import GrataError
 from grata.synth import SOURCE_DOMAIN, TARGET_DOMAINS, generate
 

@@ -295,7 +295,7 @@ def test_gate_leaves_a_stream_rule_as_it_would_be(tiny):
     """With ema the gate's extra passes must not move the stream statistics: the gated
     runner's adapted predictions and statistics equal the plain runner's."""
     from grata.adapt import Runner
-    from grata.data import Skipped, stream_domain
+    from grata.domains import Skipped, stream_domain
     from grata.engines import engine_factory
     from grata.specs import parse_spec
     factory = engine_factory("torch", checkpoint=tiny / "edge.pt", arch="edge", device="cpu")

@@ -14,7 +14,7 @@ import pytest
 from hostile import huge_png, image_array, png_bytes, spec_mask, write_corpus
 from PIL import Image
 
-from grata import data
+from grata import decode, domains, masks
 from grata.cli import main
 from grata.errors import DataError, GrataError
 
@@ -34,15 +34,15 @@ def _reason_ok(text: str) -> None:
 
 def test_spec_masks_and_label_maps_read_the_same(tmp_path):
     m = spec_mask(32)
-    ref = data.load_mask(_png(tmp_path / "spec.png", m, "L"), 16)
+    ref = decode.load_mask(_png(tmp_path / "spec.png", m, "L"), 16)
     assert ref[1].sum() > 0 and ref[0].sum() > ref[1].sum()
     labels = np.select([m == 255, m == 128, m == 0], [0, 1, 2]).astype(np.uint8)
-    np.testing.assert_array_equal(data.load_mask(_png(tmp_path / "lab.png", labels, "L"),
+    np.testing.assert_array_equal(decode.load_mask(_png(tmp_path / "lab.png", labels, "L"),
                                                  16), ref)
-    assert data.mask_convention(labels) == "labels" and data.mask_convention(m) == "spec"
+    assert masks.mask_convention(labels) == "labels" and masks.mask_convention(m) == "spec"
     rim_only = np.where(m == 0, 128, m).astype(np.uint8)  # a disc without cup is spec
-    assert data.mask_convention(rim_only) == "spec"
-    assert data.load_mask(_png(tmp_path / "rim.png", rim_only, "L"), 16)[1].sum() == 0
+    assert masks.mask_convention(rim_only) == "spec"
+    assert decode.load_mask(_png(tmp_path / "rim.png", rim_only, "L"), 16)[1].sum() == 0
 
 
 def test_jpeg_mask_is_read_by_the_nearest_level(tmp_path):
@@ -50,9 +50,9 @@ def test_jpeg_mask_is_read_by_the_nearest_level(tmp_path):
     p = _png(tmp_path / "mask.jpg", m, "L", "JPEG", quality=75)
     grey = np.asarray(Image.open(p))
     assert len(np.unique(grey)) > 3  # really noisy
-    assert data.mask_convention(grey) == "spec-noisy"
-    got = data.load_mask(p, 256)
-    ref = data.load_mask(_png(tmp_path / "mask.png", m, "L"), 256)
+    assert masks.mask_convention(grey) == "spec-noisy"
+    got = decode.load_mask(p, 256)
+    ref = decode.load_mask(_png(tmp_path / "mask.png", m, "L"), 256)
     for ch in (0, 1):  # same structures up to a few edge pixels
         inter = (got[ch] * ref[ch]).sum()
         union = np.maximum(got[ch], ref[ch]).sum()
@@ -83,7 +83,7 @@ def test_unknown_or_single_structure_masks_are_refused(tmp_path, kind, words):
     else:
         p = _png(tmp_path / "m.png", arrays[kind], "L")
     with pytest.raises(DataError) as e:
-        data.load_mask(p, 16)
+        decode.load_mask(p, 16)
     _reason_ok(str(e.value))
     assert words in str(e.value) and p.name in str(e.value)
 
@@ -92,12 +92,12 @@ def test_unknown_or_single_structure_masks_are_refused(tmp_path, kind, words):
 
 _RSS = """
 import resource, sys
-from grata import data
+from grata import decode
 from grata.errors import DataError
-data.load_image(sys.argv[2], 8)  # warm up: imports, decoders
+decode.load_image(sys.argv[2], 8)  # warm up: imports, decoders
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
-    data.load_{what}(sys.argv[1], 128)
+    decode.load_{what}(sys.argv[1], 128)
     print("loaded")
 except DataError as e:
     print("refused", str(e))
@@ -130,48 +130,48 @@ def test_pixel_limit_is_configurable_and_jpeg_decodes_reduced(tmp_path, monkeypa
     png = _png(tmp_path / "big.png", smooth)
     mask = _png(tmp_path / "mask.png", np.kron(spec_mask(30), np.ones((80, 80), np.uint8)),
                 "L")
-    full = data.load_image(jpg, 64)  # 5.8 MP: under the default limit, decoded in full
-    reduced = data.load_image(jpg, 64, limit=2_000_000)  # decoded at 1/2: 1.44 MP
+    full = decode.load_image(jpg, 64)  # 5.8 MP: under the default limit, decoded in full
+    reduced = decode.load_image(jpg, 64, limit=2_000_000)  # decoded at 1/2: 1.44 MP
     assert np.abs(reduced - full).mean() < 0.01 and 0 < np.abs(reduced - full).max()
     with pytest.raises(DataError, match="mask.png.*above the decoding limit"):
-        data.load_pair(jpg, mask, 64, limit=2_000_000)  # masks are never reduced
+        decode.load_pair(jpg, mask, 64, limit=2_000_000)  # masks are never reduced
     with pytest.raises(DataError, match="above the decoding limit of 2 MP"):
-        data.load_image(png, 64, limit=2_000_000)  # only JPEG decodes reduced
+        decode.load_image(png, 64, limit=2_000_000)  # only JPEG decodes reduced
     with pytest.raises(DataError, match="above the decoding limit"):
-        data.load_image(jpg, 64, limit=50_000)  # even 1/8 (300 x 300) is above
+        decode.load_image(jpg, 64, limit=50_000)  # even 1/8 (300 x 300) is above
     monkeypatch.setenv("GRATA_MAX_PIXELS", "1e6")
-    assert data.max_pixels() == 1_000_000
+    assert decode.max_pixels() == 1_000_000
     with pytest.raises(DataError, match="limit of 1 MP"):
-        data.load_image(png, 64)
+        decode.load_image(png, 64)
     monkeypatch.setenv("GRATA_MAX_PIXELS", "lots")
     with pytest.raises(GrataError, match="GRATA_MAX_PIXELS"):
-        data.max_pixels()
+        decode.max_pixels()
     root = tmp_path / "data"
     _domain(root, "D")
     with pytest.raises(GrataError, match="GRATA_MAX_PIXELS"):  # a setting stops the run,
-        data.validate_domains(root, ["D"])
+        domains.validate_domains(root, ["D"])
     with pytest.raises(GrataError, match="GRATA_MAX_PIXELS"):  # not one skip per image
-        list(data.stream_domain(root, "D", 8))
+        list(domains.stream_domain(root, "D", 8))
 
 
 # ------------------------------------------------------------------- reasons
 
 def test_reasons_never_echo_object_reprs_and_quote_names(tmp_path):
     with pytest.raises(DataError) as e:
-        data.load_image(io.BytesIO(b"junk, not an image"), 8)
+        decode.load_image(io.BytesIO(b"junk, not an image"), 8)
     _reason_ok(str(e.value))
     assert "not an image format" in str(e.value) and "BytesIO" in str(e.value)
     with pytest.raises(DataError) as e:
-        data.load_image(io.BytesIO(png_bytes(image_array(0))[:60]), 8)
+        decode.load_image(io.BytesIO(png_bytes(image_array(0))[:60]), 8)
     _reason_ok(str(e.value))
     p = tmp_path / "two\nlines\r.png"
     p.write_bytes(b"text")
     with pytest.raises(DataError) as e:
-        data.load_image(p, 8)
+        decode.load_image(p, 8)
     _reason_ok(str(e.value))
     assert "two\\nlines\\r.png" in str(e.value)
-    assert data.quote(os.fsdecode(b"caf\xe9.png")) == "'caf\\udce9.png'"
-    assert data.quote(io.BytesIO()) == "<BytesIO>"
+    assert decode.quote(os.fsdecode(b"caf\xe9.png")) == "'caf\\udce9.png'"
+    assert decode.quote(io.BytesIO()) == "<BytesIO>"
 
 
 # ------------------------------------------------------------------- domains
@@ -191,12 +191,12 @@ def test_every_domain_is_validated_before_the_first_image(tmp_path, capsys, monk
     _domain(root, "Good")
     _domain(root, "Late", header="picture,label")
     with pytest.raises(GrataError) as e:
-        data.validate_domains(root, ["Good", "Late"])
+        domains.validate_domains(root, ["Good", "Late"])
     _reason_ok(str(e.value))
     assert "Late_test.csv" in str(e.value) and "image,mask" in str(e.value)
-    data.validate_domains(root, ["Good"])
+    domains.validate_domains(root, ["Good"])
     with pytest.raises(GrataError, match="Late_test.csv"):
-        data.resolve_targets(root, "Src", None)
+        domains.resolve_targets(root, "Src", None)
 
     import grata.adapt
 
@@ -219,26 +219,26 @@ def test_undecodable_rows_are_skipped_rows(tmp_path):
     lines.insert(3, b'"' + b"z" * 200_000 + b'",D/m0.png')  # over the csv field limit
     lines.insert(4, b'D/i1.png,"D/m1.png')  # an unterminated quote swallows the rest
     csv_path.write_bytes(b"\n".join(lines))
-    out = list(data.stream_domain(root, "D", 8))
+    out = list(domains.stream_domain(root, "D", 8))
     kinds = [type(o).__name__ for o in out]
     assert kinds[:3] == ["Sample", "Skipped", "Skipped"], kinds
     assert "not UTF-8" in out[1].reason and "malformed row" in out[2].reason
     for o in out:
-        if isinstance(o, data.Skipped):
+        if isinstance(o, domains.Skipped):
             _reason_ok(o.reason)
 
 
 def test_an_unexpected_decoder_failure_is_a_skipped_row(tmp_path, monkeypatch):
     root = tmp_path / "data"
     _domain(root, "D", n=2)
-    real = data._image_array
+    real = decode._image_array
 
     def boom(img, size, path):
         if "i0.png" in path:
             raise ZeroDivisionError("decoder bug")
         return real(img, size, path)
-    monkeypatch.setattr(data, "_image_array", boom)
-    out = list(data.stream_domain(root, "D", 8))
+    monkeypatch.setattr(decode, "_image_array", boom)
+    out = list(domains.stream_domain(root, "D", 8))
     assert [type(o).__name__ for o in out] == ["Skipped", "Sample"]
     assert "ZeroDivisionError" in out[0].reason
     _reason_ok(out[0].reason)
@@ -250,18 +250,18 @@ def test_hostile_corpus_each_row_ends_as_one_sample_or_one_skip(tmp_path):
     root = tmp_path / "data"
     cases = write_corpus(root)
     assert len(cases) >= 20
-    out = list(data.stream_domain(root, "Hostile", 16))
+    out = list(domains.stream_domain(root, "Hostile", 16))
     assert len(out) == len(cases), [type(o).__name__ for o in out]
     for case, item in zip(cases, out):
         if case.expect == "sample":
-            assert isinstance(item, data.Sample), (case.name, getattr(item, "reason", ""))
+            assert isinstance(item, domains.Sample), (case.name, getattr(item, "reason", ""))
             assert item.image.shape == (3, 16, 16) and np.isfinite(item.image).all()
             continue
-        assert isinstance(item, data.Skipped), case.name
+        assert isinstance(item, domains.Skipped), case.name
         _reason_ok(item.reason)
         for w in case.words:
             assert w in item.reason, (case.name, item.reason)
     # the reasons survive the report's JSON and a UTF-8 log unchanged
-    reasons = [o.reason for o in out if isinstance(o, data.Skipped)]
+    reasons = [o.reason for o in out if isinstance(o, domains.Skipped)]
     assert json.loads(json.dumps(reasons)) == reasons
     "\n".join(reasons).encode("utf-8")

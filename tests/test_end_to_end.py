@@ -12,7 +12,7 @@ import torch
 from grata import defaults, metrics
 from grata.adapt import run
 from grata.cli import main
-from grata.data import Sample, stream_domain
+from grata.domains import Sample, stream_domain
 from grata.models import load_checkpoint, set_norm_mode
 from grata.synth import CAMERA_DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS, generate
 from grata.torch_engine import TorchEngine

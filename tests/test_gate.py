@@ -12,11 +12,11 @@ from grata.gate import (
     Scores,
     agreement,
     decide,
-    dice,
     mean_entropy,
     plausibility,
     view_logits,
 )
+from grata.metrics import dice_ratio
 
 S = 64
 
@@ -65,7 +65,7 @@ def test_agreement_and_dice_hand_values():
     d_disc = 2 * half[0].sum() / (a[0].sum() + half[0].sum())
     d_cup = 2 * (a[1] & half[1]).sum() / (a[1].sum() + half[1].sum())
     assert agreement(a, [half]) == pytest.approx((d_disc + d_cup) / 2, abs=1e-9)
-    assert dice(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    assert dice_ratio(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
 
 
 def test_mean_entropy_hand_values():

@@ -1,6 +1,8 @@
 """The package's import graph, drawn from the source with ast: no cycle, and the data
 flows one way (data -> model -> export -> runtime -> serving): the lower stages never
-import the runtime, the command line or the benchmarks."""
+import the runtime, the command line or the benchmarks. One import style: absolute
+`grata.` imports, at module top except for the optional or heavy dependencies below, and
+no private name imported from another module."""
 
 import ast
 from pathlib import Path
@@ -9,9 +11,50 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> folder, as in pyproject's package-dir
 FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime",
            "grata.kernels": "kernels", "grata.calibration": "calibration"}
-LOWER = ("grata.data", "grata.synth", "grata.models", "grata.export", "grata.kernels",
-         "grata.losses", "grata.augment", "grata.metrics", "grata.engine", "grata.methods")
+LOWER = ("grata.data", "grata.domains", "grata.decode", "grata.masks", "grata.synth",
+         "grata.models", "grata.export", "grata.kernels", "grata.losses", "grata.augment",
+         "grata.metrics", "grata.engine", "grata.methods")
 UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
+
+# The packages a function may import, and why: the module that does must import without
+# them (or without paying for them until they are used).
+LAZY_PACKAGES = {
+    "torch": "the reference, training and the export; the device runtime runs without it",
+    "onnx": "the export and calibration; the device runtime runs without it",
+    "onnxruntime": "the device extra; the package imports where it is not installed",
+    "tensorrt": "the TensorRT predictor on a GPU device; optional",
+    "cuda": "cuda-python, the GPU extra (the fused update, GPU probes); optional",
+    "cupy": "GPU arrays for the fused update; optional",
+    "matplotlib": "the plots of the HTML report (the report extra); optional",
+    "scipy": "start-up: grata --help and the device runtime import without it (its "
+             "ndimage costs about half a second)",
+}
+# A grata module whose import loads one of LAZY_PACKAGES (grata.models: torch) counts as
+# that package: it is imported where it is used, for the same reason.
+
+# Imports inside functions still to move to the module top, in modules being rewritten in
+# parallel (issue 20, items 1 and 2). Each entry goes once its module imports it at the top
+# (test_pending_lazy_imports_are_still_there says which are done): {importing module:
+# {the grata module imported, or the top-level name of another package}}.
+PENDING_LAZY = {
+    "grata.adapt": {"grata.gate", "tqdm"},
+    "grata.engines": {"grata.runtime"},
+    "grata.bench.workers": {"grata.augment", "grata.bench.convlimit", "grata.kernels",
+                            "grata.methods", "grata.runtime", "grata.runtime.heap",
+                            "importlib"},
+    "grata.runtime.adaptive": {"grata.data", "grata.gate", "grata.methods", "grata.metrics",
+                               "grata.photo", "grata.roi", "grata.specs", "PIL", "copy",
+                               "fcntl"},
+    "grata.runtime.choose": {"grata.runtime.cuda_engine"},
+    "grata.runtime.inbox": {"grata.report", "PIL"},
+    "grata.runtime.predictors": {"grata.runtime.tensorrt"},
+    "grata.runtime.tensorrt": {"grata.export.manifest"},
+    "grata.kernels": {"grata.kernels.cuda_update", "grata.kernels.numpy_update", "numpy"},
+    "grata.kernels.cuda_update": {"grata.defaults"},
+    "grata.calibration.evaluate": {"grata.adapt", "grata.calibration.quantize",
+                                   "grata.export.manifest", "grata.report", "grata.runtime"},
+    "grata.calibration.quantize": {"grata.data", "grata.errors", "importlib"},
+}
 
 
 def modules() -> dict[str, Path]:
@@ -58,6 +101,83 @@ def imports(name: str, path: Path, known) -> set[str]:
             if t and t != name:
                 found.add(t)
     return found
+
+
+def resolve(target: str, known) -> str | None:
+    """The module of the package an import target names (an attribute: its module)."""
+    while target and target not in known:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def targets(node, package: str) -> list[str]:
+    """What an import statement imports: modules, or a module's attributes (dotted)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = absolute(node, package)
+    return [f"{base}.{a.name}" for a in node.names]
+
+
+def lazy_key(target: str, known) -> str:
+    """How PENDING_LAZY names an import target: its grata module, else its package."""
+    return resolve(target, known) or target.split(".")[0]
+
+
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+def function_imports(tree) -> list:
+    """Import statements inside functions (nested ones once)."""
+    found = {}
+    for fn in ast.walk(tree):
+        if isinstance(fn, FUNCTIONS):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    found[id(node)] = node
+    return list(found.values())
+
+
+def top_imports(tree) -> list:
+    """Import statements that run when the module is imported (module level, class bodies,
+    if/try blocks; not functions, not `if TYPE_CHECKING:`)."""
+    found = []
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, FUNCTIONS):
+                continue
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    visit(other)
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.append(child)
+            visit(child)
+    visit(tree)
+    return found
+
+
+def heavy_modules() -> set[str]:
+    """The package's modules whose import loads one of LAZY_PACKAGES (their own top-level
+    imports, those of the modules they import, and their parent packages')."""
+    mods = modules()
+    heavy, deps = set(), {}
+    for name, path in mods.items():
+        parts = name.split(".")
+        deps[name] = {".".join(parts[:i]) for i in range(1, len(parts))} & set(mods)
+        for node in top_imports(ast.parse(path.read_text())):
+            for t in targets(node, package_of(name, path)):
+                if t.split(".")[0] in LAZY_PACKAGES:
+                    heavy.add(name)
+                m = resolve(t, mods)
+                if m and m != name:
+                    deps[name].add(m)
+    grew = True
+    while grew:
+        more = {n for n, d in deps.items() if n not in heavy and d & heavy}
+        heavy |= more
+        grew = bool(more)
+    return heavy
 
 
 def graph() -> dict[str, set[str]]:
@@ -128,4 +248,66 @@ def test_no_private_name_is_imported_across_packages():
                     if base.startswith("grata") and a.name.startswith("_") \
                             and not a.name.startswith("__") and src_pkg != package:
                         bad.append((name, base, a.name))
+    assert not bad, bad
+
+
+def test_imports_inside_functions_are_optional_or_heavy_dependencies():
+    mods, heavy = modules(), heavy_modules()
+    assert {"grata.models", "grata.train", "grata.export.exporter"} <= heavy
+    assert not heavy & {"grata.domains", "grata.gate", "grata.cli", "grata.export"}
+    bad = []
+    for name, path in mods.items():
+        package = package_of(name, path)
+        for node in function_imports(ast.parse(path.read_text())):
+            for t in targets(node, package):
+                if t.split(".")[0] in LAZY_PACKAGES or resolve(t, mods) in heavy:
+                    continue
+                if lazy_key(t, mods) not in PENDING_LAZY.get(name, ()):
+                    bad.append(f"{name}:{node.lineno} imports {t} inside a function")
+    assert not bad, "\n".join(bad)
+
+
+def test_pending_lazy_imports_are_still_there():
+    mods = modules()
+    stale = []
+    for name, pending in PENDING_LAZY.items():
+        path = mods[name]
+        found = {lazy_key(t, mods) for node in function_imports(ast.parse(path.read_text()))
+                 for t in targets(node, package_of(name, path))}
+        stale += [f"{name} -> {m}" for m in sorted(set(pending) - found)]
+    assert not stale, f"now imported at the top, remove from PENDING_LAZY: {stale}"
+
+
+def test_no_relative_imports():
+    files = [*modules().values(), *(ROOT / "tests").rglob("*.py"),
+             *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]
+    bad = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in files
+           for node in ast.walk(ast.parse(p.read_text()))
+           if isinstance(node, ast.ImportFrom) and node.level]
+    assert not bad, bad
+
+
+def test_no_private_name_is_imported_across_modules():
+    mods = modules()
+    bad = []
+    for name, path in mods.items():
+        package = package_of(name, path)
+        tree = ast.parse(path.read_text())
+        local = {}  # names bound to a module of the package
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and absolute(node, package).startswith("grata"):
+                base = absolute(node, package)
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{name}:{node.lineno} from {base} import {a.name}")
+                    if f"{base}.{a.name}" in mods:
+                        local[a.asname or a.name] = f"{base}.{a.name}"
+            elif isinstance(node, ast.Import):
+                local.update({a.asname: a.name for a in node.names
+                              if a.asname and a.name in mods})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in local and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                bad.append(f"{name}:{node.lineno} {local[node.value.id]}.{node.attr}")
     assert not bad, bad

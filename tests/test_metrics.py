@@ -62,6 +62,15 @@ def test_binarize_threshold_is_inclusive_and_bool_passes():
     assert M.binarize(np.array([0, 1, 255], np.uint8)).tolist() == [False, True, True]
 
 
+def test_binarize_logits_decides_on_the_sign_in_float32():
+    # sigmoid(-1e-9) rounds to 0.5 in float32; the sign of the logit does not
+    z = np.array([-1e-9, -0.0, 0.0, 1e-9, -3.0, 3.0, np.nan])
+    assert M.binarize(z, logits=True).tolist() == [False, True, True, True, False, True, False]
+    # float64 values too small for float32 take float32's sign: -1e-50 becomes -0.0
+    assert M.binarize(np.array([-1e-50, 1e-50]), logits=True).tolist() == [True, True]
+    assert M.binarize(np.array([-2.0, 0.5, 2.0]), logits=True).tolist() == [False, True, True]
+
+
 def test_probs_from_logits_stable_and_correct():
     x = np.array([-1000.0, -20.0, -1.5, 0.0, 2.0, 1000.0])
     with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow to 0 is fine
@@ -80,6 +89,21 @@ def test_dice_matches_set_reference_on_random_masks():
             p = rng.random((17, 23)) < density
             g = rng.random((17, 23)) < density
             assert M.dice(p, g) == pytest.approx(dice_by_sets(p, g), rel=1e-12)
+
+
+def test_dice_ratio_is_dice_over_100_and_matches_the_set_reference():
+    rng = np.random.default_rng(1)
+    for density in (0.05, 0.5):
+        p = rng.random((13, 11)) < density
+        g = rng.random((13, 11)) < density
+        assert M.dice_ratio(p, g) == pytest.approx(dice_by_sets(p, g) / 100, rel=1e-12)
+        assert M.dice(p, g) == M.dice_ratio(p, g) * 100.0
+    z = np.zeros((4, 4), bool)
+    assert M.dice_ratio(z, z) == 1.0
+    one, two = z.copy(), z.copy()
+    one[0, 0] = True
+    two[0, :2] = True
+    assert M.dice_ratio(one, two) == pytest.approx((2 + 1e-6) / (3 + 1e-6), rel=1e-15)
 
 
 def test_dice_hand_values():

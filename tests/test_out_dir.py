@@ -18,7 +18,7 @@ def no_work(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("work started before --out was checked")
     monkeypatch.setattr(grata.adapt, "run", refuse)
-    monkeypatch.setattr("grata.data.resolve_targets", refuse)
+    monkeypatch.setattr("grata.domains.resolve_targets", refuse)
 
 
 def _adapt(out, tmp_path):

@@ -10,7 +10,7 @@ from grata.runtime import OrtEngine
 
 from grata import metrics
 from grata.cli import main
-from grata.data import Sample, stream_domain
+from grata.domains import Sample, stream_domain
 from grata.methods import create
 from grata.models import load_checkpoint
 from grata.synth import SOURCE_DOMAIN, TARGET_DOMAINS, generate

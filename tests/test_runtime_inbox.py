@@ -311,7 +311,7 @@ def test_hostile_inbox_files_never_stop_the_server(artifacts, tmp_path):
 
 
 def quote(name):
-    from grata.data import quote as q
+    from grata.decode import quote as q
     return q(name)
 
 

@@ -12,7 +12,7 @@ from grata.runtime.adaptive import AdaptiveModel, EnginePredictor
 from serve_helpers import load_state, make_inbox, serve_args
 
 from grata.cli import main
-from grata.data import load_image
+from grata.decode import load_image
 from grata.gate import GateConfig
 from grata.methods import create
 

@@ -43,7 +43,7 @@ def test_soak_check_sees_a_lost_and_a_duplicated_input(soak, tmp_path):
 
     from grata.runtime.inbox import display_name
 
-    from grata.data import quote
+    from grata.decode import quote
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     (inbox / "rejected").mkdir(parents=True)
     outbox.mkdir()

@@ -1,4 +1,4 @@
-"""The synthetic benchmark: deterministic, readable by grata.data, well-formed masks,
+"""The synthetic benchmark: deterministic, readable by grata.domains, well-formed masks,
 measurably shifted target domains, version-3 domains unchanged."""
 
 import hashlib
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from grata import data, synth
+from grata import domains, synth
 
 SMALL = {"n_source": (3, 2), "n_target": (2, 1), "size": 96, "progress": False}
 N_IMAGES = 3 + 2 + 3 * len(synth.TARGET_DOMAINS)
@@ -98,14 +98,14 @@ def test_layout_readable_by_data(bench):
     assert meta["version"] == synth.VERSION
     assert meta["domains"][synth.SOURCE_DOMAIN]["train"] == 3
     assert summary["domains"] == meta["domains"]
-    assert data.list_domains(root) == sorted([synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS])
+    assert domains.list_domains(root) == sorted([synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS])
     for domain in (synth.SOURCE_DOMAIN, *synth.TARGET_DOMAINS):
-        entries, problems = data.domain_entries(root, domain)
+        entries, problems = domains.domain_entries(root, domain)
         n = (3, 2) if domain == synth.SOURCE_DOMAIN else (2, 1)
         assert problems == [] and len(entries) == sum(n)
         assert ["/train/" in e.name for e in entries] == [True] * n[0] + [False] * n[1]
-        samples = list(data.stream_domain(root, domain, 32))
-        assert all(isinstance(s, data.Sample) for s in samples)
+        samples = list(domains.stream_domain(root, domain, 32))
+        assert all(isinstance(s, domains.Sample) for s in samples)
     assert any(p.suffix == ".jpg" for p in root.rglob("*/image/*"))
 
 
@@ -140,7 +140,7 @@ def test_camera_targets_differ_in_colour_from_source(tmp_path):
     synth.generate(root, seed=0, n_source=(6, 0), n_target=(6, 0), size=64, progress=False)
 
     def stats(domain):
-        imgs = [s.image for s in data.stream_domain(root, domain, 64)]
+        imgs = [s.image for s in domains.stream_domain(root, domain, 64)]
         # after the loader's min-max: channel means and spread, averaged over images
         return np.mean([np.r_[x.mean((1, 2)), x.std((1, 2))] for x in imgs], axis=0)
 

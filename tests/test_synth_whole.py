@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grata import data, roi, synth, synth_whole
+from grata import domains, roi, synth, synth_whole
 from grata.errors import GrataError
 
 SMALL = {"n_source": (2, 1), "n_target": (1, 1), "size": 256, "progress": False}
@@ -39,8 +39,8 @@ def test_same_seed_same_bytes_other_seed_differs(bench, tmp_path):
 
 def test_csv_layout_and_full_size_masks(bench):
     root, _ = bench
-    assert set(data.list_domains(root)) == {synth.SOURCE_DOMAIN, *synth_whole.TARGET_DOMAINS}
-    entries, skipped = data.domain_entries(root, synth.SOURCE_DOMAIN)
+    assert set(domains.list_domains(root)) == {synth.SOURCE_DOMAIN, *synth_whole.TARGET_DOMAINS}
+    entries, skipped = domains.domain_entries(root, synth.SOURCE_DOMAIN)
     assert not skipped
     assert len(entries) == 3
     meta = json.loads((root / "synth.json").read_text())

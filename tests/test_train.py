@@ -5,7 +5,7 @@ import hashlib
 import pytest
 import torch
 
-from grata.data import domain_entries
+from grata.domains import domain_entries
 from grata.errors import GrataError
 from grata.models import load_checkpoint
 from grata.synth import SOURCE_DOMAIN, generate

@@ -205,11 +205,11 @@ MUTANTS = [
            "if type(version) is not int:",
            "tests/test_export.py -k refuses"),
     # -- data readers ---------------------------------------------------------------------
-    Mutant("disc channel == 128", "grata/data.py",
-           "return np.stack([v < 255, v == 0]).astype(np.float32)",
-           "return np.stack([v == 128, v == 0]).astype(np.float32)",
+    Mutant("disc channel == 128", "grata/masks.py",
+           "return np.stack([v < 255, v == 0])",
+           "return np.stack([v == 128, v == 0])",
            "tests/test_data.py -k mask"),
-    Mutant("test rows stream before train rows", "grata/data.py",
+    Mutant("test rows stream before train rows", "grata/domains.py",
            '_SPLITS = ("train", "test")', '_SPLITS = ("test", "train")',
            "tests/test_data.py -k layout"),
     # -- serving: guards and crash safety ------------------------------------------------

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from grata.runtime.ort_session import import_onnxruntime, session_options
+
 LIMIT_FILE = "convs.onnx"
 
 
@@ -61,7 +63,6 @@ def conv_rate(path, forward_flops: int, threads: int, reps: int = 3) -> dict:
     """Time the convolutions-alone graph (`conv_graph`) with the runtime's session
     settings at `threads`: one warm-up run, then `reps`; the median gives the rate.
     onnxruntime and numpy only."""
-    from grata.runtime.ort_session import import_onnxruntime, session_options
 
     ort = import_onnxruntime()
     sess = ort.InferenceSession(str(path), sess_options=session_options(threads),

@@ -7,10 +7,20 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from grata import __version__
+from grata.runtime.ort_session import available_providers, default_threads, physical_cores
+
+try:
+    import resource  # POSIX only: ru_maxrss where /proc is absent, minor faults
+except ImportError:
+    resource = None
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +40,6 @@ def peak_rss_bytes() -> int:
     """This process's peak resident memory (VmHWM; ru_maxrss where /proc is absent)."""
     kib = _status_kib("VmHWM")
     if kib is None:
-        import resource
         scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
     return kib * 1024
@@ -39,9 +48,7 @@ def peak_rss_bytes() -> int:
 def minor_faults() -> int:
     """This process's minor page faults so far (pages the kernel mapped in on first
     touch: what a freshly mapped buffer costs)."""
-    try:
-        import resource
-    except ImportError:  # not on this OS
+    if resource is None:  # not on this OS
         return 0
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
@@ -82,7 +89,6 @@ def _mem_total() -> int | None:
 
 
 def _version(package: str) -> str | None:
-    from importlib import metadata
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -91,7 +97,6 @@ def _version(package: str) -> str | None:
 
 def machine_info() -> dict:
     """What the numbers were measured on (recorded in every report)."""
-    from grata.runtime.ort_session import default_threads, physical_cores
     info = {"platform": platform.platform(),
             "machine": platform.machine(), "cpu": _cpu_model(),
             "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
@@ -103,14 +108,12 @@ def machine_info() -> dict:
 
 
 def versions() -> dict:
-    from grata import __version__
     out = {"grata": __version__, "python": platform.python_version()}
     for pkg in ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt",
                 "cuda-python", "scipy"):
         v = _version(pkg)
         if v is not None:
             out[pkg] = v
-    from grata.runtime.ort_session import available_providers
     if importlib.util.find_spec("onnxruntime") is not None:
         out["onnxruntime_providers"] = available_providers()
     return out
@@ -171,7 +174,6 @@ class DeviceMemoryPeak:
             return None
 
     def __enter__(self):
-        import threading
         if self.rt is None:
             return self
         self._base = self._used()

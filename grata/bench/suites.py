@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 from grata import defaults
-from grata.errors import GrataError
-from grata.export.manifest import PRECISIONS
-from grata.sizes import check_size
+from grata.artifacts import default_artifacts, random_model_artifacts
+from grata.bench.convlimit import conv_graph
 from grata.bench.probes import gpu_info, machine_info, matmul_rate, versions
 from grata.bench.settings import (
     ADAPT_BACKENDS,
@@ -22,6 +21,13 @@ from grata.bench.settings import (
     STAGES,
 )
 from grata.bench.workers import parse_variant, run_worker
+from grata.calibration.quantize import convert_fp16, quantize_artifacts
+from grata.errors import GrataError
+from grata.export import DEVICE_TEACHER_VIEWS
+from grata.export.manifest import PRECISIONS, load_manifest
+from grata.runtime.ort_session import available_providers, default_threads
+from grata.sizes import check_size
+from grata.synth import SOURCE_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +40,6 @@ def _int8_artifacts(fp32: Path, quiet: bool) -> Path:
     """A QDQ INT8 copy of fp32 artifacts (calibrated on 16 synthetic source images),
     made once into the cache. Good enough for timing; `grata calibrate` makes the one
     to ship and scores it."""
-    from grata.calibration.quantize import quantize_artifacts
-    from grata.export.manifest import load_manifest
-    from grata.synth import SOURCE_DOMAIN
     m = load_manifest(fp32, verify=False)
     if m.get("precision", {}).get("infer", "fp32") != "fp32":
         return fp32
@@ -50,8 +53,6 @@ def _int8_artifacts(fp32: Path, quiet: bool) -> Path:
 
 
 def _fp16_artifacts(fp32: Path, quiet: bool) -> Path:
-    from grata.calibration.quantize import convert_fp16
-    from grata.export.manifest import load_manifest
     m = load_manifest(fp32, verify=False)
     folder = defaults.cache_dir() / "bench" / f"fp16-{m['manifest_sha256'][:16]}"
     if not (folder / "manifest.json").exists():
@@ -64,7 +65,6 @@ def _fp16_artifacts(fp32: Path, quiet: bool) -> Path:
 # ----------------------------------------------------------------------------- suites
 
 def _available_backends() -> list[str]:
-    from grata.runtime.ort_session import available_providers
     out = []
     have = available_providers()
     if have:
@@ -104,8 +104,6 @@ def stages_plan(backends: list[str], precisions: list[str] | None) -> list[tuple
 
 
 def run_stages(args) -> dict:
-    from grata.artifacts import default_artifacts
-    from grata.export.manifest import load_manifest
     quiet = args.quiet
     if args.artifacts is not None:
         fp32, weights = args.artifacts, f"artifacts {args.artifacts}"
@@ -124,7 +122,6 @@ def run_stages(args) -> dict:
     plan = stages_plan(backends, precisions)
     threads = args.threads
     if threads is None:
-        from grata.runtime.ort_session import default_threads
         threads = default_threads()
     settings = {"suite": "stages", "artifacts": str(fp32), "weights": weights,
                 "arch": m["arch"], "size": m["size"], "stages": stages, "warmup": args.warmup,
@@ -166,12 +163,8 @@ def run_stages(args) -> dict:
 def run_adapt(args) -> dict:
     import torch  # the reference, FLOP counts and the exports need it
 
-    from grata.artifacts import random_model_artifacts
-    from grata.models import ResUnet, flops
-
-    from grata.export import DEVICE_TEACHER_VIEWS
     from grata.export.trace import TEACHER_VIEW_CHOICES
-    from grata.bench.convlimit import conv_graph
+    from grata.models import ResUnet, flops
 
     archs, sizes = _csv(args.archs), [int(s) for s in _csv(args.sizes)]
     backends = _csv(args.backends)
@@ -193,7 +186,6 @@ def run_adapt(args) -> dict:
             views[b] = int(teacher)
     threads = args.threads
     if threads is None:
-        from grata.runtime.ort_session import default_threads
         threads = default_threads()
     if args.images < 1 or args.warmup < 0:
         raise GrataError("--images must be at least 1 and --warmup at least 0")
@@ -220,7 +212,6 @@ def run_adapt(args) -> dict:
                        for k in sorted(set(views.values()))}
             limit = None
             if args.limit_reps:
-                from grata import defaults
                 path = defaults.cache_dir() / "bench" / f"{arch}-{size}-seed{args.seed}-convs.onnx"
                 limit = conv_graph(arch, size, args.seed, path)
                 limit["reps"] = args.limit_reps

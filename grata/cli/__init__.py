@@ -1,7 +1,8 @@
 """The `grata` command line: one module per verb, each a thin layer over the library.
 
-Every verb module exposes ``register(subparsers) -> {name: handler(args) -> int}`` and
-imports its heavy dependencies inside the handler, so ``--help`` stays fast. Adding a
+Every verb module exposes ``register(subparsers) -> {name: handler(args) -> int}``; it
+imports what it uses at the top, except torch and the modules built on it (training, the
+export), which its handler imports, so ``--help`` and the device need no torch. Adding a
 verb is one line in VERBS.
 """
 

@@ -7,14 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from grata.product import PRODUCT_METHODS, PRODUCT_NORM
-from grata.errors import GrataError
-from grata.specs import folder_name, split_specs
+from grata import adapt, domains
+from grata.artifacts import cached_artifacts
 from grata.cli.common import (
     add_alias,
-    add_paper,
     add_hyperparameters,
     add_model_args,
+    add_paper,
     add_quiet,
     add_seed,
     add_threads,
@@ -25,6 +24,17 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
+from grata.engines import engine_factory
+from grata.errors import GrataError
+from grata.gate import GateConfig
+from grata.norm import NormSpec
+from grata.outdir import check_out_dir
+from grata.product import PRODUCT_METHODS, PRODUCT_NORM
+from grata.report import build_report, format_table, plot_stream, write_json_atomic
+from grata.report_html import write_adapt_html
+from grata.run_config import run_config
+from grata.specs import folder_name, spec_hyperparameters, split_specs
+from grata.synth import SOURCE_DOMAIN
 
 EPILOG = """\
 examples:
@@ -104,25 +114,10 @@ def register(subparsers) -> dict:
 
 
 def cmd_adapt(args) -> int:
-    from grata.adapt import check_names, run
-    from grata.artifacts import cached_artifacts
-    from grata.data import resolve_targets
-    from grata.engines import engine_factory
-    from grata.gate import GateConfig
-    from grata.norm import NormSpec
-    from grata.outdir import check_out_dir
-    from grata.report import (
-        build_report,
-        format_table,
-        plot_stream,
-        write_json_atomic,
-    )
-    from grata.run_config import run_config
-    from grata.specs import spec_hyperparameters
     check_out_dir(args.out)  # before any work: a finished domain must have somewhere to go
     norm, base = product_choice(args)
     args.norm = NormSpec(norm)  # a bad rule: one line, exit 2
-    specs = check_names(args.methods, args.protocol, args.norm)
+    specs = adapt.check_names(args.methods, args.protocol, args.norm)
     hp = spec_hyperparameters(specs, args.hp, args.config, args.norm, base=base)
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
@@ -130,9 +125,8 @@ def cmd_adapt(args) -> int:
     root = whole or data_root(args.data, not args.quiet)
     source = args.source
     if source is None and args.data is None:
-        from grata.synth import SOURCE_DOMAIN
         source = SOURCE_DOMAIN
-    targets = resolve_targets(root, source, args.targets)
+    targets = domains.resolve_targets(root, source, args.targets)
     if args.threads and args.engine == "torch":
         import torch
         torch.set_num_threads(args.threads)
@@ -171,7 +165,7 @@ def cmd_adapt(args) -> int:
         write_json_atomic(out / "report.json", build_report(results, config, complete=False))
 
     start = time.perf_counter()
-    results = run(factory, root, targets, size, args.methods, args.protocol, args.seed,
+    results = adapt.run(factory, root, targets, size, args.methods, args.protocol, args.seed,
                   on_image=on_image, on_domain=on_domain, progress=not args.quiet,
                   hyperparameters=hp, norm=args.norm, gate_config=gate, roi=roi)
     report = build_report(results, config, complete=True)
@@ -190,7 +184,6 @@ def cmd_adapt(args) -> int:
 
 def _html(out: Path) -> Path | None:
     """The HTML page of a finished run; a failure here never costs the run its report."""
-    from grata.report_html import write_adapt_html
     try:
         return write_adapt_html(out)
     except GrataError as exc:

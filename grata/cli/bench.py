@@ -35,9 +35,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from grata.bench.reporting import format_adapt, format_stages
 from grata.bench.settings import ADAPT_BACKENDS, MALLOC_SETTINGS, STAGE_BACKENDS, STAGES
+from grata.bench.suites import run_adapt, run_stages
 from grata.errors import GrataError
 from grata.export.manifest import PRECISIONS
+from grata.report import write_json_atomic
 from grata.runtime.ort_session import TUNING
 
 EPILOG = """\
@@ -114,9 +117,6 @@ def register(sub) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from grata.bench.reporting import format_adapt, format_stages
-    from grata.bench.suites import run_adapt, run_stages
-    from grata.report import write_json_atomic
     if args.warmup is None:
         args.warmup = 3 if args.suite == "stages" else 2
     if args.suite == "stages":

@@ -6,8 +6,16 @@ import argparse
 import time
 from pathlib import Path
 
-from grata.errors import GrataError
+from grata import __version__, defaults
+from grata.adapt import check_names
+from grata.artifacts import cached_artifacts
+from grata.calibration.evaluate import evaluate, format_comparison, model_sizes
+from grata.calibration.quantize import CALIBRATORS, convert_fp16, quantize_artifacts
 from grata.cli.common import add_quiet, add_seed, add_threads, csv_list
+from grata.domains import resolve_targets
+from grata.errors import GrataError
+from grata.report import write_json_atomic
+from grata.synth import SOURCE_DOMAIN
 
 EPILOG = """\
 examples:
@@ -25,7 +33,6 @@ model sizes, settings).
 
 
 def register(sub) -> dict:
-    from grata.calibration.quantize import CALIBRATORS
     c = sub.add_parser(
         "calibrate", help="quantise the infer graph to INT8 (QDQ) and score it against FP32",
         description="Post-training quantisation of the infer graph from unlabeled source-"
@@ -67,14 +74,6 @@ def register(sub) -> dict:
 
 
 def cmd_calibrate(args) -> int:
-    from grata import __version__, defaults
-    from grata.adapt import check_names
-    from grata.artifacts import cached_artifacts
-    from grata.calibration.evaluate import evaluate, format_comparison, model_sizes
-    from grata.calibration.quantize import convert_fp16, quantize_artifacts
-    from grata.data import resolve_targets
-    from grata.report import write_json_atomic
-
     if args.max_images < 0:
         raise GrataError("--max-images must be 0 (all) or more")
     if not args.no_eval:
@@ -86,7 +85,6 @@ def cmd_calibrate(args) -> int:
         synthetic = defaults.synthetic_root(progress=not args.quiet)
     images = args.images
     if images is None:
-        from grata.synth import SOURCE_DOMAIN
         images = synthetic / SOURCE_DOMAIN / "train" / "image"
     out = args.out
     start = time.perf_counter()
@@ -110,7 +108,6 @@ def cmd_calibrate(args) -> int:
         root = args.data or synthetic
         source = args.source
         if source is None and args.data is None:
-            from grata.synth import SOURCE_DOMAIN
             source = SOURCE_DOMAIN
         targets = resolve_targets(root, source, args.targets)
         comparison = evaluate(variants, root, targets, args.methods, seed=args.seed,

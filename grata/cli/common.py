@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from grata import defaults
+from grata import defaults, product
 from grata.sizes import check_size
 
 
@@ -56,7 +56,6 @@ def product_choice(args) -> tuple:
     """(statistics rule, hyperparameter base) of a run: the product's measured defaults
     (`grata.product`) or, with --paper, the paper's (per-image statistics, the methods'
     own constructor defaults). An explicit --norm wins either way."""
-    from grata import product
     norm = args.norm if args.norm is not None else ("sample" if args.paper
                                                      else product.PRODUCT_NORM)
     return norm, ({} if args.paper else product.PRODUCT_HP)

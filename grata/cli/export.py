@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grata.errors import GrataError
 from grata.cli.common import add_model_args, model_choice
+from grata.errors import GrataError
+from grata.export import DEVICE_TEACHER_VIEWS, export_artifacts
 
 
 def register(subparsers) -> dict:
@@ -23,7 +24,6 @@ def register(subparsers) -> dict:
 def cmd_export(args) -> int:
     checkpoint, arch, size = model_choice(args)
     try:
-        from grata.export import DEVICE_TEACHER_VIEWS, export_artifacts
         from grata.models import load_checkpoint
     except ImportError:
         raise GrataError("export needs torch and onnx: pip install 'grata-edge[export]'") \

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-DEFAULT_VCDR_THRESHOLD = 0.6  # grata.report_html.DEFAULT_VCDR_THRESHOLD, without importing it
+from grata.report_html import DEFAULT_VCDR_THRESHOLD, write_report
 
 
 def _threshold(text: str) -> float:
-    import argparse
     try:
         value = float(text)
     except ValueError:
@@ -45,7 +45,6 @@ def register(subparsers) -> dict:
 
 
 def cmd_report(args) -> int:
-    from grata.report_html import write_report
     page = write_report(args.path, vcdr_threshold=args.vcdr_threshold,
                         plots=not args.no_plots)
     print(f"wrote {page}")

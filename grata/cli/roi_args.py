@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 
 from grata import defaults
+from grata.domains import RoiOptions
 from grata.errors import GrataError
+from grata.report import overlay, photo_overlay, save_png_atomic
+from grata.roi import SCORE_THRESHOLD
 
 ROI_HELP = """\
 whole photographs:
@@ -21,35 +24,58 @@ whole photographs:
 """
 
 
-def add_roi_args(p: argparse.ArgumentParser) -> None:
-    """--roi auto|none, --roi-threshold, --whole."""
-    from grata.roi import SCORE_THRESHOLD
+def add_roi_args(p: argparse.ArgumentParser, whole: bool = True, missed: str = "skipped",
+                 note: str = " and scored there") -> None:
+    """--roi none|auto and --roi-threshold, and with `whole` --whole (the synthetic
+    whole-photograph benchmark). `missed`: what the verb does with a photograph whose disc
+    is not found; `note`: what it does with the pasted-back mask."""
     p.add_argument("--roi", choices=["none", "auto"], default=None,
-                   help="none: the images are crops around the disc (default); auto: "
-                   "whole photographs, the disc is localised and the ROI cut, and the "
-                   "mask is pasted back and scored at the photograph's size")
-    p.add_argument("--roi-threshold", type=float, default=SCORE_THRESHOLD,
+                   help="none: the images are crops around the optic disc (default); auto: "
+                   "whole fundus photographs: the disc is found, the benchmark's ROI cut and "
+                   f"segmented, and the mask pasted back at the photograph's size{note}; a "
+                   f"photograph whose disc is not found is {missed} with the reason, never "
+                   "segmented blindly")
+    p.add_argument("--roi-threshold", type=float, default=None, metavar="SCORE",
                    help=f"with --roi auto: localisation score below which a photograph is "
-                   f"skipped (default {SCORE_THRESHOLD})")
-    p.add_argument("--whole", action="store_true",
-                   help="the synthetic whole-photograph benchmark (generated on first use "
-                   "into the cache) instead of --data; implies --roi auto")
+                   f"{missed} (default {SCORE_THRESHOLD})")
+    if whole:
+        p.add_argument("--whole", action="store_true",
+                       help="the synthetic whole-photograph benchmark (generated on first "
+                       "use into the cache) instead of --data; implies --roi auto")
+
+
+def _threshold(args) -> float:
+    """--roi-threshold, or the localiser's default; outside [0, 1] is one line."""
+    threshold = SCORE_THRESHOLD if args.roi_threshold is None else args.roi_threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise GrataError(f"--roi-threshold must be in [0, 1], got {threshold}")
+    return threshold
 
 
 def roi_choice(args, progress: bool):
-    """(data root or None to keep --data / the crop default, RoiOptions or None)."""
-    from grata.data import RoiOptions
+    """(data root or None to keep --data / the crop default, RoiOptions or None), for a
+    verb with --whole."""
     if args.whole and args.data is not None:
         raise GrataError("--whole is the synthetic whole-photograph benchmark; "
                          "with --data use --roi auto")
     if args.whole and args.roi == "none":
         raise GrataError("--whole needs --roi auto (its images are whole photographs)")
-    if not 0.0 <= args.roi_threshold <= 1.0:
-        raise GrataError(f"--roi-threshold must be in [0, 1], got {args.roi_threshold}")
+    threshold = _threshold(args)
     mode = "auto" if args.whole else (args.roi or "none")
-    roi = RoiOptions(threshold=args.roi_threshold) if mode == "auto" else None
+    roi = RoiOptions(threshold=threshold) if mode == "auto" else None
     root = defaults.whole_root(progress=progress) if args.whole else None
     return root, roi
+
+
+def roi_options(args):
+    """RoiOptions for --roi auto, None for crops, for a verb without --whole: there
+    --roi-threshold without --roi auto is a mistake (one line)."""
+    threshold = _threshold(args)
+    if (args.roi or "none") == "none":
+        if args.roi_threshold is not None:
+            raise GrataError("--roi-threshold goes with --roi auto")
+        return None
+    return RoiOptions(threshold=threshold)
 
 
 def roi_config(roi) -> dict:
@@ -60,7 +86,6 @@ def roi_config(roi) -> dict:
 
 def save_overlay(sample, pred, path: Path) -> None:
     """The overlay of a scored image: the crop's, or the whole photograph's with its box."""
-    from grata.report import overlay, photo_overlay, save_png_atomic
     photo = getattr(sample, "photo", None)
     img = overlay(sample.image, pred, sample.target) if photo is None else \
         photo_overlay(photo.pixels, pred, photo.target, photo.box)

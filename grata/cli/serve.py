@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
 
-from grata.product import PRODUCT_NORM, SERVE_METHOD
-from grata.runtime.adaptive import DEFAULT_MAX_DRIFT
-from grata.runtime.inbox import DEFAULT_STABLE_S
-from grata.runtime.predictors import ORT_DEVICES, PREDICTORS, SERVE_PRECISIONS
 from grata.cli.common import (
     add_alias,
     add_hyperparameters,
@@ -22,6 +19,15 @@ from grata.cli.common import (
     product_choice,
 )
 from grata.cli.report import add_html_args
+from grata.cli.roi_args import add_roi_args, roi_options
+from grata.errors import GrataError
+from grata.norm import NormSpec
+from grata.product import PRODUCT_NORM, SERVE_METHOD
+from grata.report_html import write_serve_html
+from grata.runtime.adaptive import DEFAULT_MAX_DRIFT, AdaptiveModel, theta_digest
+from grata.runtime.inbox import DEFAULT_STABLE_S, check_folders, lock_inbox, log_stderr, serve
+from grata.runtime.predictors import ORT_DEVICES, PREDICTORS, SERVE_PRECISIONS
+from grata.specs import parse_spec, spec_hyperparameters
 
 EPILOG = """\
 files: for each image NAME that lands in INBOX (names starting with '.' or ending in
@@ -92,28 +98,14 @@ def register(subparsers) -> dict:
                    help="a file that cannot be served is rejected only once its size and "
                    "time have been unchanged this long; until then it is tried again, so "
                    f"a stalled copy is served once it completes (default {DEFAULT_STABLE_S:g})")
-    s.add_argument("--roi", choices=["none", "auto"], default="none",
-                   help="none: each image is a crop around the optic disc (default); auto: "
-                   "a whole fundus photograph: the disc is found, the benchmark's ROI cut "
-                   "and segmented, and the mask pasted back at the photograph's size (the "
-                   "record holds the box and the localisation score); a photograph whose "
-                   "disc is not found is rejected with the reason, never segmented blindly")
-    s.add_argument("--roi-threshold", type=float, default=None, metavar="SCORE",
-                   help="with --roi auto: the localisation score below which a photograph "
-                   "is rejected (default: grata.roi.SCORE_THRESHOLD)")
+    add_roi_args(s, whole=False, missed="rejected",
+                 note=" (the record holds the box and the localisation score)")
     add_html_args(s, "OUTBOX")
     add_quiet(s, "no line per image")
     return {"serve": cmd_serve}
 
 
 def cmd_serve(args) -> int:
-    import os
-
-    from grata.errors import GrataError
-    from grata.norm import NormSpec
-    from grata.runtime.inbox import check_folders, lock_inbox
-    from grata.specs import parse_spec, spec_hyperparameters
-
     for flag, value in (("--max-drift", args.max_drift), ("--stable-for", args.stable_for),
                         ("--poll", args.poll), ("--settle", args.settle)):
         if not value >= 0:
@@ -131,9 +123,6 @@ def cmd_serve(args) -> int:
 
 
 def _serve(args, hp: dict) -> int:
-    from grata.runtime.adaptive import AdaptiveModel, theta_digest
-    from grata.runtime.inbox import log_stderr, serve
-
     state = args.state or args.outbox / ".state"
     log = None if args.quiet else log_stderr
     model = AdaptiveModel(args.artifacts, state, method=args.method, predictor=args.predictor,
@@ -141,7 +130,7 @@ def _serve(args, hp: dict) -> int:
                           checkpoint_every=args.checkpoint_every,
                           max_drift=args.max_drift if args.max_drift > 0 else None,
                           seed=args.seed, reset=args.reset, calibration=args.calibration,
-                          hyperparameters=hp, norm=args.norm, roi=_roi(args))
+                          hyperparameters=hp, norm=args.norm, roi=roi_options(args))
     stop = threading.Event()
     previous = {}
     try:
@@ -177,28 +166,9 @@ def _serve(args, hp: dict) -> int:
 
 def _html_writer(outbox: Path, vcdr_threshold: float):
     """Rewrites OUTBOX/report.html after each image; a failure is a warning, never a stop."""
-    from grata.errors import GrataError
-    from grata.report_html import write_serve_html
-    from grata.runtime.inbox import log_stderr
-
     def write() -> None:
         try:
             write_serve_html(outbox, vcdr_threshold=vcdr_threshold)
         except (GrataError, OSError) as exc:
             log_stderr(f"grata serve: warning: report.html not rewritten: {exc}")
     return write
-
-
-def _roi(args):
-    """RoiOptions for --roi auto (None for crops); a bad threshold is one line."""
-    from grata.data import RoiOptions
-    from grata.errors import GrataError
-    from grata.roi import SCORE_THRESHOLD
-    threshold = SCORE_THRESHOLD if args.roi_threshold is None else args.roi_threshold
-    if not 0.0 <= threshold <= 1.0:
-        raise GrataError(f"--roi-threshold must be in [0, 1], got {threshold}")
-    if args.roi == "none":
-        if args.roi_threshold is not None:
-            raise GrataError("--roi-threshold goes with --roi auto")
-        return None
-    return RoiOptions(threshold=threshold)

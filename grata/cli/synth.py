@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from grata.errors import GrataError
+from grata.synth import generate
+from grata.synth_whole import generate_whole
 
 
 def register(subparsers) -> dict:
@@ -29,11 +31,9 @@ def cmd_synth(args) -> int:
     if args.width is not None and not args.whole:
         raise GrataError("--width goes with --whole (the crops' size is fixed)")
     if args.whole:
-        from grata.synth_whole import generate_whole
         summary = generate_whole(args.out, seed=args.seed, size=args.width or 1024,
                                  progress=True)
     else:
-        from grata.synth import generate
         summary = generate(args.out, seed=args.seed, progress=True)
     print(f"wrote {args.out}: {summary}")
     return 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from grata import defaults
+from grata.cli.common import data_root
 from grata.errors import GrataError
 from grata.sizes import check_size
-from grata.cli.common import data_root
+from grata.synth import SOURCE_DOMAIN
 
 
 def register(subparsers) -> dict:
@@ -33,8 +34,7 @@ def register(subparsers) -> dict:
 
 
 def cmd_train(args) -> int:
-    from grata.synth import SOURCE_DOMAIN
-    from grata.train import train_source
+    from grata.train import train_source  # torch: the device runtime has none
     root = data_root(args.data, True)
     domain = args.domain or (SOURCE_DOMAIN if args.data is None else None)
     if domain is None:

@@ -9,6 +9,15 @@ from pathlib import Path
 
 from grata.errors import GrataError
 from grata.methods.base import Method
+from grata.methods.registry import METHODS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the tomli package, where installed (only --config needs it)
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
 
 # constructor arguments that are not hyperparameters: the engine, the run's seed, and the
 # statistics rule (chosen per method with --norm / METHOD@RULE and recorded on its own)
@@ -27,11 +36,6 @@ def defaults_of(cls: type[Method]) -> dict:
                 continue
             out[p.name] = p.default
     return out
-
-
-def _methods() -> dict:
-    from grata.methods.registry import METHODS
-    return METHODS
 
 
 def _coerce(method: str, name: str, value, default):
@@ -64,10 +68,9 @@ def _coerce(method: str, name: str, value, default):
 def resolved_hyperparameters(method: str, given: dict | None = None) -> dict:
     """Every hyperparameter of `method`: its constructor defaults updated with `given`
     (values coerced to the default's type). An unknown method or name is a GrataError."""
-    methods = _methods()
-    if method not in methods:
-        raise GrataError(f"unknown method {method!r}; choose from {', '.join(methods)}")
-    defaults = defaults_of(methods[method])
+    if method not in METHODS:
+        raise GrataError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    defaults = defaults_of(METHODS[method])
     out = dict(defaults)
     for name, value in (given or {}).items():
         if name not in defaults:
@@ -80,14 +83,9 @@ def resolved_hyperparameters(method: str, given: dict | None = None) -> dict:
 
 def load_config(path: Path) -> dict:
     """A TOML config file as a dict (tomllib on Python 3.11+, else tomli)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise GrataError("--config needs Python 3.11 or the tomli package on this "
-                             "Python: pip install tomli (or use --hp)") from None
+    if tomllib is None:
+        raise GrataError("--config needs Python 3.11 or the tomli package on this "
+                         "Python: pip install tomli (or use --hp)")
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
