@@ -26,6 +26,14 @@ def checkpoint() -> Path:
     return Path(str(resources.files("grata") / "assets" / CHECKPOINT_NAME))
 
 
+def disc_scale():
+    """The shipped checkpoint's disc scale (`grata.disc_scale.DiscScale`, measured on the
+    synthetic source's training masks; kept beside it as ``<checkpoint>.scale.json``),
+    None when the sidecar is absent."""
+    from grata.disc_scale import read_sidecar
+    return read_sidecar(checkpoint())
+
+
 def synthetic_root(progress: bool = True) -> Path:
     """The synthetic benchmark of crops (`grata.synth`), generated once into the cache."""
     from grata.synth import VERSION, generate
