@@ -16,7 +16,9 @@ The method, per image:
    (:data:`AS_GIVEN_TOLERANCE` beyond it) and it sits inside the crop, the placement is
    the identity (``as-given``): a stream whose scale already matches is not resampled;
 2. a settled stream (:class:`StreamScale`) skips the search: the box is centred on that
-   blob with the stream's diameter (``stream``; no further pass);
+   blob (where there is none, on the crop's brightest spot) with the stream's diameter
+   (``stream``; no further pass: the prediction on the box is the check,
+   :func:`prefer_scaled`);
 3. otherwise the estimate is refined (``per-image``): a window centred on the estimate,
    sized so the disc would have the model's diameter, is predicted and measured again,
    until the measured size agrees with the model's (at most :data:`MAX_REFINE` passes).
@@ -429,18 +431,19 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
         est = tuple(float(v) for v in prior)
 
     if stream is not None and stream.settled:
-        # One camera, one scale: the stream's diameter, centred on this image's disc.
+        # One camera, one scale: the stream's diameter, centred on this image's disc (or,
+        # where the model missed it as given, on the brightest spot); no further pass:
+        # the prediction on that box tells (`prefer_scaled`).
         d = stream.estimate() * H
-        if est is not None:
+        if est is None:
+            spots = bright_spots(work)
+            if spots:
+                est = (spots[0][0] * k, spots[0][1] * k, d)
+                return done("stream", est, 0.0, "centred on the brightest spot", diameter=d)
+        else:
             if prior is None and _matches(d / H, est, W, H, scale):
                 return done("as-given", est, first.score)
             return done("stream", est, first.score if first else 0.0, diameter=d)
-        for cx, cy in bright_spots(work):  # the model missed it as given: ask it once
-            s = look(square_box(cx, cy, d / k / scale.diameter))
-            seen.append(s)
-            if s.score >= MIN_CONFIDENCE:
-                return done("stream", s.est, s.score, diameter=d)
-            break
 
     # Refine the estimate at the model's scale; search the zooms when that finds no
     # plausible disc (the model misses a disc far from its scale).
@@ -464,6 +467,20 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
     reason = ("no disc found at any scale" if best.est is None
               else f"no plausible disc (best plausibility {best.score:.2f})")
     return done("fallback-none", conf=best.score, reason=reason)
+
+
+def prefer_scaled(placement: Placement, crop_pred, scale: DiscScale) -> bool:
+    """Keep the prediction on the placement's box (``crop_pred`` [2, S, S] probabilities)
+    rather than the image as given's (``placement.as_given``)? Yes unless the one as given
+    shows the more plausible disc (each judged in its own window, `plausibility`): a box
+    that missed the disc never replaces a prediction that found it."""
+    if placement.identity or placement.as_given is None:
+        return True
+    p = np.asarray(crop_pred, np.float32)
+    size = p.shape[-1]
+    scaled = plausibility(dominant_blob(p[0]), size, scale)
+    given = plausibility(dominant_blob(placement.as_given[0]), size, scale)
+    return scaled >= given
 
 
 def _matches(rel: float, est, W: int, H: int, scale: DiscScale) -> bool:

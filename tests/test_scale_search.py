@@ -22,6 +22,7 @@ from grata.scale_search import (
     locate_disc,
     paste_back,
     plausibility,
+    prefer_scaled,
     recrop,
     square_box,
 )
@@ -326,15 +327,35 @@ def test_a_settled_stream_costs_one_pass_and_uses_its_scale():
     _check(pl, 230, 170, 0.15 * side, side)
 
 
-def test_a_settled_stream_whose_model_misses_the_disc_asks_once_more():
+def test_a_settled_stream_whose_model_misses_the_disc_centres_on_the_brightest_spot():
     side = 400
     stream = StreamScale()
     for v in (0.15, 0.15, 0.15):
         stream.update(v)
     oracle = Oracle()  # misses 0.15 as given
-    pl = locate_disc(scene(side, 260, 150, 0.15 * side), oracle, SCALE, SIZE, stream=stream)
-    assert pl.how == "stream" and pl.n_forward == 2
-    _check(pl, 260, 150, 0.15 * side, side)
+    img = scene(side, 260, 150, 0.15 * side)
+    pl = locate_disc(img, oracle, SCALE, SIZE, stream=stream)
+    assert pl.how == "stream" and pl.n_forward == 1 and "brightest" in pl.reason
+    _check(pl, 260, 150, 0.15 * side, side, tol_c=0.03)
+    # the prediction on that box finds the disc, so it is kept over the one as given
+    crop_pred = oracle(recrop(img, pl.box, SIZE))
+    assert dominant_blob(pl.as_given[0]) is None and prefer_scaled(pl, crop_pred, SCALE)
+
+
+def test_a_box_that_missed_the_disc_never_replaces_a_prediction_that_found_it():
+    side = 300
+    oracle = Oracle(lo=0.05, hi=0.45)  # sees the disc as given
+    img = scene(side, 100, 120, 0.2 * side)
+    given = oracle(recrop(img, (0, 0, side, side), SIZE))
+    pl = Placement((150, 150, 300, 300), 2.0, (225.0, 225.0), 52.0, 0.5, "stream", 1,
+                   (side, side), "", given)
+    missed = oracle(recrop(img, pl.box, SIZE))  # the box shows no disc
+    assert dominant_blob(missed[0]) is None
+    assert not prefer_scaled(pl, missed, SCALE)
+    assert prefer_scaled(pl, given, SCALE)  # equally plausible: the box's is kept
+    identity = Placement((0, 0, side, side), 1.0, None, None, 0.0, "as-given", 1,
+                         (side, side), "", given)
+    assert prefer_scaled(identity, missed, SCALE)  # the same view either way
 
 
 def test_a_settled_stream_at_the_models_scale_stays_as_given():
