@@ -81,8 +81,8 @@ def score(pred, truth) -> np.ndarray:
     return np.array([metrics.dice(pred[0], truth[0]), metrics.dice(pred[1], truth[1])])
 
 
-def run_domain(root, domain, predict, scale, size, padding, bar) -> dict:
-    entries, _ = domain_entries(root, domain)
+def run_domain(root, domain, predict, scale, size, padding, bar, splits=None) -> dict:
+    entries, _ = domain_entries(root, domain, *([splits] if splits else []))
     dice = {v: [] for v in VARIANTS}
     passes = {"image": [], "stream": [], "stream_settled": []}
     err = {"image": [], "stream": []}
@@ -183,16 +183,17 @@ def main(argv=None) -> int:
         print(f"disc_scale: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm
-    rows = [(t, t) for t in targets]
-    if args.data is None and args.targets is None:
-        rows.insert(0, (f"{source} (source)", source))
-    total = sum(len(domain_entries(root, d)[0]) for _, d in rows)
+    rows = [(t, t, None) for t in targets]
+    if args.data is None and args.targets is None:  # the images the model was not trained on
+        rows.insert(0, (f"{source} (source test)", source, ("test",)))
+    total = sum(len(domain_entries(root, d, *([sp] if sp else []))[0]) for _, d, sp in rows)
     print(f"{model_word}; {line}; padding {args.padding}", file=sys.stderr)
     table = {}
     t0 = time.perf_counter()
     with tqdm(total=total, desc="disc scale", unit="img", disable=args.quiet) as bar:
-        for name, domain in rows:
-            table[name] = run_domain(root, domain, predict, scale, args.size, args.padding, bar)
+        for name, domain, splits in rows:
+            table[name] = run_domain(root, domain, predict, scale, args.size, args.padding, bar,
+                                     splits)
     seconds = time.perf_counter() - t0
     print_table(table)
     print(f"({seconds:.0f} s, {total} images)")
@@ -222,7 +223,7 @@ def print_table(table: dict) -> None:
               f"{100 * r['scale_error_image']['median']:4.1f}/{100 * r['scale_error_stream']['median']:4.1f}%  "
               f"{r['passes_image']:6.2f} {r['passes_stream']:6.2f} "
               f"{'' if settled is None else f'{settled:6.2f}':>6}")
-    targets = [t for t in table if not t.endswith("(source)")]
+    targets = [t for t in table if "(source" not in t]
     mean = {v: float(np.mean([table[t][v]["mean"] for t in targets])) for v in VARIANTS}
     gain = mean["ceiling"] - mean["given"]
     print(f"{'mean over targets':<{width}} {'':>3}  {'':>11} {mean['given']:5.1f}  "
