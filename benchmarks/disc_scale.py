@@ -218,9 +218,10 @@ def print_table(table: dict) -> None:
     for t, r in table.items():
         share = "" if r["share_of_ceiling"] is None else f"{100 * r['share_of_ceiling']:4.0f}%"
         settled = r["passes_stream_settled"]
+        err = [100 * r[f"scale_error_{v}"]["median"] for v in ("image", "stream")]
         print(f"{t:<{width}} {r['n_images']:>3}  {fmt(r['given'])}  {r['image']['mean']:5.1f}  "
               f"{fmt(r['stream'])}  {r['ceiling']['mean']:5.1f}  {share:>5}  "
-              f"{100 * r['scale_error_image']['median']:4.1f}/{100 * r['scale_error_stream']['median']:4.1f}%  "
+              f"{err[0]:4.1f}/{err[1]:4.1f}%  "
               f"{r['passes_image']:6.2f} {r['passes_stream']:6.2f} "
               f"{'' if settled is None else f'{settled:6.2f}':>6}")
     targets = [t for t in table if "(source" not in t]

@@ -354,14 +354,21 @@ class StreamScale:
 
 # ----------------------------------------------------------------------------- the locator
 
+def _in_band(rel: float, scale: DiscScale) -> bool:
+    """A disc of ``rel`` times the side is within the model's training spread (widened
+    by AS_GIVEN_TOLERANCE)."""
+    return (scale.low * math.exp(-AS_GIVEN_TOLERANCE) <= rel
+            <= scale.high * math.exp(AS_GIVEN_TOLERANCE))
+
+
 def _fits_as_given(seen: _Seen, size: int, scale: DiscScale) -> bool:
+    """The image as given already shows a plausible, uncut disc at the model's scale,
+    near enough to the middle."""
     b = seen.blob
     if b is None or b.cut or seen.score < MIN_CONFIDENCE:
         return False
-    r = b.d / size
-    lo, hi = scale.low * math.exp(-AS_GIVEN_TOLERANCE), scale.high * math.exp(AS_GIVEN_TOLERANCE)
     off = math.hypot(b.cx - size / 2, b.cy - size / 2) / size
-    return lo <= r <= hi and off <= AS_GIVEN_OFFSET
+    return _in_band(b.d / size, scale) and off <= AS_GIVEN_OFFSET
 
 
 def _work_copy(a: np.ndarray, size: int) -> tuple[np.ndarray, int]:
@@ -383,7 +390,8 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
     ``stream``: the stream's running estimate, read only (call ``stream.observe`` after
     the image). ``prior``: ``(cx, cy, d)`` in pixels from another localiser (a whole
     photograph's), checked with the model instead of the image as given. The model's
-    prediction of the image as given, when made, is ``placement.as_given``. Never raises
+    prediction of the image as given, when made, is ``placement.as_given`` (of a reduced
+    copy for an image over WORK_SIDES model sides). Never raises
     for what the image holds: no disc, a flat image, a huge one are placements with a
     reason."""
     a = as_photo(image)
@@ -401,9 +409,8 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
         n += 1
         return _look(predict, logits, work, box, size, scale, k)
 
-    def window_for(est, diameter=None) -> tuple[int, int, int, int]:  # in work pixels
-        d = est[2] if diameter is None else diameter
-        return square_box(est[0] / k, est[1] / k, d / k / scale.diameter)
+    def window_for(est) -> tuple[int, int, int, int]:  # in work pixels
+        return square_box(est[0] / k, est[1] / k, est[2] / k / scale.diameter)
 
     def done(how, est=None, conf=0.0, reason="", diameter=None) -> Placement:
         """The placement: the identity for as-given and fallback-none, else the box that
@@ -486,10 +493,8 @@ def prefer_scaled(placement: Placement, crop_pred, scale: DiscScale) -> bool:
 def _matches(rel: float, est, W: int, H: int, scale: DiscScale) -> bool:
     """A disc of ``rel`` times the image height, centred at ``est``: already at the
     model's scale and place?"""
-    lo = scale.low * math.exp(-AS_GIVEN_TOLERANCE)
-    hi = scale.high * math.exp(AS_GIVEN_TOLERANCE)
     off = math.hypot(est[0] - W / 2, est[1] - H / 2) / max(H, W)
-    return lo <= rel <= hi and off <= AS_GIVEN_OFFSET
+    return _in_band(rel, scale) and off <= AS_GIVEN_OFFSET
 
 
 def _refine(look, window_for, est, size: int, scale: DiscScale, seen: list) -> list:

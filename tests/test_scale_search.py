@@ -373,3 +373,17 @@ def test_the_record_is_json_and_says_how():
                         "n_forward", "image_shape", "reason"}
     assert rec["how"] in ("as-given", "per-image", "stream", "fallback-none")
     assert isinstance(pl, Placement)
+
+
+def test_a_prior_from_another_localiser_is_checked_by_the_model():
+    """A whole photograph: the classical localiser's centre and diameter (here off by 4 %
+    of the side and 25 % too large) are a candidate; the model's view of it corrects
+    them, and the image as given is never predicted."""
+    side = 1000
+    cx, cy, d = 620.0, 450.0, 70.0  # 0.07 of the side: far below the model's scale
+    oracle = Oracle()
+    pl = locate_disc(scene(side, cx, cy, d), oracle, SCALE, SIZE,
+                     prior=(cx + 30, cy - 25, 1.25 * d))
+    assert pl.how == "per-image" and pl.as_given is None
+    assert pl.n_forward == oracle.calls <= 1 + 2  # the candidate, then at most two refinements
+    _check(pl, cx, cy, d, side, tol_c=0.005)
