@@ -27,7 +27,7 @@ __all__ = ["DEVICE_TEACHER_VIEWS", "EXPORT_REVISION", "FORMAT_VERSION", "export_
 
 
 def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
-                     opset: int = 17, teacher_views: int = 6) -> dict:
+                     opset: int = 17, teacher_views: int = 6, disc_scale=None) -> dict:
     """Export `model_or_checkpoint` (a `ResUnet` or a checkpoint path) of `arch` at
     `size` x `size` (batch 1) to the artifact folder `out_dir`; return the manifest.
 
@@ -43,10 +43,12 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
     (`infer_mix` also returns ``img_stats``). `size` is a multiple of 32, at least 64;
     `opset` 17..21. The folder is written beside `out_dir` and swapped in atomically; an
     existing `out_dir` is replaced only if it is an artifact folder an export wrote
-    (verified manifest, nothing else in it), anything else is refused. The folder
-    layout and manifest are described in this package's README.
+    (verified manifest, nothing else in it), anything else is refused. `disc_scale`
+    (a `grata.disc_scale.DiscScale`: the disc's scale in the training crops) goes into
+    the manifest as ``disc_scale`` when given. The folder layout and manifest are
+    described in this package's README.
     """
     from grata.export.exporter import export_artifacts as _export
 
     return _export(model_or_checkpoint, arch, size, out_dir, opset=opset,
-                   teacher_views=teacher_views)
+                   teacher_views=teacher_views, disc_scale=disc_scale)

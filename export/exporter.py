@@ -32,6 +32,7 @@ from onnx import TensorProto
 from torch import nn
 
 import grata
+from grata.disc_scale import DiscScale
 from grata.errors import GrataError
 from grata.models import (
     ResUnet,
@@ -135,9 +136,13 @@ def _versions() -> dict:
 
 
 def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
-                     opset: int = MIN_OPSET, teacher_views: int = TEACHER_VIEWS) -> dict:
+                     opset: int = MIN_OPSET, teacher_views: int = TEACHER_VIEWS,
+                     disc_scale: DiscScale | None = None) -> dict:
     """Write the artifact folder for `arch` at `size` x `size` into `out_dir`; return
     its manifest. See `grata.export.export_artifacts`."""
+    if disc_scale is not None and not isinstance(disc_scale, DiscScale):
+        raise GrataError(f"export: disc_scale must be a DiscScale, not "
+                         f"{type(disc_scale).__name__}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 32:
         # at 32 the bottleneck is 1x1 and per-sample BN statistics are undefined
         raise GrataError(f"export: size must be a multiple of 32, at least 64 "
@@ -214,6 +219,8 @@ def export_artifacts(model_or_checkpoint, arch: str, size: int, out_dir,
             # once and hand the same memory to every graph (no onnx parser needed)
             "weights_index": {n: {"offset": offsets[n], "shape": list(weights[n].shape)}
                               for n in names},
+            # the disc's scale in the training crops (grata.disc_scale), when known
+            **({"disc_scale": disc_scale.to_json()} if disc_scale is not None else {}),
         })
         replace_folder_atomically(tmp, out)
     except BaseException:

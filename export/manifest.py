@@ -18,6 +18,7 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 
 from grata.digest import file_sha256
+from grata.disc_scale import DiscScale
 from grata.errors import GrataError
 from grata.export.protoscan import ProtoError, external_tensors
 
@@ -189,6 +190,8 @@ def load_manifest(folder, verify: bool = True) -> dict:
     if offset != manifest["n_theta"]:
         raise GrataError(f"{where}: params cover {offset} values, n_theta says "
                          f"{manifest['n_theta']}")
+    if manifest.get("disc_scale") is not None:  # optional: older folders have none
+        DiscScale.from_json(manifest["disc_scale"], f"{where}: field 'disc_scale'")
     missing_roles = [r for r in ROLES if r not in manifest["graphs"]]
     if missing_roles:
         raise GrataError(f"{where}: no graph for role {missing_roles[0]!r}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from grata import defaults
 from grata.digest import file_sha256
+from grata.disc_scale import read_sidecar, sidecar_path
 from grata.errors import GrataError
 from grata.export import DEVICE_TEACHER_VIEWS, EXPORT_REVISION, export_artifacts
 
@@ -38,8 +39,9 @@ def _export_fn():
         raise GrataError("exporting a model needs torch: pip install 'grata-edge[export]', "
                          "or pass --artifacts DIR") from None
 
-    def export(model, arch, size, out):
-        return export_artifacts(model, arch, size, out, teacher_views=DEVICE_TEACHER_VIEWS)
+    def export(model, arch, size, out, disc_scale=None):
+        return export_artifacts(model, arch, size, out, teacher_views=DEVICE_TEACHER_VIEWS,
+                                disc_scale=disc_scale)
     return export
 
 
@@ -56,15 +58,18 @@ def _key_tail(views: int) -> str:
 
 def cached_artifacts(checkpoint, arch: str, size: int, quiet: bool = True) -> Path:
     """Artifacts of a checkpoint, exported once into the cache (keyed by its SHA-256,
-    the arch, the size and the teacher layout)."""
+    the arch, the size, its disc scale sidecar's SHA-256 when it has one and the teacher
+    layout); the sidecar's scale (`grata.disc_scale`) goes into the manifest."""
     if not Path(checkpoint).is_file():
         raise GrataError(f"{checkpoint}: checkpoint not found")
-    key = f"{file_sha256(checkpoint)[:16]}-{arch}-{size}-{_layout()}"
+    scale = read_sidecar(checkpoint)
+    tag = f"s{file_sha256(sidecar_path(checkpoint))[:8]}-" if scale is not None else ""
+    key = f"{file_sha256(checkpoint)[:16]}-{arch}-{size}-{tag}{_layout()}"
     folder = defaults.cache_dir() / "artifacts" / key
     if (folder / "manifest.json").exists():
         return folder
     export = _export_fn()
-    return _export_once(folder, lambda tmp: export(checkpoint, arch, size, tmp),
+    return _export_once(folder, lambda tmp: export(checkpoint, arch, size, tmp, scale),
                         f"exporting {checkpoint} ({arch}, {size}x{size}) to {folder} (once)",
                         quiet)
 

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from grata import synth, synth_whole
+from grata.disc_scale import read_sidecar
 
 SYNTH_SEED = 0
 DEFAULT_ARCH = "edge"
@@ -26,6 +27,13 @@ def cache_dir() -> Path:
 def checkpoint() -> Path:
     """The shipped source checkpoint (edge ResUnet trained on the synthetic source)."""
     return Path(str(resources.files("grata") / "assets" / CHECKPOINT_NAME))
+
+
+def disc_scale():
+    """The shipped checkpoint's disc scale (`grata.disc_scale.DiscScale`, measured on the
+    synthetic source's training masks; kept beside it as ``<checkpoint>.scale.json``),
+    None when the sidecar is absent."""
+    return read_sidecar(checkpoint())
 
 
 def synthetic_root(progress: bool = True) -> Path:

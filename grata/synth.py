@@ -9,7 +9,7 @@ rim, and in some images a pale peripapillary atrophy crescent beside the disc.
 Masks: 255 background, 128 disc rim, 0 cup.
 
 One source domain and target domains that differ as centres/cameras do. The first four
-targets change the camera; the last five keep the source's camera and change what the
+targets change the camera; the last eight keep the source's camera and change what the
 crop holds (disc size and position, black borders, anatomy), as crops from other
 centres, detectors and populations do. The per-image mean and variance of every feature
 map follow that composition, so per-image normalisation (BN at batch 1) shifts with it
@@ -39,15 +39,29 @@ BorderFOV     the crop reaches the photograph's edge: a black circular field-of-
               corner), about 10-45 % of the crop black; the disc stays visible
 Atypical      anatomy: tilted oval discs (width 60-85 % of height), large pale atrophy
               beside every disc, small cups (vCDR 0.12-0.3), 1-3 bright specular reflexes
+FarCrop       another clinic's crop rule: a much wider crop (disc 0.35-0.55x the source's
+              diameter, 12-19 %), the disc anywhere up to a third of the crop from its
+              centre, the field of view's edge in half of the crops, the macula in view
+MidCrop       a wider crop (disc 0.55-0.85x the source's, 19-30 %), the disc up to a third
+              of the crop from its centre, the field of view's edge in a third of the crops
+ScaleDrift    one camera whose crop drifts slowly along the stream (file order): the disc
+              from 1.3x the source's diameter (46 %) to 0.35x (12 %) over 30 images and
+              back, up to a fifth of the crop off centre
 ============  ==========================================================================
 
 Pixel sizes (blur) are given at S=320 and scale with the size.
 
+The last three (:data:`SCALE_DOMAINS`) carry what real crops from other clinics do: the
+disc at another size and position in the crop than the source model was trained on.
+
 Determinism: every image is drawn from its own PCG64 generator seeded by (seed,
 domain, split, index), so changing counts does not change the other images; the same
 seed writes byte-identical files (with the same numpy, scipy, Pillow/zlib/libjpeg).
-Version 4 added the five content targets; the files of the other domains are those of
-version 3 (Clinic's those of version 1).
+ScaleDrift's stream position is the index in the train split, then
+:data:`DRIFT_TRAIN` plus the index in the test split (so it too does not depend on the
+counts). Version 4 added the five content targets, version 5 the three scale targets;
+the files of the other domains are those of version 4 (the camera domains' those of
+version 3, Clinic's those of version 1).
 """
 
 from __future__ import annotations
@@ -70,9 +84,14 @@ SOURCE_DOMAIN = "Clinic"
 # Targets whose camera differs from the source's (unchanged since version 3) ...
 CAMERA_DOMAINS = ("Handheld", "Widefield", "LowLight", "Legacy")
 # ... and targets with the source's camera whose crops hold other content.
-CONTENT_DOMAINS = ("OffCentre", "WideCrop", "TightCrop", "BorderFOV", "Atypical")
+# The last three show the disc at another scale and place, as other clinics' crops do.
+SCALE_DOMAINS = ("FarCrop", "MidCrop", "ScaleDrift")
+CONTENT_DOMAINS = ("OffCentre", "WideCrop", "TightCrop", "BorderFOV", "Atypical") + SCALE_DOMAINS
 TARGET_DOMAINS = CAMERA_DOMAINS + CONTENT_DOMAINS
-VERSION = 4  # bump whenever the same seed would give different files
+VERSION = 5  # bump whenever the same seed would give different files
+SOURCE_DISC = 0.35  # the source's typical vertical disc diameter, fraction of the ROI
+DRIFT_TRAIN = 18    # ScaleDrift: stream position of the first test image
+DRIFT_LENGTH = 30   # ScaleDrift: images from one end of the drift to the other
 JPEG_QUALITY = 25
 
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -110,6 +129,10 @@ class Domain:
     macula: bool = False               # the darker macula enters the crop temporally
     fov: bool = False                  # the crop reaches the photograph's black border
     reflex: tuple[int, int] = (0, 0)   # number of bright specular reflexes (low, high)
+    fov_share: float = 1.0             # share of the crops that reach it (with fov)
+    drift: tuple[float, float] | None = None  # disc diameter at the stream's start and
+    #                                    after DRIFT_LENGTH images, fraction of the ROI
+    min_rim: int = 0                   # pixels of rim kept around the cup (small discs)
 
 
 DOMAINS: dict[str, Domain] = {
@@ -161,6 +184,23 @@ DOMAINS.update({
         ppa_alpha=(0.7, 1.0), cdr=(0.12, 0.3, 0.0), reflex=(1, 3),
         shift="tilted oval discs, large atrophy, small cups (vCDR 0.12-0.3), bright "
               "reflexes"),
+    # Another clinic's crop: the disc at another scale and anywhere in the central two
+    # thirds of the crop (a field of view's edge enters the wider crops).
+    "FarCrop": replace(
+        _CLINIC, disc=(0.35 * SOURCE_DISC, 0.55 * SOURCE_DISC), centre=(0.0, 1 / 3),
+        rescale=True, macula=True, fov=True, fov_share=0.5, min_rim=1,
+        shift="a much wider crop: disc 0.35-0.55x the source's diameter, up to a third "
+              "of the crop off centre, the field of view's edge in half of the crops"),
+    "MidCrop": replace(
+        _CLINIC, disc=(0.55 * SOURCE_DISC, 0.85 * SOURCE_DISC), centre=(0.0, 1 / 3),
+        rescale=True, fov=True, fov_share=1 / 3, min_rim=1,
+        shift="a wider crop: disc 0.55-0.85x the source's diameter, up to a third of the "
+              "crop off centre, the field of view's edge in a third of the crops"),
+    "ScaleDrift": replace(
+        _CLINIC, disc=(0.35 * SOURCE_DISC, 1.3 * SOURCE_DISC), centre=(0.0, 0.2),
+        rescale=True, drift=(1.3 * SOURCE_DISC, 0.35 * SOURCE_DISC), min_rim=1,
+        shift="one camera's crop drifting along the stream: disc from 1.3x the source's "
+              "diameter to 0.35x over 30 images and back, up to a fifth off centre"),
 })
 assert set(DOMAINS) == {SOURCE_DOMAIN, *TARGET_DOMAINS}
 
@@ -277,8 +317,9 @@ def _vessels(rng, size: int, origin, side: float, cup_r: float, scale: float = 1
     return out
 
 
-def render(rng: np.random.Generator, domain: str, size: int):
-    """One (image uint8 [S,S,3], mask uint8 [S,S]) of the domain."""
+def render(rng: np.random.Generator, domain: str, size: int, stream_index: int = 0):
+    """One (image uint8 [S,S,3], mask uint8 [S,S]) of the domain. ``stream_index``: the
+    image's position in its stream (only a drifting domain looks at it)."""
     d = DOMAINS[domain]
     S = size
     px = S / 320.0  # pixel sizes of the camera model are given at S = 320
@@ -286,7 +327,11 @@ def render(rng: np.random.Generator, domain: str, size: int):
     side = rng.choice([-1.0, 1.0])  # eye laterality: which side is temporal
 
     # Geometry: disc, cup (offset temporally), optional atrophy crescent.
-    dv = rng.uniform(*d.disc) * S
+    if d.drift is None:
+        dv = rng.uniform(*d.disc) * S
+    else:  # the camera's scale at this point of the stream, and the eye's own size
+        dv = float(np.clip(drift_diameter(d.drift, stream_index) * rng.uniform(0.92, 1.08),
+                           *d.disc)) * S
     ry = dv / 2
     rx = ry * rng.uniform(*d.aspect)
     if d.centre is None:
@@ -308,6 +353,9 @@ def render(rng: np.random.Generator, domain: str, size: int):
     rho_c = outline_radius(xx, yy, ccx, ccy, crx, cry, tilt, outline_wobble(rng, 0.08))
     disc = rho_d < 1.0
     cup = (rho_c < 1.0) & disc
+    if d.min_rim:  # a disc a few pixels wide still has a rim between cup and background
+        from scipy import ndimage
+        cup &= ndimage.binary_erosion(disc, iterations=d.min_rim)
     mask = np.full((S, S), 255, np.uint8)
     mask[disc] = 128
     mask[cup] = 0
@@ -361,9 +409,23 @@ def render(rng: np.random.Generator, domain: str, size: int):
 
     if d.reflex[1] > 0:
         img = img + _reflexes(rng, d.reflex, xx, yy)
-    if d.fov:
-        img = img * _field_of_view(rng, xx, yy, cx, cy, 1.2 * max(rx, ry), px)[None]
+    if d.fov and (d.fov_share >= 1.0 or rng.random() < d.fov_share):
+        img = img * _field_of_view(rng, xx, yy, cx, cy, 1.2 * max(rx, ry), px, anat)[None]
     return camera(rng, d, img, xx, yy, px), mask
+
+
+def drift_diameter(drift: tuple[float, float], stream_index: int) -> float:
+    """A drifting domain's disc diameter (fraction of the ROI) at a stream position:
+    geometric from ``drift[0]`` to ``drift[1]`` over DRIFT_LENGTH images, then back."""
+    t = (int(stream_index) % (2 * DRIFT_LENGTH)) / DRIFT_LENGTH
+    t = 2.0 - t if t > 1.0 else t
+    return float(drift[0] * (drift[1] / drift[0]) ** t)
+
+
+def stream_index(split: str, index: int) -> int:
+    """An image's position in its domain's stream (train rows, then test rows) that does
+    not depend on the counts: the train index, or DRIFT_TRAIN plus the test index."""
+    return int(index) + (DRIFT_TRAIN if split == "test" else 0)
 
 
 def _cells(cells: int, scale: float) -> int:
@@ -385,15 +447,16 @@ def _reflexes(rng, count, xx, yy):
     return light[None] * np.array([1.0, 0.97, 0.92], np.float32)[:, None, None]
 
 
-def _field_of_view(rng, xx, yy, cx, cy, keep, px):
+def _field_of_view(rng, xx, yy, cx, cy, keep, px, scale=1.0):
     """Transmission [S, S] of the photograph's field of view where the crop reaches its
     edge: a black circular aperture edge with the dark rim inside it (illumination falls
     off toward the aperture), or, for a crop that runs past the photograph, black bands
-    on one or two adjacent sides (a corner). The disc (radius `keep`) stays visible."""
+    on one or two adjacent sides (a corner). The disc (radius `keep`) stays visible.
+    `scale`: anatomy size against the source's crops (a wider crop sees a rounder edge)."""
     S = xx.shape[0]
     if rng.random() < 0.65:
         ang = rng.uniform(0, 2 * np.pi)
-        big = rng.uniform(1.2, 2.5) * S  # aperture radius: the edge curves gently
+        big = rng.uniform(1.2, 2.5) * S * scale  # aperture radius: the edge curves gently
         gap = max(rng.uniform(0.16, 0.36) * S, keep)  # disc centre to the edge
         ox, oy = cx + (gap - big) * np.cos(ang), cy + (gap - big) * np.sin(ang)
         inside = big - np.sqrt((xx - ox) ** 2 + (yy - oy) ** 2)
@@ -512,8 +575,11 @@ def generate(root, seed: int = 0, n_source: tuple[int, int] = (80, 20),
     t0 = time.perf_counter()
     root = Path(root)
     total = sum(sum(c) for c in counts.values())
-    write_splits(root, counts, seed, size, lambda rng, d, s: (*render(rng, d, s), None),
-                 write_image, "synthetic fundus", progress)
+    # Each image's generator travels with its stream position (a drifting domain's scale).
+    write_splits(root, counts, seed, size,
+                 lambda at, d, s: (*render(at[0], d, s, stream_index=at[1]), None),
+                 write_image, "synthetic fundus", progress,
+                 rng=lambda *key: (_rng(*key), stream_index(*key[2:])))
     summary = {
         "generator": "grata.synth", "version": VERSION, "seed": int(seed), "size": int(size),
         "source": SOURCE_DOMAIN, "targets": list(TARGET_DOMAINS),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from grata.domains import Sample, stream_domain
+from grata.disc_scale import DiscScale, measure_disc_scale, write_sidecar
 from grata.errors import GrataError
 from grata.models import ResUnet, load_state, save_checkpoint, set_norm_mode
 
@@ -33,6 +34,21 @@ def load_split(root, domain: str, size: int) -> tuple[np.ndarray, np.ndarray, li
     if not images:
         raise GrataError(f"domain {domain!r} in {root} has no usable images")
     return np.stack(images), np.stack(targets), skipped
+
+
+def store_disc_scale(targets: np.ndarray, out, domain: str, size: int) -> DiscScale:
+    """Measure the disc's scale on the training targets (as loaded, S x S) and keep it
+    beside the checkpoint `out` (`grata.disc_scale`)."""
+    scale = measure_disc_scale(targets)
+    write_sidecar(out, scale, {"domain": domain, "split": "train", "size": int(size)})
+    return scale
+
+
+def measure_source_scale(data_root, domain: str, size: int, out) -> DiscScale:
+    """The disc's scale of a domain's train split, written beside the checkpoint `out`
+    without training (for a checkpoint trained on that split before it was measured)."""
+    _, targets, _ = load_split(data_root, domain, size)
+    return store_disc_scale(targets, out, domain, size)
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
@@ -69,7 +85,8 @@ def seg_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
                  batch: int = 8, lr: float = 1e-3, seed: int = 0, resume: bool = True,
                  progress: bool = True, threads: int | None = None) -> dict:
-    """Train a ResUnet on a domain's train split; write `out` (plain state dict).
+    """Train a ResUnet on a domain's train split; write `out` (plain state dict) and the
+    training discs' scale beside it (`<out>.scale.json`, `grata.disc_scale`).
 
     A `<out>.state.pt` file holds the model, optimiser and generator after each epoch,
     so an interrupted run continues where it stopped.
@@ -86,6 +103,7 @@ def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
     images, targets, skipped = load_split(data_root, domain, size)
     for s in skipped:
         log.warning("skipped %s: %s", s.name, s.reason)
+    measure_disc_scale(targets)  # masks without any disc: say so before the epochs
     torch.manual_seed(seed)
     model = ResUnet(arch)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.99, nesterov=True,
@@ -133,6 +151,8 @@ def train_source(data_root, domain: str, arch: str, size: int, epochs: int, out,
     model.eval()
     set_norm_mode(model, "running")
     digest = save_checkpoint(model, out)
+    scale = store_disc_scale(targets, out, domain, size)
     state_path.unlink(missing_ok=True)
     return {"checkpoint": str(out), "sha256": digest, "epochs": epochs,
-            "final_loss": history[-1] if history else None, "n_images": len(images)}
+            "final_loss": history[-1] if history else None, "n_images": len(images),
+            "disc_scale": scale}

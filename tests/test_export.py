@@ -29,6 +29,7 @@ from grata.export import export_artifacts, load_manifest
 from grata.runtime.ort_session import session_options
 
 import grata.models as gmodels
+from grata.cli import main
 from grata.errors import GrataError
 from grata.losses import consistency_loss, entropy_loss, teacher_batch, teacher_target
 from grata.models import (
@@ -298,6 +299,69 @@ def test_load_manifest_refuses_changes(art64, tmp_path):
     (d / "weights.bin").unlink()
     with pytest.raises(GrataError):
         load_manifest(d, verify=False)
+
+
+def _redigest(folder, manifest):
+    """Write a manifest whose own digest holds again (an export that wrote these fields)."""
+    from grata.export.manifest import _content_digest
+    manifest["manifest_sha256"] = _content_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_carries_the_disc_scale_and_older_ones_still_load(art64, edge, tmp_path):
+    from grata.disc_scale import DiscScale, model_scale
+    old_folder, old = art64  # exported without a scale, as every folder before the field
+    assert "disc_scale" not in old and load_manifest(old_folder)["arch"] == "edge"
+    scale, line = model_scale(load_manifest(old_folder))
+    assert scale is None and "unknown" in line
+    s = DiscScale(0.344, 0.297, 0.406, 0.064, 0.106, 80)
+    manifest = export_artifacts(edge, "edge", 64, tmp_path / "art", disc_scale=s)
+    assert manifest["disc_scale"] == s.to_json()
+    loaded = load_manifest(tmp_path / "art")
+    assert model_scale(loaded)[0] == s
+    # the graphs do not depend on the scale: the same bytes as the folder without it
+    for role, name in loaded["graphs"].items():
+        assert loaded["sha256"][name] == old["sha256"][name], role
+    d = _copy(tmp_path / "art", tmp_path / "bad")
+    m = json.loads((d / "manifest.json").read_text())
+    m["disc_scale"]["diameter"] = "big"
+    _redigest(d, m)
+    assert "disc_scale" in _expect_refusal(d, "bad scale")
+    with pytest.raises(GrataError, match="DiscScale"):
+        export_artifacts(edge, "edge", 64, tmp_path / "x", disc_scale={"diameter": 0.3})
+
+
+def test_grata_export_writes_the_checkpoints_scale_or_the_flags(edge, tmp_path, capsys):
+    from grata.disc_scale import DiscScale, write_sidecar
+    ckpt = tmp_path / "e.pt"
+    torch.save(edge.state_dict(), ckpt)
+    args = ["export", "--checkpoint", str(ckpt), "--arch", "edge", "--size", "64", "--out"]
+    assert main([*args, str(tmp_path / "none")]) == 0
+    assert "disc_scale" not in load_manifest(tmp_path / "none")
+    assert "disc scale: unknown" in capsys.readouterr().out
+    s = DiscScale(0.3, 0.25, 0.36, 0.05, 0.1, 12)
+    write_sidecar(ckpt, s)
+    assert main([*args, str(tmp_path / "side")]) == 0
+    assert load_manifest(tmp_path / "side")["disc_scale"] == s.to_json()
+    assert main([*args, str(tmp_path / "flag"), "--disc-scale", "0.42"]) == 0
+    assert load_manifest(tmp_path / "flag")["disc_scale"]["diameter"] == 0.42
+    assert main([*args, str(tmp_path / "bad"), "--disc-scale", "7"]) == 2
+    assert "--disc-scale" in capsys.readouterr().err
+
+
+def test_the_artifact_cache_carries_the_checkpoints_scale(edge, tmp_path, monkeypatch):
+    from grata.artifacts import cached_artifacts
+    from grata.digest import file_sha256
+    from grata.disc_scale import DiscScale, sidecar_path, write_sidecar
+    monkeypatch.setenv("GRATA_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "e.pt"
+    torch.save(edge.state_dict(), ckpt)
+    s = DiscScale(0.3, 0.25, 0.36, 0.05, 0.1, 12)
+    write_sidecar(ckpt, s)
+    folder = cached_artifacts(ckpt, "edge", 64)
+    assert load_manifest(folder)["disc_scale"] == s.to_json()
+    # another sidecar is another folder: the key holds the sidecar's digest
+    assert f"-s{file_sha256(sidecar_path(ckpt))[:8]}-" in folder.name
 
 
 # -- parity with torch autograd -------------------------------------------------------------

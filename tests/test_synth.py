@@ -233,3 +233,63 @@ def test_bad_arguments_are_user_errors(tmp_path):
         synth.generate(tmp_path / "x", size=8, progress=False)
     with pytest.raises(GrataError, match="counts"):
         synth.generate(tmp_path / "x", n_source=(-1, 2), progress=False)
+
+
+def _scale_geometry(domain, n=30, size=160):
+    """Per image of a stream (file order: the train split's positions): the disc's
+    vertical diameter over the source's typical one, its centre's distance from the crop
+    centre (fraction of the side), the share of black pixels, whether the crop's edge
+    cuts the disc. Measured from the rendered masks and images."""
+    from grata.disc_scale import disc_geometry
+    out = []
+    for i in range(n):
+        image, mask = synth.render(synth._rng(0, domain, "train", i), domain, size,
+                                   stream_index=synth.stream_index("train", i))
+        disc = mask < 255
+        cx, cy, d = disc_geometry(disc)
+        out.append({"scale": d / size / synth.SOURCE_DISC,
+                    "offset": np.hypot(cx - size / 2, cy - size / 2) / size,
+                    "black": (image.max(axis=2) < 20).mean(),
+                    "cut": bool(disc[0].any() or disc[-1].any() or disc[:, 0].any()
+                                or disc[:, -1].any())})
+    return {k: np.array([g[k] for g in out]) for k in out[0]}
+
+
+def test_source_disc_is_the_source_domains_typical_diameter():
+    assert synth.SOURCE_DISC == pytest.approx(np.mean(synth.DOMAINS[synth.SOURCE_DOMAIN].disc))
+    g = _scale_geometry(synth.SOURCE_DOMAIN, n=40)
+    assert abs(np.median(g["scale"]) - 1) < 0.08, np.median(g["scale"])
+
+
+@pytest.mark.parametrize("domain,low,high", [("FarCrop", 0.35, 0.55), ("MidCrop", 0.55, 0.85)])
+def test_wider_crops_show_a_smaller_disc_anywhere_in_the_middle_two_thirds(domain, low, high):
+    g = _scale_geometry(domain)
+    tol = 2 / 160 / synth.SOURCE_DISC  # a pixel at each end
+    assert ((low - tol < g["scale"]) & (g["scale"] < high + tol)).all(), g["scale"]
+    assert g["scale"].max() - g["scale"].min() > 0.5 * (high - low)  # the range is used
+    assert g["offset"].max() < 1 / 3 + 0.01 and g["offset"].max() > 0.2
+    assert not g["cut"].any()
+    fov = g["black"] > 0.02  # the field of view's edge in some crops, never in all
+    assert 0.15 < fov.mean() < 0.75, fov.mean()
+
+
+def test_scale_drift_moves_slowly_from_large_to_small_along_the_stream():
+    g = _scale_geometry("ScaleDrift")
+    s = g["scale"]
+    assert 1.1 < s[0] < 1.3 + 0.02 and 0.35 - 0.02 < s[-1] < 0.45
+    assert ((0.35 - 0.02 < s) & (s < 1.3 + 0.02)).all()
+    step = np.diff(np.log(s))
+    assert np.corrcoef(np.arange(len(s)), np.log(s))[0, 1] < -0.95
+    assert np.abs(step).max() < 0.25  # slowly: no jump between neighbours
+    assert g["offset"].max() < 0.2 + 0.01 and not g["cut"].any()
+    # the position does not depend on the counts: the test split continues the train's
+    assert synth.stream_index("test", 0) == synth.DRIFT_TRAIN == synth.stream_index("train", 18)
+    assert synth.drift_diameter((1.0, 0.5), synth.DRIFT_LENGTH) == 0.5
+    assert synth.drift_diameter((1.0, 0.5), 2 * synth.DRIFT_LENGTH) == 1.0  # and back
+
+
+def test_scale_domains_cover_the_promised_range():
+    lo = min(synth.DOMAINS[d].disc[0] for d in synth.SCALE_DOMAINS) / synth.SOURCE_DISC
+    hi = max(synth.DOMAINS[d].disc[1] for d in synth.SCALE_DOMAINS) / synth.SOURCE_DISC
+    assert (round(lo, 6), round(hi, 6)) == (0.35, 1.3)
+    assert set(synth.SCALE_DOMAINS) <= set(synth.CONTENT_DOMAINS)

@@ -73,3 +73,22 @@ def test_resume_state_of_another_configuration_is_refused(data, tmp_path):
                 "gen": torch.Generator().get_state(), "epoch": 1, "history": []}, state)
     with pytest.raises(GrataError, match="another configuration"):
         train_source(data, SOURCE_DOMAIN, "edge", 64, 3, out, **kw)
+
+
+def test_training_keeps_the_disc_scale_beside_the_checkpoint(data, tmp_path, capsys):
+    from grata.cli import main
+    from grata.disc_scale import measure_disc_scale, read_sidecar
+    out = tmp_path / "m.pt"
+    info = train_source(data, SOURCE_DOMAIN, "edge", 64, 1, out, batch=2, progress=False,
+                        threads=1)
+    _, targets, _ = load_split(data, SOURCE_DOMAIN, 64)
+    expected = measure_disc_scale(targets)  # the training masks as the model saw them
+    assert expected.n == 4 and 0.2 < expected.diameter < 0.5
+    assert read_sidecar(out) == info["disc_scale"] == expected
+    # measured again for a checkpoint that lacks it, without training
+    (tmp_path / "m.pt.scale.json").unlink()
+    before = out.read_bytes()
+    assert main(["train-source", "--data", str(data), "--domain", SOURCE_DOMAIN,
+                 "--size", "64", "--scale-only", "--out", str(out)]) == 0
+    assert read_sidecar(out) == expected and out.read_bytes() == before
+    assert "m.pt.scale.json" in capsys.readouterr().out
