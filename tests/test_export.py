@@ -9,6 +9,16 @@ relative, far above the rounding error. So each float32 run is compared with the
 float64 reference *on the same branch*: torch float32 and the float64 reference
 replay the ReLU masks and max-pool choices of the ONNX run (read from the graph's ReLU
 outputs). What is left is rounding error, which is what the 3x bound is about.
+
+One float32 run is one draw of that rounding error, and a gradient's error can rest on a
+single element: a pre-activation that cancels (sum of |terms| hundreds of times its
+value) feeding a BN channel with one active pixel, whose backward is steep in that pixel.
+The error of such a pixel is whatever the roundings upstream add up to, for torch as for
+onnxruntime, so one draw's error varies tenfold. A role whose first draw is above the
+bound is judged again on typical errors: root mean squares over it and `REDRAWS` more
+draws, each with the images moved by one float32 ulp per pixel at random (the same
+function on the branch its own ONNX run takes, the roundings drawn anew), each against its
+own float64 reference. A lowering that loses precision is above the bound in every draw.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ ROLES = ("infer", "entropy_grad", "consistency_grad", "infer_source")
 MIX_ROLES = ("infer_mix", "entropy_grad_mix", "consistency_grad_mix")
 ALL_ROLES = ROLES + MIX_ROLES
 FLOOR = 2.0 ** -22          # 4 float32 ulps, relative: the floor for exact-looking errors
+REDRAWS = 5                 # further rounding draws for a role above the bound at its first
 
 
 def _model(arch: str, seed: int = 0) -> ResUnet:
@@ -531,8 +542,10 @@ def _pool_attrs(attrs):
     return a["kernel_shape"], a.get("strides", a["kernel_shape"]), a.get("pads", [0] * 4)[:2]
 
 
-def _onnx_run(folder, role, feeds, work):
-    sess, relus, pools = _tapped_session(folder, role, work)
+def _onnx_run(tapped, feeds):
+    """Outputs of a `_tapped_session` run and the branch it took (ReLU masks, max-pool
+    choices)."""
+    sess, relus, pools = tapped
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, feeds)))
     masks = [_spatial(torch.from_numpy(values[r] > 0)) for r in relus]
@@ -549,6 +562,16 @@ def _onnx_run(folder, role, feeds, work):
 
 def _rel(a, ref) -> float:
     return float(np.linalg.norm(np.asarray(a) - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def _within(e_onnx: float, e_torch: float) -> bool:
+    return e_onnx <= 3 * e_torch + FLOOR
+
+
+def _nudged(a: np.ndarray, rng) -> np.ndarray:
+    """`a` (float32) with every element moved one ulp up or down at random."""
+    away = np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype)
+    return np.nextafter(a, away)
 
 
 def _parity(model, arch, size, tmp_path, seed=0, alphas=None, folder=None):
@@ -576,34 +599,56 @@ def _parity(model, arch, size, tmp_path, seed=0, alphas=None, folder=None):
                 else stats[sl] * np.exp(0.2 * noise[sl])
         stats = stats.astype(np.float32)
         runs = [(a, MIX_ROLES) for a in alphas]
-    report = {}
+    report, first = {}, {}
     for alpha, roles in runs:
         mixed = {} if alpha is None else {"stats": stats, "alpha": np.array([alpha], np.float32)}
-        _parity_roles(model, folder, roles, theta, image, strong, mixed, tmp_path, report)
-    bad = {k: v for k, v in report.items() if not v[0] <= 3 * v[1] + FLOOR}
-    lines = "; ".join(f"{k}: onnx {a:.2e} torch {b:.2e}" for k, (a, b) in report.items())
+        _parity_roles(model, folder, roles, theta, image, strong, mixed, tmp_path, report,
+                      first, seed)
+    bad = {k: v for k, v in report.items() if not _within(*v)}
+    lines = "; ".join(f"{k}: onnx {a:.2e} torch {b:.2e}" + (
+        f" (rms of {1 + REDRAWS} draws; first onnx {first[k][0]:.2e} torch {first[k][1]:.2e})"
+        if k in first else "") for k, (a, b) in report.items())
     assert not bad, f"ONNX error above 3x torch float32's: {lines}"
     return report
 
 
-def _parity_roles(model, folder, roles, theta, image, strong, mixed, tmp_path, report):
+def _parity_roles(model, folder, roles, theta, image, strong, mixed, tmp_path, report,
+                  first, seed):
+    """Each role's (ONNX error, torch float32 error) per output into `report`; for a role
+    with an output above the bound, root mean squares over re-drawn roundings instead
+    (and the first draw's errors into `first`)."""
     stats = mixed.get("stats")
     alpha = None if not mixed else float(mixed["alpha"][0])
     ref64 = TorchRef(model, torch.float64, alpha, stats)
     ref32 = TorchRef(model, torch.float32, alpha, stats)
     tag = "" if alpha is None else f"@{alpha:g}"
     for role in roles:
-        feeds = {"image": image, "theta": theta, **mixed}
-        if role.startswith("consistency_grad"):
-            feeds["strong_image"] = strong
-        got, decisions = _onnx_run(folder, role, feeds, tmp_path / (role + tag))
-        # torch float32 and the float64 reference, both on the branch the ONNX run took
-        t32 = ref32.run(role, theta, image, strong, _BranchF(*decisions))
-        ref = ref64.run(role, theta, image, strong, _BranchF(*decisions))
-        assert set(got) == set(ref), (role, sorted(got), sorted(ref))
-        for key, value in got.items():
-            e_onnx, e_torch = _rel(value, ref[key]), _rel(t32[key], ref[key])
-            report[f"{role}{tag}.{key}"] = (e_onnx, e_torch)
+        tapped = _tapped_session(folder, role, tmp_path / (role + tag))
+
+        def draw(image, strong):
+            feeds = {"image": image, "theta": theta, **mixed}
+            if role.startswith("consistency_grad"):
+                feeds["strong_image"] = strong
+            got, decisions = _onnx_run(tapped, feeds)
+            # torch float32 and the float64 reference, both on the branch the ONNX run took
+            t32 = ref32.run(role, theta, image, strong, _BranchF(*decisions))
+            ref = ref64.run(role, theta, image, strong, _BranchF(*decisions))
+            assert set(got) == set(ref), (role, sorted(got), sorted(ref))
+            return {key: (_rel(value, ref[key]), _rel(t32[key], ref[key]))
+                    for key, value in got.items()}
+
+        errors = draw(image, strong)
+        keys = {key: f"{role}{tag}.{key}" for key in errors}
+        if all(_within(*e) for e in errors.values()):
+            report.update({keys[k]: e for k, e in errors.items()})
+            continue
+        rng = np.random.default_rng([seed, len(report)])
+        draws = [errors] + [draw(_nudged(image, rng), _nudged(strong, rng))
+                            for _ in range(REDRAWS)]
+        for key, name in keys.items():
+            first[name] = errors[key]
+            report[name] = tuple(float(np.sqrt(np.mean([d[key][i] ** 2 for d in draws])))
+                                 for i in (0, 1))
 
 
 @pytest.mark.parametrize("size", [128, 256])
@@ -653,6 +698,13 @@ def test_mixed_graphs_at_one_and_zero_are_sample_and_source(art64):
 
 @pytest.mark.slow
 def test_parity_resnet34_128(tmp_path):
+    """ResNet-34's 4 x 4 bottleneck: up1's BN sees 8 x 8 pixels, and on this input one of
+    its channels has a single active pixel whose pre-activation cancels 569-fold; the entropy
+    gradient's error is nearly all that pixel's, so one draw's ratio is chance. Measured
+    (entropy_grad.grad) on an AVX2 + FMA CPU without AVX-512: first draw ONNX 1.76e-4,
+    torch float32 2.34e-5 (7.5x; torch's scalar kernels, ATEN_CPU_CAPABILITY=default,
+    1.95e-4 on the same draw: 0.9x); root mean square of six draws ONNX 8.6e-5, torch
+    1.3e-4 (0.66x). (On the AVX-512 machine before it the first draw was within 3x.)"""
     _parity(_model("resnet34", 1), "resnet34", 128, tmp_path, seed=7)
 
 
