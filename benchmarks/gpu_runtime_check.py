@@ -154,10 +154,8 @@ def check_model(arch: str, size: int, images, seed: int, threads: int | None,
     import torch
 
     from grata.export import export_artifacts
-    from grata.models import load_checkpoint, save_checkpoint
-    from grata.runtime import OrtEngine
-    from grata.runtime.cuda_engine import CudaEngine
-    from grata.torch_engine import TorchEngine
+    from grata.engine_chooser import open_engine
+    from grata.models import save_checkpoint
 
     ckpt, art = workdir / f"{arch}.pt", workdir / f"{arch}-{size}"
     save_checkpoint(make_model(arch, seed), ckpt)
@@ -168,9 +166,10 @@ def check_model(arch: str, size: int, images, seed: int, threads: int | None,
     log(f"\n== {arch} at {size}x{size}: theta {manifest['n_theta']} values, exported in "
         f"{out['export_s']} s")
     makers = {
-        "cpu": lambda: OrtEngine(art, threads=threads),
-        "cuda-onnx": lambda: CudaEngine(art, threads=threads),
-        "cuda-torch": lambda: TorchEngine(load_checkpoint(ckpt, arch), device="cuda"),
+        "cpu": lambda: open_engine(art, "cpu", threads),
+        "cuda-onnx": lambda: open_engine(art, "cuda", threads),
+        "cuda-torch": lambda: open_engine(device="cuda", kind="torch", checkpoint=ckpt,
+                                          arch=arch),
     }
     for name, make in makers.items():
         try:

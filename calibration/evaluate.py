@@ -27,7 +27,7 @@ def evaluate(variants: dict, data_root, targets: list[str], methods=("bn", "grat
     from grata.adapt import run
     from grata.export.manifest import load_manifest
     from grata.report import build_report
-    from grata.runtime import OrtEngine
+    from grata.engine_chooser import open_engine
 
     if not variants:
         raise GrataError("nothing to evaluate")
@@ -38,7 +38,7 @@ def evaluate(variants: dict, data_root, targets: list[str], methods=("bn", "grat
     reports = {}
     for name, folder in variants.items():
         def factory(folder=folder):
-            return OrtEngine(folder, threads=threads)
+            return open_engine(folder, threads=threads)
 
         results = run(factory, data_root, list(targets), sizes[name], list(methods),
                       "domain", seed, progress=progress)

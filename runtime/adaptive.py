@@ -54,10 +54,11 @@ import numpy as np
 
 from grata.atomic import remove_temp_files, write_atomic
 from grata.digest import array_sha256
+from grata.engine_chooser import open_engine
 from grata.errors import DataError, GrataError
 from grata.norm import NormSpec
 from grata.run_config import run_config
-from grata.runtime.engine import OrtEngine, route
+from grata.runtime.ort_engine import route
 from grata.runtime.predictors import GRAPHS, make_predictor, resolve_ort_device
 
 STATE_FILE = "state.npz"
@@ -187,8 +188,9 @@ class AdaptiveModel:
             self._lock()
         try:
             ort_device = resolve_ort_device(device)
-            self.engine = OrtEngine(artifacts, device=ort_device, threads=threads,
-                                    verify=verify)
+            # host arrays on every provider: the predictors take theta from the host
+            self.engine = open_engine(artifacts, ort_device, threads, verify,
+                                      host_arrays=True)
             self.size = self.engine.size
             self.method = create(self.spec.method, self.engine, norm=self.spec.norm,
                                  seed=seed, **hyperparameters)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime",
            "grata.kernels": "kernels", "grata.calibration": "calibration"}
 LOWER = ("grata.data", "grata.synth", "grata.models", "grata.export", "grata.kernels",
-         "grata.losses", "grata.augment", "grata.metrics", "grata.engine", "grata.methods")
+         "grata.losses", "grata.augment", "grata.metrics", "grata.engine_protocol", "grata.methods")
 UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
 
 
@@ -70,7 +70,7 @@ def test_graph_sees_the_package():
     assert {"grata.cli.adapt", "grata.runtime.inbox", "grata.export.manifest",
             "grata.bench.workers", "grata.methods.base"} <= set(g)
     assert "grata.runtime.adaptive" in g["grata.runtime.inbox"]
-    assert "grata.export.manifest" in g["grata.runtime.engine"]
+    assert "grata.export.manifest" in g["grata.runtime.ort_engine"]
 
 
 def _in(name: str, prefixes) -> bool:

@@ -107,7 +107,7 @@ def cmd_adapt(args) -> int:
     from grata.adapt import check_names, run
     from grata.artifacts import cached_artifacts
     from grata.data import resolve_targets
-    from grata.engines import engine_factory
+    from grata.engine_chooser import engine_factory
     from grata.gate import GateConfig
     from grata.norm import NormSpec
     from grata.outdir import check_out_dir
