@@ -16,6 +16,7 @@ import numpy as np
 
 from grata.engine_chooser import open_engine
 from grata.errors import GrataError
+from grata.pipeline import ImagePipeline
 from grata.bench.probes import DeviceMemoryPeak, minor_faults, peak_rss_bytes, rss_bytes
 from grata.bench.settings import ADAPT_BACKENDS, MALLOC_KEYS, MALLOC_SETTINGS, RESULT_TAG
 from grata.bench.stats import measure, summarize
@@ -109,13 +110,13 @@ def _stage_worker(spec: dict) -> dict:
         from grata.augment import strong_augment
         x = engine.to_input(images[0])
         strong = engine.to_input(strong_augment(images[0], rng))
-        method = create("grata", engine, seed=seed)
+        pipeline = ImagePipeline(create("grata", engine, seed=seed))
         counter = {"i": 0}
 
-        def full():
+        def full():  # one image's steps, as grata adapt and grata serve run them
             img = images[counter["i"] % len(images)]
             counter["i"] += 1
-            method.adapt(engine.to_input(img), image=img)
+            pipeline.step(engine.to_input(img), img)
 
         _, g_a = engine.entropy_grad(x)
         _, g_p = engine.consistency_grad(x, strong)
@@ -156,10 +157,10 @@ def _adapt_worker(spec: dict) -> dict:
     if backend == "onnx":
         from grata.methods import create
         engine = make_onnx_engine(spec["artifacts"], "cpu", "fp32", threads, options)
-        method = create("grata", engine, seed=seed)
+        pipeline = ImagePipeline(create("grata", engine, seed=seed))
 
         def step(img):
-            return method.adapt(engine.to_input(img), image=img)
+            return pipeline.step(engine.to_input(img), img)
     elif backend in ("torch-ref", "torch"):
         import torch
         if options.get("heap") == "keep":  # the runtime's heap setting, for comparison
@@ -178,10 +179,10 @@ def _adapt_worker(spec: dict) -> dict:
                 return ref.adapt(img)
         else:
             from grata.methods import create
-            method = create("grata", model, seed=seed)
+            pipeline = ImagePipeline(create("grata", model, seed=seed))
 
             def step(img):
-                return method.adapt(method.engine.to_input(img), image=img)
+                return pipeline.step(pipeline.engine.to_input(img), img)
     else:
         raise GrataError(f"unknown backend {backend!r}; choose from {', '.join(ADAPT_BACKENDS)}")
     startup = time.perf_counter() - t_start  # artifacts verified, sessions ready
