@@ -43,6 +43,8 @@ from grata.photo import placement_of
 from grata.placement import Locator, Placement
 from grata.roi import RoiRejected
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # image files, by name
+
 
 @dataclass
 class Picture:
@@ -276,4 +278,4 @@ class ImagePipeline:
         return self.paste_back(out, picture.placement)
 
 
-__all__ = ["ImagePipeline", "Outcome", "Picture"]
+__all__ = ["IMAGE_SUFFIXES", "ImagePipeline", "Outcome", "Picture"]

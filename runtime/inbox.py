@@ -83,7 +83,10 @@ from pathlib import Path
 from grata.atomic import fsync_dir, remove_temp_files, write_atomic
 from grata.data import max_pixels, quote
 from grata.errors import DataError, GrataError
-from grata.runtime.adaptive import IMAGE_SUFFIXES, AdaptiveModel, exclusive_lock, json_bytes, now_utc
+from grata.pipeline import IMAGE_SUFFIXES
+from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.record import json_bytes, now_utc
+from grata.runtime.state_lock import exclusive_lock
 
 # names a camera or a copy tool uses while a file is still being written
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", "~")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from grata.product import PRODUCT_NORM, SERVE_METHOD
 from grata.export.manifest import PRECISIONS
-from grata.runtime.adaptive import DEFAULT_MAX_DRIFT
+from grata.runtime.guards import DEFAULT_MAX_DRIFT
 from grata.runtime.inbox import DEFAULT_STABLE_S
 from grata.runtime.predictors import ORT_DEVICES, PREDICTORS
 from grata.cli.common import (
@@ -130,7 +130,8 @@ def cmd_serve(args) -> int:
 
 
 def _serve(args, hp: dict) -> int:
-    from grata.runtime.adaptive import AdaptiveModel, theta_digest
+    from grata.runtime.adaptive import AdaptiveModel
+    from grata.runtime.record import theta_digest
     from grata.runtime.inbox import log_stderr, serve
 
     state = args.state or args.outbox / ".state"
