@@ -1,6 +1,8 @@
 """The package's import graph, drawn from the source with ast: no cycle, and the data
 flows one way (data -> model -> export -> runtime -> serving): the lower stages never
-import the runtime, the command line or the benchmarks."""
+import the runtime, the command line or the benchmarks. And one place for each job: no
+relative imports, engines made by one chooser, the gate's comparison called by one
+module (the per-image pipeline)."""
 
 import ast
 from pathlib import Path
@@ -10,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime",
            "grata.kernels": "kernels", "grata.calibration": "calibration"}
 LOWER = ("grata.data", "grata.synth", "grata.models", "grata.export", "grata.kernels",
-         "grata.losses", "grata.augment", "grata.metrics", "grata.engine_protocol", "grata.methods")
+         "grata.losses", "grata.augment", "grata.metrics", "grata.engine_protocol", "grata.methods", "grata.placement",
+         "grata.pipeline")
 UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
 
 
@@ -71,6 +74,8 @@ def test_graph_sees_the_package():
             "grata.bench.workers", "grata.methods.base"} <= set(g)
     assert "grata.runtime.adaptive" in g["grata.runtime.inbox"]
     assert "grata.export.manifest" in g["grata.runtime.ort_engine"]
+    assert "grata.pipeline" in g["grata.runtime.adaptive"] and "grata.pipeline" in g[
+        "grata.adapt"] and "grata.pipeline" in g["grata.bench.workers"]
 
 
 def _in(name: str, prefixes) -> bool:
@@ -129,3 +134,58 @@ def test_no_private_name_is_imported_across_packages():
                             and not a.name.startswith("__") and src_pkg != package:
                         bad.append((name, base, a.name))
     assert not bad, bad
+
+
+# -- one place for each job ---------------------------------------------------------------
+
+SOURCE_FOLDERS = ("grata", "export", "runtime", "kernels", "calibration", "benchmarks",
+                  "tools", "docs", "tests")
+ENGINE_CLASSES = {"OrtEngine", "CudaEngine", "TorchEngine"}
+# the one chooser, and each engine's own module
+ENGINE_MAKERS = {"grata/engine_chooser.py", "runtime/ort_engine.py", "runtime/cuda_engine.py",
+                 "grata/torch_engine.py"}
+
+
+def python_files(folders=SOURCE_FOLDERS) -> dict[str, ast.Module]:
+    return {str(p.relative_to(ROOT)): ast.parse(p.read_text(), str(p))
+            for f in folders for p in sorted((ROOT / f).rglob("*.py"))}
+
+
+def calls(tree: ast.Module, names: set[str]) -> list[str]:
+    """Names in `names` called in `tree` (as NAME(...) or module.NAME(...))."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(
+                f, ast.Attribute) else None
+            if name in names:
+                out.append(name)
+    return out
+
+
+def test_no_relative_import_anywhere():
+    bad = [(path, node.lineno) for path, tree in python_files().items()
+           for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not bad, bad
+
+
+def test_engines_are_made_only_by_the_chooser_and_their_own_modules():
+    makers = {path for path, tree in python_files().items()
+              if not path.startswith("tests/") and calls(tree, ENGINE_CLASSES)}
+    assert makers <= ENGINE_MAKERS, sorted(makers - ENGINE_MAKERS)
+    assert "grata/engine_chooser.py" in makers
+
+
+def test_the_gates_comparison_is_called_from_one_module():
+    callers = {path for path, tree in python_files().items()
+               if not path.startswith("tests/") and calls(tree, {"gated_predict"})}
+    assert callers == {"grata/pipeline.py"}
+
+
+def test_the_checks_see_what_they_look_for():
+    tree = ast.parse("from .x import y\nimport grata.runtime as r\n"
+                     "e = r.OrtEngine(a)\nTorchEngine(m)\ngated_predict(g)\n")
+    assert [n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == [1]
+    assert calls(tree, ENGINE_CLASSES) == ["OrtEngine", "TorchEngine"]
+    assert calls(tree, {"gated_predict"}) == ["gated_predict"]
