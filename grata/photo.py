@@ -1,5 +1,5 @@
 """Whole photographs through a crop model: locate the disc, paste the crop's prediction
-back, score it.
+back.
 
 The locate step (`RoiLocator`, a `grata.placement.Locator`) gives the model the
 benchmark's ROI resized to S x S (`grata.data.photo_sample`); what a camera user gets, and
@@ -50,17 +50,6 @@ def paste_prediction(pred, box, shape) -> np.ndarray:
     the box by nearest neighbour, placed there, background elsewhere (the part of the box
     outside the photograph is dropped)."""
     return Placement(tuple(shape[:2]), tuple(box)).paste(pred)
-
-
-def scored(pred: np.ndarray, sample) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(prediction, target, extra row fields) to score a sample by: the crop's own when
-    the sample is a crop; for a whole photograph the pasted-back prediction against the
-    full-size target, and the localisation record (box, score, ...) under ``roi``."""
-    photo = getattr(sample, "photo", None)
-    if photo is None:
-        return pred, sample.target, {}
-    placement = placement_of(photo)
-    return placement.paste(pred), photo.target, placement.fields()
 
 
 def segment_photograph(photo: np.ndarray, predict_crop: Callable[[np.ndarray], np.ndarray],
