@@ -25,7 +25,8 @@ from grata.data import RoiOptions, Sample, Skipped, stream_domain
 from grata.errors import GrataError
 from grata.gate import Gate, GateConfig
 from grata.methods import create
-from grata.pipeline import ImagePipeline, Outcome, Picture
+from grata.picture import Picture, picture_of
+from grata.pipeline import ImagePipeline, Outcome
 from grata.specs import RunSpec, parse_specs
 
 PROTOCOLS = ("domain", "episodic", "continual")
@@ -162,7 +163,7 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
 def _score(runner: Runner, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
     """The record step of `grata adapt`: one image through the pipeline, scored (a whole
     photograph on its pasted-back mask against the full-size truth)."""
-    picture = runner.pipeline.from_sample(sample)
+    picture = picture_of(sample)
     out = runner.process(picture)
     if picture.placement.located:
         pred, target = out.full, sample.photo.target

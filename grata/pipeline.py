@@ -1,8 +1,9 @@
 """One image through one method: the per-image pipeline that `grata adapt`, `grata serve`
 and `grata bench` run, each step a method of `ImagePipeline`:
 
-    load        the picture as given: a file, its bytes or a model input (`load`); the
-                reader's sample in `grata adapt` (`from_sample`)
+    load        the picture as given: a file, its bytes or a model input (`load`, by
+                `grata.picture.PictureReader`); the reader's sample in `grata adapt`
+                (`grata.picture.picture_of`)
     locate      where the model's input sits in the picture (`grata.placement.Locator`:
                 `grata.photo.RoiLocator` for whole photographs; none for a crop)
     adapt       one update of the method on the input (`adapt`)
@@ -19,41 +20,31 @@ and `grata bench` run, each step a method of `ImagePipeline`:
 image. Serving adds its guards between the steps (`guard`: a
 `grata.runtime.guards.Guards`: the update rolled back when it fails, the drift bound,
 the finite-prediction check) and keeps the statistics a prediction was served at
-(`keep_served_stats`) so a crash can be recovered (`replay`). Torch-free.
+(`keep_served_stats`) so a crash can be recovered (`replay`).
+
+A new stage between load and adapt (a re-crop that gives the disc the model's training
+size) is one more Locator, its paste back the Placement it returns, its decision the
+placement's record; nothing here changes. Torch-free; decodes no image itself (the
+reader does), so `grata bench` times the engine's steps without the image libraries.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from grata import metrics
-from grata.data import load_image, load_photo
 from grata.errors import DataError
 from grata.gate import gated_predict, source_logits
-from grata.photo import placement_of
-from grata.placement import Locator, Placement
-from grata.roi import RoiRejected
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # image files, by name
-
-
-@dataclass
-class Picture:
-    """An image ready for the engine: its name, the model's input (float32 [3, S, S] in
-    [0, 1]) and where that input sits in the picture as given."""
-
-    name: str
-    image: np.ndarray
-    placement: Placement
+if TYPE_CHECKING:  # the engine steps alone (grata bench) need no image decoding
+    from grata.picture import Picture, PictureReader
+    from grata.placement import Placement
 
 
 @dataclass
@@ -80,15 +71,14 @@ class ImagePipeline:
 
     `gate` (a `grata.gate.Gate`) judges each prediction; `predict(x)` makes the
     prediction of the model input x at the current theta (default: the engine's own graph
-    under the method's statistics); `locator` places pictures that are whole photographs;
-    `guard` and `keep_served_stats` are serving's."""
+    under the method's statistics); `reader` (a `grata.picture.PictureReader`) loads
+    images and places them (its locator); `guard` and `keep_served_stats` are serving's."""
 
     def __init__(self, method, *, gate=None, predict: Callable | None = None,
-                 locator: Locator | None = None, guard=None, size: int | None = None,
+                 reader: PictureReader | None = None, guard=None,
                  keep_served_stats: bool = False):
-        self.method, self.gate, self.locator, self.guard = method, gate, locator, guard
+        self.method, self.gate, self.reader, self.guard = method, gate, reader, guard
         self._predict = predict
-        self._size = size
         self.keep_served_stats = keep_served_stats
         self.served_stats = None  # ema: the stream statistics the last image was served at
 
@@ -96,73 +86,20 @@ class ImagePipeline:
     def engine(self):
         return self.method.engine
 
-    @property
-    def size(self) -> int:
-        """The side of the model's input (`size` given, else the engine's)."""
-        return self._size if self._size is not None else self.engine.size
-
     def reset(self) -> None:
         """A new stream: the method back to the source, the gate's window and the
         locator's estimate forgotten."""
         self.method.reset()
         if self.gate is not None:
             self.gate.reset()
-        if self.locator is not None:
-            self.locator.reset()
+        if self.reader is not None:
+            self.reader.reset()
         self.served_stats = None
 
-    # -- load and locate -----------------------------------------------------------------
     def load(self, image, name: str | None = None) -> Picture:
-        """A file path, the file's bytes or a model input [3, S, S] in [0, 1] -> Picture;
-        a file is decoded at S (a crop) or, with a locator, read whole and placed. An
-        unusable image is a DataError naming it."""
-        S = self.size
-        if isinstance(image, np.ndarray):
-            img = np.ascontiguousarray(image, dtype=np.float32)
-            if img.shape != (3, S, S):
-                raise DataError(name or "array", f"expected a [3, {S}, {S}] image, got "
-                                                  f"{list(img.shape)}")
-            if not np.isfinite(img).all():
-                raise DataError(name or "array", "image has non-finite values")
-            return Picture(name or "array", img, Placement.whole((S, S)))
-        if isinstance(image, (bytes, bytearray)):
-            data, name = bytes(image), name or "image"
-        else:
-            path = Path(image)
-            name = name or path.name
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
-        if self.locator is not None:
-            return self.locate(data, name)
-        try:
-            img = load_image(io.BytesIO(data), S)
-        except DataError as exc:
-            raise DataError(name, exc.problem) from None
-        with Image.open(io.BytesIO(data)) as im:
-            W, H = im.size
-        return Picture(name, img, Placement.whole((H, W)))
-
-    def locate(self, data: bytes, name: str) -> Picture:
-        """A whole photograph's bytes -> Picture placed by the locator; a photograph the
-        locator cannot place is a DataError with its reason."""
-        try:
-            pixels = load_photo(io.BytesIO(data))
-            img, placement = self.locator.locate(pixels, name)
-        except DataError as exc:
-            raise DataError(name, exc.problem) from None
-        except RoiRejected as exc:
-            raise DataError(name, exc.reason) from None
-        return Picture(name, img, placement)
-
-    @staticmethod
-    def from_sample(sample) -> Picture:
-        """A reader's sample (`grata.data.stream_domain`) as a Picture: a whole
-        photograph's sample comes placed by the reader (``roi``), a crop is whole."""
-        placement = placement_of(sample.photo) if sample.photo is not None else \
-            Placement.whole(sample.image.shape[1:])
-        return Picture(sample.name, sample.image, placement)
+        """The load and locate steps (`grata.picture.PictureReader.load`): a file, its
+        bytes or a model input -> Picture."""
+        return self.reader.load(image, name)
 
     # -- the engine's steps ------------------------------------------------------------
     def adapt(self, x, image: np.ndarray, snap: dict | None = None) -> list[dict]:
@@ -278,4 +215,4 @@ class ImagePipeline:
         return self.paste_back(out, picture.placement)
 
 
-__all__ = ["IMAGE_SUFFIXES", "ImagePipeline", "Outcome", "Picture"]
+__all__ = ["ImagePipeline", "Outcome"]

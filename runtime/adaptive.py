@@ -47,6 +47,7 @@ from grata.gate import Gate, GateConfig
 from grata.methods import create, resolved_hyperparameters
 from grata.norm import NormSpec
 from grata.photo import RoiLocator
+from grata.picture import PictureReader
 from grata.pipeline import ImagePipeline
 from grata.run_config import run_config
 from grata.runtime.guards import DEFAULT_MAX_DRIFT, Guards, relative_drift
@@ -114,9 +115,10 @@ class AdaptiveModel:
                 self.engine, self.method.norm, predictor, artifacts, device=ort_device,
                 threads=threads, precision=precision, calibration=calibration,
                 cache_dir=cache_dir)
+            locator = RoiLocator(self.size, roi) if roi is not None else None
             self.pipeline = ImagePipeline(
-                self.method, gate=self.gate, predict=self._predict, guard=self.guards,
-                locator=RoiLocator(self.size, roi) if roi is not None else None,
+                self.method, gate=self.gate, predict=self._predict,
+                reader=PictureReader(self.size, locator), guard=self.guards,
                 keep_served_stats=True)
             self.source_sha256 = array_sha256(self.engine.theta0)
             self.config = run_config(

@@ -83,7 +83,7 @@ from pathlib import Path
 from grata.atomic import fsync_dir, remove_temp_files, write_atomic
 from grata.data import max_pixels, quote
 from grata.errors import DataError, GrataError
-from grata.pipeline import IMAGE_SUFFIXES
+from grata.picture import IMAGE_SUFFIXES
 from grata.runtime.adaptive import AdaptiveModel
 from grata.runtime.record import json_bytes, now_utc
 from grata.runtime.state_lock import exclusive_lock

@@ -10,7 +10,7 @@ import numpy as np
 
 from grata.data import load_image
 from grata.errors import GrataError
-from grata.pipeline import IMAGE_SUFFIXES
+from grata.picture import IMAGE_SUFFIXES
 from grata.runtime.ort_engine import route
 from grata.runtime.predictors import GRAPHS, make_predictor
 

@@ -13,7 +13,7 @@ FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime
            "grata.kernels": "kernels", "grata.calibration": "calibration"}
 LOWER = ("grata.data", "grata.synth", "grata.models", "grata.export", "grata.kernels",
          "grata.losses", "grata.augment", "grata.metrics", "grata.engine_protocol", "grata.methods", "grata.placement",
-         "grata.pipeline")
+         "grata.picture", "grata.pipeline")
 UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
 
 

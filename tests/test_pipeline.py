@@ -12,6 +12,7 @@ from grata.data import to_mask_png
 from grata.engine_chooser import open_engine
 from grata.errors import DataError
 from grata.methods import create
+from grata.picture import PictureReader
 from grata.pipeline import ImagePipeline
 from grata.placement import Placement
 
@@ -99,7 +100,7 @@ def test_a_locator_places_the_picture_and_is_reset_with_the_stream(edge64):
     Image.fromarray(pixels).save(buf, format="PNG")
     locator = CentreCrop()
     pipeline = ImagePipeline(create("bn", open_engine(edge64[1], threads=1)),
-                             locator=locator)
+                             reader=PictureReader(SIZE, locator))
     picture = pipeline.load(buf.getvalue(), "eye.png")
     assert picture.name == "eye.png" and picture.placement.box == (16, 8, 80, 72)
     assert picture.placement.fields() == {"roi": {"box": [16, 8, 80, 72], "how": "centre"}}
@@ -111,7 +112,8 @@ def test_a_locator_places_the_picture_and_is_reset_with_the_stream(edge64):
 
 
 def test_load_names_what_it_cannot_use(edge64):
-    pipeline = ImagePipeline(create("source", open_engine(edge64[1], threads=1)))
+    pipeline = ImagePipeline(create("source", open_engine(edge64[1], threads=1)),
+                             reader=PictureReader(SIZE))
     with pytest.raises(DataError, match=r"^cam: expected a \[3, 64, 64\] image"):
         pipeline.load(np.zeros((3, 32, 32), np.float32), "cam")
     with pytest.raises(DataError, match="^junk.png: "):
