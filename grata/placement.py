@@ -6,7 +6,8 @@ input (float32 [3, S, S]) and a `Placement`: the box of the picture the input sh
 picture's shape, and what the locator decided (its ``record``, carried into report rows
 and serve records). After the prediction, `Placement.paste` puts the [2, S, S] prediction
 back into a mask of the picture's size. `reset()` starts a new stream (a locator that
-keeps a running estimate forgets it there; `grata.adapt` calls it with the method's).
+keeps a running estimate forgets it there; the pipeline's `reset` calls it with the
+method's). The load step that hands the locator its picture is `grata.picture`.
 
 Implementations: `grata.photo.RoiLocator` (whole photographs: the disc found, the
 benchmark's ROI cut); without a locator the picture is a crop and the input is the whole
