@@ -56,10 +56,10 @@ def make_predict(engine: str, checkpoint, arch: str, size: int, threads: int):
     the manifest or None, a word on the model)."""
     if engine == "onnx":
         from grata.artifacts import cached_artifacts, default_artifacts
-        from grata.runtime import OrtEngine
+        from grata.engine_chooser import open_engine
         folder = cached_artifacts(checkpoint, arch, size) if checkpoint else \
             default_artifacts(size)[0]
-        eng = OrtEngine(folder, threads=threads)
+        eng = open_engine(folder, "cpu", threads)
 
         def predict(x):
             return metrics.probs_from_logits(eng.infer(eng.to_input(x), norm="source"))[0]

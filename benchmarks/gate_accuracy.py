@@ -24,12 +24,12 @@ import sys
 import time
 
 import numpy as np
-from grata.runtime import OrtEngine
 
 from grata import defaults, metrics
 from grata.adapt import Runner
 from grata.artifacts import cached_artifacts
 from grata.domains import Skipped, resolve_targets, stream_domain
+from grata.engine_chooser import open_engine
 from grata.errors import GrataError
 from grata.gate import GateConfig
 from grata.specs import parse_spec
@@ -42,7 +42,7 @@ def mean_dice(logits: np.ndarray, target: np.ndarray) -> float:
 
 def measure(spec_text: str, artifacts, root, targets, gate: GateConfig, tie: float) -> dict:
     spec = parse_spec(spec_text + "+gate")
-    runner = Runner(spec, OrtEngine(artifacts, threads=1), seed=0, hyperparameters={},
+    runner = Runner(spec, open_engine(artifacts, threads=1), seed=0, hyperparameters={},
                     gate_config=gate)
     out = {}
     for target in targets:

@@ -107,13 +107,13 @@ def check(arch: str, size: int, images, seed: int, tol: float) -> list[dict]:
     import torch
 
     from grata.kernels import cuda_update
-    from grata.torch_engine import TorchEngine
+    from grata.engine_chooser import open_engine
 
     rows = []
     for name in METHODS:
-        cpu = run(TorchEngine(make_model(arch, seed), device="cpu"), name, images, seed)
+        cpu = run(open_engine(kind="torch", model=make_model(arch, seed), device="cpu"), name, images, seed)
         stream = torch.cuda.Stream()  # not the default stream: the kernel must follow it
-        gpu_engine = TorchEngine(make_model(arch, seed), device="cuda")
+        gpu_engine = open_engine(kind="torch", model=make_model(arch, seed), device="cuda")
         gpu = run(gpu_engine, name, images, seed, stream)
         tf32_off = not (torch.backends.cuda.matmul.allow_tf32
                         or torch.backends.cudnn.allow_tf32)

@@ -101,12 +101,12 @@ def serve_rows(art: Path, images, norm: str, tol: float) -> list[dict]:
 
 
 def tensorrt_rows(art: Path, images, cache: Path) -> list[dict]:
-    from grata.runtime import cuda_engine
+    from grata.engine_chooser import open_engine
     from grata.runtime.predictors import OrtPredictor
     from grata.runtime.tensorrt import TensorRTPredictor, has_reduced_precision, import_tensorrt
 
     trt = import_tensorrt()
-    engine = cuda_engine.CudaEngine(art)
+    engine = open_engine(art, "cuda")
     cpu = OrtPredictor(art, threads=None)
     x = images[0][None]
     theta0 = engine.to_numpy(engine.theta0)

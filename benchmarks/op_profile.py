@@ -22,10 +22,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from grata.runtime import OrtEngine
-
 from grata.artifacts import random_model_artifacts
 from grata.bench.workers import bench_image
+from grata.engine_chooser import open_engine
 from grata.methods import create
 
 KINDS = {"Conv": "convolution", "ConvTranspose": "convolution",
@@ -51,8 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     folder = random_model_artifacts(args.arch, args.size, 0, quiet=False)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = OrtEngine(folder, threads=args.threads,
-                           tuning={"profile": str(Path(tmp) / "p")})
+        engine = open_engine(folder, threads=args.threads,
+                             tuning={"profile": str(Path(tmp) / "p")})
         method = create("grata", engine, seed=0)
         first = bench_image(0, engine.size)
         method.adapt(engine.to_input(first), image=first)  # warm-up, in the profile too

@@ -37,7 +37,7 @@ from PIL import Image
 
 from grata import adapt, defaults, synth, synth_whole
 from grata.domains import RoiOptions
-from grata.engines import engine_factory
+from grata.engine_chooser import engine_factory
 
 HOSTILE = {"artefact": {"artefact": 1.5, "uneven": 0.0},
            "uneven": {"artefact": 0.0, "uneven": 0.9}}

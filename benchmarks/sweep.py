@@ -84,8 +84,8 @@ def grid(rules: list[str], steps: list[float], methods: list[str]) -> list[Confi
 
 
 def _engines(artifacts, n: int, threads: int):
-    from grata.runtime import OrtEngine
-    return [OrtEngine(artifacts, threads=threads) for _ in range(n)]
+    from grata.engine_chooser import open_engine
+    return [open_engine(artifacts, threads=threads) for _ in range(n)]
 
 
 def run_configs(configs: list[Config], root, targets: list[str], size: int, artifacts,

@@ -14,6 +14,11 @@ import math
 from pathlib import Path
 
 from grata.errors import GrataError
+from grata.adapt import run
+from grata.export.manifest import load_manifest
+from grata.report import build_report
+from grata.engine_chooser import open_engine
+from grata.calibration.quantize import graph_bytes
 
 DICE_KEYS = ("dice_od", "dice_oc", "dice_mean")
 TOLERANCE = 1.0  # points of mean Dice: the issue's target for INT8
@@ -24,10 +29,6 @@ def evaluate(variants: dict, data_root, targets: list[str], methods=("bn", "grat
     """Run `methods` over `targets` for each variant {name: artifact folder}; the first
     variant is the reference. Returns {"reports": {name: report}, "rows": [...],
     "mean_over_targets": {...}} with Dice deltas against the reference."""
-    from grata.adapt import run
-    from grata.export.manifest import load_manifest
-    from grata.report import build_report
-    from grata.runtime import OrtEngine
 
     if not variants:
         raise GrataError("nothing to evaluate")
@@ -38,7 +39,7 @@ def evaluate(variants: dict, data_root, targets: list[str], methods=("bn", "grat
     reports = {}
     for name, folder in variants.items():
         def factory(folder=folder):
-            return OrtEngine(folder, threads=threads)
+            return open_engine(folder, threads=threads)
 
         results = run(factory, data_root, list(targets), sizes[name], list(methods),
                       "domain", seed, progress=progress)
@@ -122,8 +123,6 @@ def format_comparison(comparison: dict) -> str:
 def model_sizes(variants: dict) -> dict:
     """Bytes of each variant's infer graph (file + the external data it uses) and of
     the whole artifact folder."""
-    from grata.export.manifest import load_manifest
-    from grata.calibration.quantize import graph_bytes
     out = {}
     for name, folder in variants.items():
         folder = Path(folder)

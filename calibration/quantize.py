@@ -41,12 +41,14 @@ import numpy as np
 
 from grata.errors import GrataError
 from grata.export.manifest import load_manifest, write_manifest
+from importlib import metadata
+from grata.decode import IMAGE_SUFFIXES, load_image
+from grata.errors import DataError
 
 log = logging.getLogger(__name__)
 
 CALIBRATORS = ("entropy", "percentile", "minmax")
 QUANTIZED_OPS = ("Conv", "ConvTranspose")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 INT8_GRAPH = "infer_int8.onnx"
 # Ops kept in float32 inside the FP16 gradient graphs: the long sums of the BN statistics
 # and of their backward lose too much in float16 (measured: ~3 % error on the gradient).
@@ -95,8 +97,6 @@ class ImageReader:
 
     def more(self) -> bool:
         """Read the next chunk of images; False when no readable image is left."""
-        from grata.data import load_image
-        from grata.errors import DataError
         self._buffer = []
         while self._next < len(self.paths) and len(self._buffer) < self.chunk:
             path = self.paths[self._next]
@@ -475,7 +475,6 @@ def convert_fp16(artifacts, out_dir) -> dict:
 
 
 def _version(package: str) -> str | None:
-    from importlib import metadata
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

@@ -1,7 +1,9 @@
 """The adaptation loop: stream target domains through methods and score every image.
 
 Batch 1, one step per image, prediction after the step. Each method gets its own
-engine; all methods advance over the same image together, so each image is read once.
+engine and its own per-image pipeline (`grata.pipeline.ImagePipeline`: adapt, predict,
+gate, stream statistics, paste back); all methods advance over the same image together,
+so each image is read once. The record step is here: each image scored into a report row.
 Protocols: `domain` resets to the source theta at each new target domain (the
 reference's protocol), `episodic` before every image, `continual` never.
 
@@ -13,18 +15,20 @@ and the source prediction). Results are keyed by the spec's key.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from grata import metrics
-from grata.data import RoiOptions, Sample, Skipped, stream_domain
+from grata.domains import RoiOptions, Sample, Skipped, stream_domain
 from grata.errors import GrataError
+from grata.gate import Gate, GateConfig
 from grata.methods import create
+from grata.picture import Picture, picture_of
+from grata.pipeline import ImagePipeline, Outcome
 from grata.specs import RunSpec, parse_specs
-from grata.photo import scored
+from tqdm import tqdm
 
 PROTOCOLS = ("domain", "episodic", "continual")
 
@@ -58,18 +62,16 @@ def check_names(methods: Iterable[str], protocol: str, norm="sample") -> list[Ru
 
 
 class Runner:
-    """One spec's method (and gate) over its own engine."""
+    """One spec's method (and gate) over its own engine, through the per-image pipeline."""
 
     def __init__(self, spec: RunSpec, engine, seed: int, hyperparameters: dict,
                  gate_config=None):
         self.spec = spec
         self.method = create(spec.method, engine, norm=spec.norm, seed=seed,
                              **hyperparameters)
-        self.gate = None
+        self.gate = Gate(gate_config or GateConfig()) if spec.gate else None
+        self.pipeline = ImagePipeline(self.method, gate=self.gate)
         self.pair = None
-        if spec.gate:
-            from grata.gate import Gate, GateConfig
-            self.gate = Gate(gate_config or GateConfig())
 
     @property
     def engine(self):
@@ -84,31 +86,24 @@ class Runner:
         return self.method.last
 
     def reset(self) -> None:
-        self.method.reset()
-        if self.gate is not None:
-            self.gate.reset()
+        self.pipeline.reset()
 
     def adapt(self, x, image: np.ndarray) -> tuple[np.ndarray, dict]:
         """One step on x, then the host logits [2, S, S] of the prediction served (the
         gate's choice when gated) and the gate's decision ({} without a gate)."""
-        m, e = self.method, self.engine
-        if self.gate is None:
-            return e.to_numpy(m.adapt(x, image=image))[0], {}
-        from grata.gate import gated_predict, source_logits
-        m.update(x, image=image)
-        logits = e.infer(x, norm=m.norm)
-        # the gate's view passes overwrite the image statistics a stream rule moves to
-        img_stats = e.copy(e.img_stats) if m.norm.kind == "ema" else None
-        chosen, adapted, source, decision = gated_predict(
-            self.gate, e.to_numpy(x),
-            lambda xh: e.to_numpy(e.infer(e.to_input(xh), norm=m.norm)),
-            lambda xh: e.to_numpy(source_logits(e, e.to_input(xh))),
-            adapted_logits=e.to_numpy(logits))
-        if img_stats is not None:
-            e.assign(e.img_stats, img_stats)
-            m.update_stream()
-        self.pair = (adapted[0], source[0])  # both candidates, for measurements
-        return chosen[0], decision
+        out = self.pipeline.step(x, image)
+        self._keep_pair(out)
+        return self.engine.to_numpy(out.logits)[0], out.decision or {}
+
+    def process(self, picture: Picture) -> Outcome:
+        """Every step of one image (its prediction pasted back)."""
+        out = self.pipeline.process(picture)
+        self._keep_pair(out)
+        return out
+
+    def _keep_pair(self, out: Outcome) -> None:
+        if out.pair is not None:  # both candidates, for measurements
+            self.pair = (out.pair[0][0], out.pair[1][0])
 
 
 def run(engine_factory: Callable[[], object], data_root, targets: list[str], size: int,
@@ -121,7 +116,7 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
 
     `methods` are specs (``grata``, ``grata@mix:0.2``, ``bn+gate``); a plain name runs
     under `norm`. `hyperparameters` are keyed by spec key or method name (the key wins).
-    `roi`: the images are whole photographs (see `grata.data.stream_domain`); each is
+    `roi`: the images are whole photographs (see `grata.domains.stream_domain`); each is
     scored on its pasted-back full-size mask, and `pred` given to `on_image` is that mask.
     `on_image(key, target, row, pred, sample)` sees every scored image (overlays);
     `on_domain(results)` is called after each domain with all results so far, so a
@@ -167,23 +162,25 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
 
 
 def _score(runner: Runner, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
-    engine = runner.engine
-    start = time.perf_counter()
-    x = engine.to_input(sample.image)
-    logits, decision = runner.adapt(x, sample.image)
-    elapsed = time.perf_counter() - start
-    pred = metrics.binarize(metrics.probs_from_logits(logits))
-    pred, target, extra = scored(pred, sample)  # a whole photograph: its pasted-back mask
+    """The record step of `grata adapt`: one image through the pipeline, scored (a whole
+    photograph on its pasted-back mask against the full-size truth)."""
+    picture = picture_of(sample)
+    out = runner.process(picture)
+    if picture.placement.located:
+        pred, target = out.full, sample.photo.target
+    else:
+        pred, target = out.pred, sample.target
     row = {"index": index, "file": sample.name, **metrics.image_metrics(pred, target),
-           "time_s": elapsed, **{k: float(v) for k, v in runner.last.items()}, **extra}
-    if decision:
-        row.update({"gate": decision["chosen"], "gate_reason": decision["reason"],
-                    "gate_fallback": decision["stream_fallback"]})
+           "time_s": out.timings["step"], **{k: float(v) for k, v in runner.last.items()},
+           **picture.placement.fields()}
+    if out.decision:
+        d = out.decision
+        row.update({"gate": d["chosen"], "gate_reason": d["reason"],
+                    "gate_fallback": d["stream_fallback"]})
     return row, pred
 
 
 def _bar(stream, target: str, progress: bool):
     if not progress:
         return stream
-    from tqdm import tqdm
     return tqdm(stream, desc=f"{target:>12}", unit="img", leave=True, dynamic_ncols=True)

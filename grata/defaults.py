@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from grata import synth, synth_whole
+from grata.cache import cache_dir
 from grata.disc_scale import read_sidecar
 
 SYNTH_SEED = 0
@@ -17,11 +18,6 @@ DEFAULT_SIZE = 128
 CHECKPOINT_NAME = "edge_synth.pt"
 
 
-def cache_dir() -> Path:
-    """Where generated data and exported artifacts live ($GRATA_CACHE or ~/.cache/grata)."""
-    root = os.environ.get("GRATA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "grata")
-    return Path(root)
 
 
 def checkpoint() -> Path:

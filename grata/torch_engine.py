@@ -2,8 +2,8 @@
 
 An engine owns theta (the flat vector of every BN gamma/beta) and answers the three
 questions every method asks: the logits, the entropy gradient and the consistency
-gradient at the current theta. `grata.runtime.OrtEngine` answers the same questions
-with ONNX graphs, so the methods run unchanged on either.
+gradient at the current theta. `grata.runtime.ort_engine.OrtEngine` answers the same
+questions with ONNX graphs, so the methods run unchanged on either.
 
 Each question takes the BN statistics rule `norm` (a `grata.norm.NormSpec` or its text;
 the teacher views, the student and the prediction all use it). The engine also owns the
@@ -34,10 +34,11 @@ def set_tf32(enabled: bool) -> None:
 
 class TorchEngine:
     """Adapts `model` in place; theta is a view of the model's BN parameters.
-    Answers as `grata.engine.Engine` (`device` is "cpu" or "cuda", `torch_device` the
-    torch device). On CUDA the convolutions run in float32 unless `tf32` (`set_tf32`)."""
+    Answers as `grata.engine_protocol.Engine` (`device` is "cpu" or "cuda", `torch_device`
+    the torch device). On CUDA the convolutions run in float32 unless `tf32` (`set_tf32`)."""
 
     kind = "torch"
+    size = None  # a convolutional model takes any input size
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None,
                  tf32: bool = False):

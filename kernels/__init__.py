@@ -21,6 +21,9 @@ Importing this package never imports torch, cuda-python or onnxruntime.
 from __future__ import annotations
 
 from grata.kernels.numpy_update import alignment, lr_from_cos
+import numpy as np
+from grata.kernels import numpy_update
+from grata.kernels import cuda_update
 
 __all__ = ["adam_update", "alignment", "backend_of", "grata_update", "lr_from_cos"]
 
@@ -31,7 +34,6 @@ def _is_torch_tensor(x) -> bool:
 
 def _host_view(x):
     """A numpy view of x when x lives in host memory, else None."""
-    import numpy as np
 
     if isinstance(x, np.ndarray):
         return x
@@ -68,13 +70,11 @@ def grata_update(theta, m, v, g_p, g_a, step, beta, betas=(0.9, 0.999), eps=1e-8
                  cos_out=None, **device_options):
     """One GraTa step in place (see the module doc). Returns cos, or None with cos_out."""
     if backend_of(theta, m, v, g_p, g_a, cos_out) == "cuda":
-        from grata.kernels import cuda_update
 
         return cuda_update.grata_update(theta, m, v, g_p, g_a, step, beta, betas, eps,
                                         cos_out=cos_out, **device_options)
     if device_options:
         raise ValueError(f"options {sorted(device_options)} only apply to device arrays")
-    from grata.kernels import numpy_update
 
     views = [_host_view(a) for a in (theta, m, v, g_p, g_a)]
     out = _host_view(cos_out) if cos_out is not None else None
@@ -84,12 +84,10 @@ def grata_update(theta, m, v, g_p, g_a, step, beta, betas=(0.9, 0.999), eps=1e-8
 def adam_update(theta, m, v, g, step, lr, betas=(0.9, 0.999), eps=1e-8, **device_options):
     """One Adam step (torch.optim.Adam's rule, no weight decay) in place. Returns None."""
     if backend_of(theta, m, v, g) == "cuda":
-        from grata.kernels import cuda_update
 
         return cuda_update.adam_update(theta, m, v, g, step, lr, betas, eps, **device_options)
     if device_options:
         raise ValueError(f"options {sorted(device_options)} only apply to device arrays")
-    from grata.kernels import numpy_update
 
     views = [_host_view(a) for a in (theta, m, v, g)]
     return numpy_update.adam_update(*views, step, lr, betas, eps)

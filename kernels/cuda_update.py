@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grata.cache import cache_dir as package_cache
 from grata.kernels.numpy_update import COS_EPS, check_betas, check_step  # noqa: F401  (COS_EPS: docs)
 
 __all__ = [
@@ -106,8 +107,7 @@ def kernel_source() -> str:
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: the package's cache folder, ``kernels/``."""
-    from grata.defaults import cache_dir as root
-    return root() / "kernels"
+    return package_cache() / "kernels"
 
 
 def _compile_options(arch: str) -> dict:

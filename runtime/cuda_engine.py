@@ -35,7 +35,7 @@ import numpy as np
 from grata.errors import GrataError
 from grata.export.manifest import load_manifest
 from grata.kernels import adam_update, cuda_update
-from grata.runtime.engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
+from grata.runtime.ort_engine import MIXED, StreamStatistics, check_input, load_stats0, load_theta0, route
 from grata.runtime.ort_session import (
     available_providers,
     cuda_options,
@@ -144,7 +144,7 @@ class _DeviceScalar:
 
 
 class CudaEngine(StreamStatistics):
-    """Answers as `grata.engine.Engine`, like `OrtEngine`; theta and every vector a
+    """Answers as `grata.engine_protocol.Engine`, like `OrtEngine`; theta and every vector a
     method makes stay on the GPU.
 
     The gradients returned by `entropy_grad` / `consistency_grad` are the engine's output

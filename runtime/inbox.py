@@ -81,9 +81,14 @@ import time
 from pathlib import Path
 
 from grata.atomic import fsync_dir, remove_temp_files, write_atomic
-from grata.data import max_pixels, quote
+from grata.decode import max_pixels, quote
 from grata.errors import DataError, GrataError
-from grata.runtime.adaptive import IMAGE_SUFFIXES, AdaptiveModel, exclusive_lock, json_bytes, now_utc
+from grata.decode import IMAGE_SUFFIXES
+from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.record import json_bytes, now_utc
+from grata.runtime.state_lock import exclusive_lock
+from grata.report import overlay, photo_overlay
+from PIL import Image
 
 # names a camera or a copy tool uses while a file is still being written
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", "~")
@@ -486,9 +491,7 @@ def _serve_image(path, name, data, digest, key, sig, outbox, processed, model, c
         result = model.recover(data, name=shown, key=key)
     else:
         result = model.process(data, name=shown, key=key)
-    from grata.report import overlay, photo_overlay
     t0 = time.perf_counter()
-    from PIL import Image
     files = {"mask": f"{key}.mask.png", "overlay": f"{key}.overlay.png"}
     write_atomic(outbox / files["mask"], _png_bytes(Image.fromarray(result["mask"])))
     photo = result.get("photo")

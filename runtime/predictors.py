@@ -44,6 +44,7 @@ from grata.runtime.ort_session import (
     provider_list,
     tuned_options,
 )
+from grata.runtime.tensorrt import TensorRTPredictor
 
 PREDICTORS = ("auto", "onnxruntime", "tensorrt")
 # what a predictor may compute in (`grata serve --precision`)
@@ -210,7 +211,6 @@ def make_predictor(name: str = "auto", artifacts=None, *, graph: str = "infer",
         if name == "auto" and not tensorrt_installed():
             fallback = "the tensorrt package is not installed"
         else:
-            from grata.runtime.tensorrt import TensorRTPredictor
             try:
                 return TensorRTPredictor(artifacts, precision=precision, graph=graph,
                                          cache_dir=cache_dir, calibration=calibration,

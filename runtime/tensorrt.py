@@ -97,6 +97,7 @@ from grata.atomic import write_atomic
 from grata.defaults import cache_dir
 from grata.digest import bytes_sha256 as _sha256
 from grata.errors import GrataError
+from grata.export.manifest import load_manifest
 
 CACHE_FORMAT = 2  # 2: TF32 cleared at fp32, adapted-input layers pinned at fp16/int8
 WORKSPACE_BYTES = 1 << 30
@@ -534,7 +535,6 @@ class TensorRTPredictor:
     def __init__(self, artifacts, *, precision: str | None = None, graph: str = "infer",
                  cache_dir=None, calibration: Sequence[np.ndarray] | None = None,
                  verify: bool = True, stream=None):
-        from grata.export.manifest import load_manifest
         if precision is not None and precision not in PRECISIONS:
             raise GrataError(f"unknown precision {precision!r}; choose from "
                              f"{', '.join(PRECISIONS)}")

@@ -5,7 +5,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from grata.runtime.adaptive import STATE_FILE, AdaptiveModel
+from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.state_file import STATE_FILE
 from PIL import Image
 
 SIZE = 64

@@ -17,7 +17,7 @@ from grata import adapt, defaults, metrics, roi, synth_whole
 from grata.cli import main
 from grata.decode import load_pair
 from grata.domains import RoiOptions, stream_domain
-from grata.engines import engine_factory
+from grata.engine_chooser import engine_factory
 from grata.models import load_checkpoint
 from grata.photo import segment_photograph
 from grata.report import BOX_COLOUR, photo_overlay

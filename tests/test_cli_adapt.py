@@ -296,7 +296,7 @@ def test_gate_leaves_a_stream_rule_as_it_would_be(tiny):
     runner's adapted predictions and statistics equal the plain runner's."""
     from grata.adapt import Runner
     from grata.domains import Skipped, stream_domain
-    from grata.engines import engine_factory
+    from grata.engine_chooser import engine_factory
     from grata.specs import parse_spec
     factory = engine_factory("torch", checkpoint=tiny / "edge.pt", arch="edge", device="cpu")
     plain = Runner(parse_spec("tent@ema:0.3"), factory(), 0, {})

@@ -18,7 +18,7 @@ import torch
 from grata.kernels import cuda_update, numpy_update
 from grata.runtime import OrtEngine, cuda_engine, ort_session, predictors, tensorrt
 from grata.runtime.adaptive import AdaptiveModel
-from grata.runtime.engine import check_input
+from grata.runtime.ort_engine import check_input
 from grata.runtime.predictors import DevicePredictor, OrtPredictor, make_predictor
 
 from grata.errors import GrataError

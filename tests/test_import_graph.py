@@ -2,7 +2,8 @@
 flows one way (data -> model -> export -> runtime -> serving): the lower stages never
 import the runtime, the command line or the benchmarks. One import style: absolute
 `grata.` imports, at module top except for the optional or heavy dependencies below, and
-no private name imported from another module."""
+no private name imported from another module. And one place for each job: engines made
+by one chooser, the gate's comparison called by one module (the per-image pipeline)."""
 
 import ast
 from pathlib import Path
@@ -11,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> folder, as in pyproject's package-dir
 FOLDERS = {"grata": "grata", "grata.export": "export", "grata.runtime": "runtime",
            "grata.kernels": "kernels", "grata.calibration": "calibration"}
-LOWER = ("grata.data", "grata.domains", "grata.decode", "grata.masks", "grata.synth",
+LOWER = ("grata.domains", "grata.decode", "grata.masks", "grata.synth",
          "grata.models", "grata.export", "grata.kernels", "grata.losses", "grata.augment",
-         "grata.metrics", "grata.engine", "grata.methods")
+         "grata.metrics", "grata.engine_protocol", "grata.methods", "grata.placement",
+         "grata.picture", "grata.pipeline")
 UPPER = ("grata.runtime", "grata.cli", "grata.bench", "grata.calibration")
 
 # The packages a function may import, and why: the module that does must import without
@@ -32,28 +34,13 @@ LAZY_PACKAGES = {
 # A grata module whose import loads one of LAZY_PACKAGES (grata.models: torch) counts as
 # that package: it is imported where it is used, for the same reason.
 
-# Imports inside functions still to move to the module top, in modules being rewritten in
-# parallel (issue 20, items 1 and 2). Each entry goes once its module imports it at the top
-# (test_pending_lazy_imports_are_still_there says which are done): {importing module:
-# {the grata module imported, or the top-level name of another package}}.
-PENDING_LAZY = {
-    "grata.adapt": {"grata.gate", "tqdm"},
-    "grata.engines": {"grata.runtime"},
+# Imports inside functions kept on purpose inside grata: {importing module: {the grata
+# module imported, or the top-level name of another package}}. The benchmark workers
+# measure their own peak memory and page faults per configuration, so each imports only
+# what the configuration it runs needs (the onnxruntime runtime, the kernels, the method).
+KEPT_LAZY = {
     "grata.bench.workers": {"grata.augment", "grata.bench.convlimit", "grata.kernels",
-                            "grata.methods", "grata.runtime", "grata.runtime.heap",
-                            "importlib"},
-    "grata.runtime.adaptive": {"grata.data", "grata.gate", "grata.methods", "grata.metrics",
-                               "grata.photo", "grata.roi", "grata.specs", "PIL", "copy",
-                               "fcntl"},
-    "grata.runtime.choose": {"grata.runtime.cuda_engine"},
-    "grata.runtime.inbox": {"grata.report", "PIL"},
-    "grata.runtime.predictors": {"grata.runtime.tensorrt"},
-    "grata.runtime.tensorrt": {"grata.export.manifest"},
-    "grata.kernels": {"grata.kernels.cuda_update", "grata.kernels.numpy_update", "numpy"},
-    "grata.kernels.cuda_update": {"grata.defaults"},
-    "grata.calibration.evaluate": {"grata.adapt", "grata.calibration.quantize",
-                                   "grata.export.manifest", "grata.report", "grata.runtime"},
-    "grata.calibration.quantize": {"grata.data", "grata.errors", "importlib"},
+                            "grata.methods", "grata.runtime.heap"},
 }
 
 
@@ -119,7 +106,7 @@ def targets(node, package: str) -> list[str]:
 
 
 def lazy_key(target: str, known) -> str:
-    """How PENDING_LAZY names an import target: its grata module, else its package."""
+    """How KEPT_LAZY names an import target: its grata module, else its package."""
     return resolve(target, known) or target.split(".")[0]
 
 
@@ -190,7 +177,9 @@ def test_graph_sees_the_package():
     assert {"grata.cli.adapt", "grata.runtime.inbox", "grata.export.manifest",
             "grata.bench.workers", "grata.methods.base"} <= set(g)
     assert "grata.runtime.adaptive" in g["grata.runtime.inbox"]
-    assert "grata.export.manifest" in g["grata.runtime.engine"]
+    assert "grata.export.manifest" in g["grata.runtime.ort_engine"]
+    assert "grata.pipeline" in g["grata.runtime.adaptive"] and "grata.pipeline" in g[
+        "grata.adapt"] and "grata.pipeline" in g["grata.bench.workers"]
 
 
 def _in(name: str, prefixes) -> bool:
@@ -262,7 +251,7 @@ def test_imports_inside_functions_are_optional_or_heavy_dependencies():
             for t in targets(node, package):
                 if t.split(".")[0] in LAZY_PACKAGES or resolve(t, mods) in heavy:
                     continue
-                if lazy_key(t, mods) not in PENDING_LAZY.get(name, ()):
+                if lazy_key(t, mods) not in KEPT_LAZY.get(name, ()):
                     bad.append(f"{name}:{node.lineno} imports {t} inside a function")
     assert not bad, "\n".join(bad)
 
@@ -270,21 +259,13 @@ def test_imports_inside_functions_are_optional_or_heavy_dependencies():
 def test_pending_lazy_imports_are_still_there():
     mods = modules()
     stale = []
-    for name, pending in PENDING_LAZY.items():
+    for name, pending in KEPT_LAZY.items():
         path = mods[name]
         found = {lazy_key(t, mods) for node in function_imports(ast.parse(path.read_text()))
                  for t in targets(node, package_of(name, path))}
         stale += [f"{name} -> {m}" for m in sorted(set(pending) - found)]
-    assert not stale, f"now imported at the top, remove from PENDING_LAZY: {stale}"
+    assert not stale, f"now imported at the top, remove from KEPT_LAZY: {stale}"
 
-
-def test_no_relative_imports():
-    files = [*modules().values(), *(ROOT / "tests").rglob("*.py"),
-             *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]
-    bad = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in files
-           for node in ast.walk(ast.parse(p.read_text()))
-           if isinstance(node, ast.ImportFrom) and node.level]
-    assert not bad, bad
 
 
 def test_no_private_name_is_imported_across_modules():
@@ -311,3 +292,58 @@ def test_no_private_name_is_imported_across_modules():
                     and not node.attr.startswith("__"):
                 bad.append(f"{name}:{node.lineno} {local[node.value.id]}.{node.attr}")
     assert not bad, bad
+
+
+# -- one place for each job ---------------------------------------------------------------
+
+SOURCE_FOLDERS = ("grata", "export", "runtime", "kernels", "calibration", "benchmarks",
+                  "tools", "docs", "tests")
+ENGINE_CLASSES = {"OrtEngine", "CudaEngine", "TorchEngine"}
+# the one chooser, and each engine's own module
+ENGINE_MAKERS = {"grata/engine_chooser.py", "runtime/ort_engine.py", "runtime/cuda_engine.py",
+                 "grata/torch_engine.py"}
+
+
+def python_files(folders=SOURCE_FOLDERS) -> dict[str, ast.Module]:
+    return {str(p.relative_to(ROOT)): ast.parse(p.read_text(), str(p))
+            for f in folders for p in sorted((ROOT / f).rglob("*.py"))}
+
+
+def calls(tree: ast.Module, names: set[str]) -> list[str]:
+    """Names in `names` called in `tree` (as NAME(...) or module.NAME(...))."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(
+                f, ast.Attribute) else None
+            if name in names:
+                out.append(name)
+    return out
+
+
+def test_no_relative_import_anywhere():
+    bad = [(path, node.lineno) for path, tree in python_files().items()
+           for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    assert not bad, bad
+
+
+def test_engines_are_made_only_by_the_chooser_and_their_own_modules():
+    makers = {path for path, tree in python_files().items()
+              if not path.startswith("tests/") and calls(tree, ENGINE_CLASSES)}
+    assert makers <= ENGINE_MAKERS, sorted(makers - ENGINE_MAKERS)
+    assert "grata/engine_chooser.py" in makers
+
+
+def test_the_gates_comparison_is_called_from_one_module():
+    callers = {path for path, tree in python_files().items()
+               if not path.startswith("tests/") and calls(tree, {"gated_predict"})}
+    assert callers == {"grata/pipeline.py"}
+
+
+def test_the_checks_see_what_they_look_for():
+    tree = ast.parse("from .x import y\nimport grata.runtime as r\n"
+                     "e = r.OrtEngine(a)\nTorchEngine(m)\ngated_predict(g)\n")
+    assert [n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] == [1]
+    assert calls(tree, ENGINE_CLASSES) == ["OrtEngine", "TorchEngine"]
+    assert calls(tree, {"gated_predict"}) == ["gated_predict"]

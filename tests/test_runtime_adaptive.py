@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
+from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.record import theta_digest
+from grata.runtime.state_file import STATE_FILE
 from serve_helpers import load_state, make_inbox
 
 from grata.errors import DataError, GrataError
@@ -194,3 +196,84 @@ def test_max_drift_0_disables_the_bound(artifacts, tmp_path, capsys):
             assert recs[-1]["theta_drift"] > 1e-9
     assert json.loads((tmp_path / "ob" / ".state" / "config.json").read_text())[
         "max_drift"] is None
+
+
+# ------------------------------------------------------------------- state file formats
+
+OPTS = {"predictor": "onnxruntime", "device": "cpu", "threads": 1}
+
+
+def _format1_state(st: dict, model, n_images: int, last_key: str, old: bool) -> dict:
+    """The arrays the first release's writer produced (state format 1), by hand from a
+    method state; `old`: as written before n_seen, events and norm existed."""
+    arrays = {
+        "format_version": np.int64(1), "theta": st["theta"], "m": st["m"], "v": st["v"],
+        "t": np.int64(st["t"]), "n_images": np.int64(n_images),
+        "theta_version": np.int64(n_images), "rng": np.array(json.dumps(st["rng"])),
+        "source_sha256": np.array(model.source_sha256), "method": np.array(st["method"]),
+        "seed": np.int64(st["seed"]), "last_key": np.array(last_key),
+        "config": np.array(json.dumps(model.config)), "written": np.array("then"),
+        "good_theta": st["good"]["theta"], "good_m": st["good"]["m"],
+        "good_v": st["good"]["v"], "good_t": np.int64(st["good"]["t"])}
+    if not old:
+        arrays.update({"n_seen": np.int64(st["n_seen"]),
+                       "events": np.array(json.dumps(st["events"])),
+                       "norm": np.array("sample")})
+    return arrays
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["format1", "format1-before-counters"])
+def test_a_format1_state_resumes_as_an_uninterrupted_run(artifacts, tmp_path, old):
+    names = make_inbox(tmp_path / "in", 3, seed=8)
+    with AdaptiveModel(artifacts, None, **OPTS) as whole:
+        digests = [whole.process(tmp_path / "in" / n)["record"]["theta_sha256"]
+                   for n in names]
+    with AdaptiveModel(artifacts, None, **OPTS) as first:
+        for n in names[:2]:
+            first.process(tmp_path / "in" / n)
+        st = first.method.state()
+        arrays = _format1_state(st, first, 2, names[1], old)
+    state = tmp_path / "state"
+    state.mkdir()
+    np.savez(state / STATE_FILE, **arrays)
+    with AdaptiveModel(artifacts, state, **OPTS) as s:
+        assert s.resumed["n_images"] == 2 and s.resumed["theta_version"] == 2
+        assert s.last_key == names[1] and s.method.steps == 2
+        resumed = s.method.state()
+        np.testing.assert_array_equal(resumed["theta"], st["theta"])
+        np.testing.assert_array_equal(resumed["good"]["v"], st["good"]["v"])
+        assert resumed["rng"] == st["rng"] and resumed["n_seen"] == 2
+        rec = s.process(tmp_path / "in" / names[2])["record"]
+    assert rec["theta_sha256"] == digests[2] and rec["theta_version"] == 3
+    written = load_state(state)  # written again in the current format
+    assert int(written["format_version"]) == 2 and int(written["n_seen"]) == 3
+
+
+def test_a_state_of_an_unknown_format_is_refused_in_one_line(artifacts, tmp_path):
+    state = tmp_path / "state"
+    AdaptiveModel(artifacts, state, **OPTS).close()
+    st = load_state(state)
+    st["format_version"] = np.int64(7)
+    np.savez(state / STATE_FILE, **st)
+    with pytest.raises(GrataError) as err:
+        AdaptiveModel(artifacts, state, **OPTS)
+    assert str(err.value) == (f"state {state / STATE_FILE} has format 7, not 2; pass "
+                              f"--reset to start from the source theta")
+
+
+@pytest.mark.parametrize("spec", ["grata", "tent@ema:0.2+gate"])
+def test_the_state_file_speaks_the_method_states_vocabulary(artifacts, tmp_path, spec):
+    """The file's keys are Method.state()'s (its guard's ``good`` as good_<key>) and
+    serving's own, nothing else."""
+    names = make_inbox(tmp_path / "in", 2, seed=3)
+    with AdaptiveModel(artifacts, tmp_path / "state", method=spec, **OPTS) as s:
+        for n in names:
+            s.process(tmp_path / "in" / n)
+        st = s.method.state()
+    method_keys = {k for k, v in st.items() if v is not None and k != "good"}
+    method_keys |= {f"good_{k}" for k in st["good"]}
+    serving = {"format_version", "n_images", "theta_version", "last_key", "source_sha256",
+               "norm", "config", "written"}
+    if s.gate is not None:
+        serving |= {"gate", "stats_prev"}  # the gate's window; ema: the served statistics
+    assert set(load_state(tmp_path / "state")) == method_keys | serving

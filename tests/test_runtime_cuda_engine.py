@@ -6,10 +6,10 @@ import types
 
 import numpy as np
 import pytest
-from grata.runtime import OrtEngine, cuda_engine, open_engine
+from grata.runtime import OrtEngine, cuda_engine
 
 from grata.cli import main
-from grata.engines import engine_factory
+from grata.engine_chooser import engine_factory, open_engine
 from grata.errors import GrataError
 from grata.methods import create
 from grata.synth import TARGET_DOMAINS, generate, render

@@ -15,8 +15,10 @@ import time
 
 import numpy as np
 import pytest
-from grata.runtime.adaptive import STATE_FILE, AdaptiveModel, theta_digest
+from grata.runtime.adaptive import AdaptiveModel
 from grata.runtime.inbox import Watcher, result_key, serve
+from grata.runtime.record import theta_digest
+from grata.runtime.state_file import STATE_FILE
 from PIL import Image
 from serve_helpers import (
     SIZE,

@@ -213,11 +213,11 @@ MUTANTS = [
            '_SPLITS = ("train", "test")', '_SPLITS = ("test", "train")',
            "tests/test_data.py -k layout"),
     # -- serving: guards and crash safety ------------------------------------------------
-    Mutant("drift bound never trips", "runtime/adaptive.py",
+    Mutant("drift bound never trips", "runtime/guards.py",
            "if self.max_drift is not None and not drift <= self.max_drift:",
            "if self.max_drift is not None and drift > 10 * self.max_drift:",
            "tests/test_runtime_adaptive.py -k drift"),
-    Mutant("drift restore never falls back to the source", "runtime/adaptive.py",
+    Mutant("drift restore never falls back to the source", "runtime/guards.py",
            'relative_drift(back["theta"], e.theta0) > self.max_drift:',
            'relative_drift(back["theta"], e.theta0) > 1e9:',
            "tests/test_runtime_adaptive.py -k falls_back"),

@@ -4,6 +4,7 @@ memory is its own)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from grata.engine_chooser import open_engine
 from grata.errors import GrataError
+from grata.pipeline import ImagePipeline
 from grata.bench.probes import DeviceMemoryPeak, minor_faults, peak_rss_bytes, rss_bytes
 from grata.bench.settings import ADAPT_BACKENDS, MALLOC_KEYS, MALLOC_SETTINGS, RESULT_TAG
 from grata.bench.stats import measure, summarize
@@ -54,18 +57,11 @@ def make_onnx_engine(artifacts, device: str = "cpu", precision: str = "fp32",
     CudaEngine with device arrays on CUDA); otherwise an OrtEngine whose sessions get the
     provider options of `precision` (TensorRT) and the session tuning `options` (see
     `grata.runtime.ort_session.TUNING`), which the runtime's device names do not carry."""
-    import importlib.util
-
-    from grata.runtime import OrtEngine, open_engine
-
-    if not options and device in ("cpu", "cuda"):  # what grata adapt runs
-        if device == "cuda" and importlib.util.find_spec("cupy") is None:
-            # CudaEngine keeps its arrays in CuPy; without it, the CUDA provider with
-            # host arrays (the report's "engine" field says which ran)
-            return OrtEngine(artifacts, device="cuda", threads=threads)
-        return open_engine(artifacts, device=device, threads=threads)
-    return OrtEngine(artifacts, device=device, threads=threads, precision=precision,
-                     cache_dir=cache_dir, tuning=options or {})
+    # CudaEngine keeps its arrays in CuPy; without it, the CUDA provider with host arrays
+    # (the report's "engine" field says which ran)
+    host = device == "cuda" and importlib.util.find_spec("cupy") is None
+    return open_engine(artifacts, device, threads, host_arrays=host, precision=precision,
+                       cache_dir=cache_dir, tuning=options or None)
 
 
 def _sync_for(backend: str, engine):
@@ -96,17 +92,17 @@ def _stage_worker(spec: dict) -> dict:
         else:
             import torch
 
-            from grata.models import ResUnet, load_checkpoint
-            from grata.torch_engine import TorchEngine
+            from grata.models import ResUnet
             if threads:
                 torch.set_num_threads(threads)
+            device = "cuda" if backend == "torch-cuda" else "cpu"
             if spec.get("checkpoint"):
-                model = load_checkpoint(spec["checkpoint"], spec["arch"])
+                engine = open_engine(device=device, kind="torch", checkpoint=spec["checkpoint"],
+                                     arch=spec["arch"])
             else:
                 torch.manual_seed(seed)
-                model = ResUnet(spec["arch"])
-            engine = TorchEngine(model, device="cuda" if backend == "torch-cuda" else "cpu")
-        size = getattr(engine, "size", size)
+                engine = open_engine(device=device, kind="torch", model=ResUnet(spec["arch"]))
+        size = engine.size or size
         sync = _sync_for(backend, engine)
         rss_setup = rss_bytes()
         rng = np.random.default_rng(seed)
@@ -114,13 +110,13 @@ def _stage_worker(spec: dict) -> dict:
         from grata.augment import strong_augment
         x = engine.to_input(images[0])
         strong = engine.to_input(strong_augment(images[0], rng))
-        method = create("grata", engine, seed=seed)
+        pipeline = ImagePipeline(create("grata", engine, seed=seed))
         counter = {"i": 0}
 
-        def full():
+        def full():  # one image's steps, as grata adapt and grata serve run them
             img = images[counter["i"] % len(images)]
             counter["i"] += 1
-            method.adapt(engine.to_input(img), image=img)
+            pipeline.step(engine.to_input(img), img)
 
         _, g_a = engine.entropy_grad(x)
         _, g_p = engine.consistency_grad(x, strong)
@@ -161,10 +157,10 @@ def _adapt_worker(spec: dict) -> dict:
     if backend == "onnx":
         from grata.methods import create
         engine = make_onnx_engine(spec["artifacts"], "cpu", "fp32", threads, options)
-        method = create("grata", engine, seed=seed)
+        pipeline = ImagePipeline(create("grata", engine, seed=seed))
 
         def step(img):
-            return method.adapt(engine.to_input(img), image=img)
+            return pipeline.step(engine.to_input(img), img)
     elif backend in ("torch-ref", "torch"):
         import torch
         if options.get("heap") == "keep":  # the runtime's heap setting, for comparison
@@ -183,10 +179,10 @@ def _adapt_worker(spec: dict) -> dict:
                 return ref.adapt(img)
         else:
             from grata.methods import create
-            method = create("grata", model, seed=seed)
+            pipeline = ImagePipeline(create("grata", model, seed=seed))
 
             def step(img):
-                return method.adapt(method.engine.to_input(img), image=img)
+                return pipeline.step(pipeline.engine.to_input(img), img)
     else:
         raise GrataError(f"unknown backend {backend!r}; choose from {', '.join(ADAPT_BACKENDS)}")
     startup = time.perf_counter() - t_start  # artifacts verified, sessions ready

@@ -24,7 +24,7 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
-from grata.engines import engine_factory
+from grata.engine_chooser import engine_factory
 from grata.errors import GrataError
 from grata.gate import GateConfig
 from grata.norm import NormSpec

@@ -24,9 +24,11 @@ from grata.errors import GrataError
 from grata.norm import NormSpec
 from grata.product import PRODUCT_NORM, SERVE_METHOD
 from grata.report_html import write_serve_html
-from grata.runtime.adaptive import DEFAULT_MAX_DRIFT, AdaptiveModel, theta_digest
+from grata.runtime.adaptive import AdaptiveModel
+from grata.runtime.guards import DEFAULT_MAX_DRIFT
 from grata.runtime.inbox import DEFAULT_STABLE_S, check_folders, lock_inbox, log_stderr, serve
 from grata.runtime.predictors import ORT_DEVICES, PREDICTORS, SERVE_PRECISIONS
+from grata.runtime.record import theta_digest
 from grata.specs import parse_spec, spec_hyperparameters
 
 EPILOG = """\

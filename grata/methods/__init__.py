@@ -6,6 +6,7 @@ norm="mix:0.2")``. `parse_method` reads the ``method@norm`` form (``"grata@mix:0
 
 from __future__ import annotations
 
+from grata.engine_chooser import open_engine
 from grata.errors import GrataError
 from grata.norm import NormSpec, parse_norm
 from grata.methods.base import Method
@@ -16,7 +17,8 @@ from grata.methods.registry import METHODS
 def create(name: str, model, norm="sample", alpha: float | None = None,
            prior_n: float | None = None, momentum: float | None = None,
            **hyperparameters) -> Method:
-    """A method over a torch model (wrapped in a TorchEngine) or an existing engine.
+    """A method over a torch model (wrapped in a torch engine, `grata.engine_chooser`) or
+    an existing engine.
 
     `norm` is the BN statistics rule (a `grata.norm.NormSpec` or its text: ``source``,
     ``sample`` (the paper), ``mix:0.2``, ``mix:n16``, ``ema:0.1``); `alpha`, `prior_n` and
@@ -28,8 +30,7 @@ def create(name: str, model, norm="sample", alpha: float | None = None,
     spec = parse_norm(norm, alpha=alpha, prior_n=prior_n, momentum=momentum)
     engine = model
     if not hasattr(model, "entropy_grad"):
-        from grata.torch_engine import TorchEngine
-        engine = TorchEngine(model)
+        engine = open_engine(kind="torch", model=model)
     return METHODS[name](engine, norm=spec, **hyperparameters)
 
 

@@ -11,7 +11,8 @@ from grata.norm import NormSpec, ema_update
 
 
 class Method:
-    """A method over an engine (`grata.engine.Engine`: TorchEngine, OrtEngine, CudaEngine).
+    """A method over an engine (`grata.engine_protocol.Engine`: TorchEngine, OrtEngine,
+    CudaEngine).
 
     Subclasses implement `step(x, strong)`; `adapt` adds the numerics guard: a
     non-finite loss or gradient skips the update and returns theta to the last good

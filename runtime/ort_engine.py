@@ -1,4 +1,4 @@
-"""The device engine: GraTa's three questions answered by ONNX graphs on onnxruntime.
+"""The onnxruntime engine: GraTa's three questions answered by ONNX graphs on onnxruntime.
 
 Needs numpy and onnxruntime only (never torch). theta is a flat float32 numpy vector
 fed to every graph; the update itself is `grata.kernels` (numpy on a CPU).
@@ -90,7 +90,7 @@ class StreamStatistics:
 
 
 class OrtEngine(StreamStatistics):
-    """Loads (and verifies) an artifact folder; answers as `grata.engine.Engine`.
+    """Loads (and verifies) an artifact folder; answers as `grata.engine_protocol.Engine`.
 
     `device` picks onnxruntime's providers (cpu, cuda, or tensorrt: the TensorRT
     execution provider at `precision`, engines cached in `cache_dir`); theta and the
