@@ -227,6 +227,31 @@ def test_non_finite_image_keeps_the_stream_estimate(edge64, images):
         e.load_norm_state(np.zeros(3))
 
 
+def test_ema_checks_once_per_image_and_a_broken_estimate_is_undone(edge64, images):
+    """grata@ema syncs once per image (the update's check also covers the estimate the
+    last image moved); a non-finite image's statistics are undone before the next step
+    counts, and that step is taken on the restored estimate."""
+    method = create("grata", OrtEngine(edge64[1], threads=1), norm="ema:0.5", seed=3)
+    e = method.engine
+    checks = []
+    real = e.all_finite
+    e.all_finite = lambda *a: checks.append(len(a)) or real(*a)
+    for img in images[:3]:
+        method.adapt(e.to_input(img), image=img)
+    assert len(checks) == 3  # one check per image
+    assert np.isfinite(e.stats).all() and not method.events
+    before, t = e.stats.copy(), method.t
+    bad = np.full((3, SIZE, SIZE), np.nan, np.float32)
+    method.adapt(e.to_input(bad), image=bad)
+    assert [ev["event"] for ev in method.events] == ["non-finite"]
+    method.adapt(e.to_input(images[0]), image=images[0])
+    assert [(ev["event"], ev["image"]) for ev in method.events] == [
+        ("non-finite", 4), ("non-finite statistics", 4)]
+    assert method.t == t + 1  # the fifth image's step was taken, on the restored estimate
+    assert np.isfinite(e.stats).all() and not np.array_equal(e.stats, before)
+    assert np.isfinite(e.theta).all()
+
+
 # ---------------------------------------------------------------- methods x statistics
 def test_source_is_fixed_and_bn_at_source_is_source(edge64, images):
     model = load_checkpoint(edge64[0], "edge")

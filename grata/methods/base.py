@@ -48,6 +48,7 @@ class Method:
         self.good = None
         self.rng = np.random.default_rng(self.seed)
         self.n_seen = 0
+        self._stream_prev = None  # the estimate update_stream moved, not yet checked
 
     @property
     def steps(self) -> int:
@@ -65,6 +66,7 @@ class Method:
         moments m and v, the step t, the guard's last good state, the generator state,
         the counters (n_seen, events). `load_state` of it continues bit for bit."""
         e = self.engine
+        self._settle_stream()  # a saved estimate has been checked
 
         def host(a):
             return np.array(e.to_numpy(a), dtype=np.float32, copy=True)
@@ -82,6 +84,7 @@ class Method:
     def load_state(self, state: dict) -> None:
         """Restore a `state()` (theta and moments of the same length as this engine's)."""
         e = self.engine
+        self._stream_prev = None
         e.assign(e.theta, state["theta"])
         e.assign(self.m, state["m"])
         e.assign(self.v, state["v"])
@@ -130,17 +133,25 @@ class Method:
             self.step(x, strong)
             # One check after the update (one device sync on a GPU): a non-finite loss or
             # gradient shows up in theta or the moments, and the last good state returns.
-            if e.all_finite(e.theta, self.m, self.v, *self.last.values()):
+            # It also covers the stream statistics the last image moved (`update_stream`).
+            stats = (e.stats,) if self._stream_prev is not None else ()
+            if e.all_finite(e.theta, self.m, self.v, *self.last.values(), *stats):
+                self._stream_prev = None
                 for dst, src in zip((self.good[0], self.good[1], self.good[2]),
                                     (e.theta, self.m, self.v)):
                     e.assign(dst, src)
                 self.good = (*self.good[:3], self.t)
-            else:
-                for dst, src in zip((e.theta, self.m, self.v), self.good[:3]):
-                    e.assign(dst, src)
-                self.t = self.good[3]
-                self.events.append({"image": self.n_seen, "event": "non-finite",
-                                    "action": "restored last good theta and moments"})
+                return
+            for dst, src in zip((e.theta, self.m, self.v), self.good[:3]):
+                e.assign(dst, src)
+            self.t = self.good[3]
+            if stats and not self._settle_stream():
+                # the step ran on a broken estimate: again on the restored one, as if the
+                # statistics had been checked when they moved (a rare path: more syncs)
+                self.n_seen -= 1
+                return self.update(x, strong, image)
+            self.events.append({"image": self.n_seen, "event": "non-finite",
+                                "action": "restored last good theta and moments"})
 
     @property
     def norm_kw(self) -> dict:
@@ -150,13 +161,30 @@ class Method:
 
     def update_stream(self) -> None:
         """ema: move the stream statistics to the mixture with the predicted image's own
-        (non-finite image statistics leave them unchanged, recorded in `events`)."""
+        (non-finite image statistics leave them unchanged, recorded in `events`).
+
+        A method that updates checks the moved estimate in its next update's one sync
+        (a GPU syncs once per image, not twice); the others check it here."""
         e = self.engine
-        if e.all_finite(e.img_stats):
-            ema_update(e.stats, e.img_stats, self.norm.momentum, e.layout)
-        else:
-            self.events.append({"image": self.n_seen, "event": "non-finite statistics",
-                                "action": "kept the stream statistics"})
+        prev = e.copy(e.stats)
+        ema_update(e.stats, e.img_stats, self.norm.momentum, e.layout)
+        self._stream_prev = (prev, self.n_seen)
+        if not self.updates:
+            self._settle_stream()
+
+    def _settle_stream(self) -> bool:
+        """Check the estimate `update_stream` moved last (one sync): True when finite,
+        else it returns to the one before, recorded in `events`."""
+        if self._stream_prev is None:
+            return True
+        e = self.engine
+        (prev, image), self._stream_prev = self._stream_prev, None
+        if e.all_finite(e.stats):
+            return True
+        e.assign(e.stats, prev)
+        self.events.append({"image": image, "event": "non-finite statistics",
+                            "action": "kept the stream statistics"})
+        return False
 
     def step(self, x, strong) -> None:
         """Update theta (and the moments) from x. Losses go to `self.last`, unsynced."""
