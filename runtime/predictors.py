@@ -14,7 +14,7 @@ with the engine. Predictors:
 
 Given the engine that adapts (`make_predictor(..., engine=)`) and that engine keeps theta
 on the GPU (`CudaEngine`), the predictor takes theta where it is: ``onnxruntime`` runs the
-engine's own graph through its IOBinding (`DevicePredictor`), ``tensorrt`` binds theta's
+engine's own graph through its IOBinding (`device_predictor`), ``tensorrt`` binds theta's
 device address and runs on the engine's stream. theta never goes through the host.
 
 Precision: ``fp32`` is float32 everywhere (no TensorFloat-32: onnxruntime's CUDA
@@ -144,23 +144,21 @@ class OrtPredictor:
 _GRAPH_NORM = {"infer": "sample", "infer_source": "source"}
 
 
-class DevicePredictor:
-    """The ``infer`` (or ``infer_source``) graph of an engine that keeps theta on the GPU
-    (`CudaEngine`), run by the engine itself: theta and the image are bound by their
-    device addresses on the engine's stream, only the logits come back to the host."""
+class EnginePredictor:
+    """Predictions through an engine's own graphs at a given theta, under the statistics
+    rule `norm`: for a rule the other predictors do not take (``mix``, ``ema``: the
+    engine's mixed graph fed with its statistics), and on an engine that keeps theta on
+    the GPU (`CudaEngine`: theta and the image bound by their device addresses on the
+    engine's stream, only the logits come back to the host)."""
 
     name = "onnxruntime"
     precision = "fp32"
     fallback: str | None = None
 
-    def __init__(self, engine, graph: str = "infer"):
-        if graph not in _GRAPH_NORM:
-            raise GrataError(f"the device predictor runs {', '.join(_GRAPH_NORM)}, not "
-                             f"{graph!r}")
-        self.engine, self.norm = engine, _GRAPH_NORM[graph]
+    def __init__(self, engine, norm, detail: str | None = None):
+        self.engine, self.norm = engine, norm
         self.size, self.n_theta = int(engine.size), int(engine.theta0.shape[0])
-        self.detail = f"onnxruntime CUDAExecutionProvider (the engine's {graph} graph, " \
-                      f"theta on the device)"
+        self.detail = detail or f"onnxruntime (the engine's infer_mix graph, {norm} statistics)"
 
     def predict(self, image, theta) -> np.ndarray:
         e = self.engine
@@ -173,6 +171,17 @@ class DevicePredictor:
             return e.to_numpy(e.infer(x, norm=self.norm))
         finally:
             e.assign(e.theta, saved)
+
+
+def device_predictor(engine, graph: str = "infer") -> EnginePredictor:
+    """The ``infer`` (or ``infer_source``) graph of an engine that keeps theta on the GPU,
+    run by the engine itself."""
+    if graph not in _GRAPH_NORM:
+        raise GrataError(f"the device predictor runs {', '.join(_GRAPH_NORM)}, not "
+                         f"{graph!r}")
+    return EnginePredictor(engine, _GRAPH_NORM[graph],
+                           f"onnxruntime CUDAExecutionProvider (the engine's {graph} graph, "
+                           f"theta on the device)")
 
 
 def device_engine(engine) -> bool:
@@ -225,7 +234,7 @@ def make_predictor(name: str = "auto", artifacts=None, *, graph: str = "infer",
         if precision not in (None, "fp32"):
             raise GrataError(f"precision {precision!r} on the GPU engine needs the tensorrt "
                              f"predictor; onnxruntime serves its graphs in fp32{why}")
-        predictor = DevicePredictor(engine, graph)
+        predictor = device_predictor(engine, graph)
         predictor.fallback = fallback
         return predictor
     if precision not in (None, "fp32", "tf32"):
@@ -244,7 +253,8 @@ __all__ = [
     "PRECISIONS",
     "PREDICTORS",
     "SERVE_PRECISIONS",
-    "DevicePredictor",
+    "EnginePredictor",
+    "device_predictor",
     "OrtPredictor",
     "Predictor",
     "device_engine",

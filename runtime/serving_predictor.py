@@ -8,37 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from grata.decode import load_image
+from grata.decode import IMAGE_SUFFIXES, load_image
 from grata.errors import GrataError
-from grata.decode import IMAGE_SUFFIXES
 from grata.runtime.ort_engine import route
-from grata.runtime.predictors import GRAPHS, make_predictor
-
-
-class EnginePredictor:
-    """Predictions through the engine's own graphs under a statistics rule that the
-    predictors do not take (``mix``, ``ema``): onnxruntime, fp32, the engine's
-    statistics (stored or stream) fed with theta."""
-
-    name = "onnxruntime"
-    precision = "fp32"
-    fallback: str | None = None
-
-    def __init__(self, engine, norm):
-        self.engine, self.norm = engine, norm
-        self.size, self.n_theta = engine.size, int(engine.theta0.shape[0])
-        self.detail = f"onnxruntime (the engine's infer_mix graph, {norm} statistics)"
-
-    def predict(self, image: np.ndarray, theta: np.ndarray) -> np.ndarray:
-        e = self.engine
-        if theta is e.theta:
-            return e.to_numpy(e.infer(image, norm=self.norm))
-        saved = e.copy(e.theta)
-        e.assign(e.theta, theta)
-        try:
-            return e.to_numpy(e.infer(image, norm=self.norm))
-        finally:
-            e.assign(e.theta, saved)
+from grata.runtime.predictors import GRAPHS, EnginePredictor, make_predictor
 
 
 def serving_predictor(engine, norm, predictor: str, artifacts, *, device: str,
@@ -74,4 +47,4 @@ def calibration_images(folder: Path, size: int) -> list[np.ndarray]:
     return [load_image(p, size) for p in files]
 
 
-__all__ = ["EnginePredictor", "calibration_images", "serving_predictor"]
+__all__ = ["calibration_images", "serving_predictor"]

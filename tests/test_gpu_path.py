@@ -15,11 +15,12 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from grata import engine_chooser
 from grata.kernels import cuda_update, numpy_update
 from grata.runtime import OrtEngine, cuda_engine, ort_session, predictors, tensorrt
 from grata.runtime.adaptive import AdaptiveModel
 from grata.runtime.ort_engine import check_input
-from grata.runtime.predictors import DevicePredictor, OrtPredictor, make_predictor
+from grata.runtime.predictors import EnginePredictor, OrtPredictor, make_predictor
 
 from grata.errors import GrataError
 from grata.models import ResUnet
@@ -443,7 +444,7 @@ def fused(monkeypatch):
 
 @pytest.mark.parametrize("norm", ["sample", "ema:0.2"])
 def test_serve_on_cuda_adapts_on_the_device_engine(monkeypatch, art, fused, norm):
-    monkeypatch.setattr(cuda_engine, "CudaEngine", FakeCudaEngine)
+    monkeypatch.setattr(engine_chooser, "CudaEngine", FakeCudaEngine)  # what serve asks
     images = [np.random.default_rng(i).random((3, 64, 64), dtype=np.float32)
               for i in range(3)]
     ref = AdaptiveModel(art, method="grata", predictor="onnxruntime", device="cpu",
@@ -453,7 +454,7 @@ def test_serve_on_cuda_adapts_on_the_device_engine(monkeypatch, art, fused, norm
     e = gpu.engine
     assert isinstance(e, FakeCudaEngine)
     if norm == "sample":
-        assert isinstance(gpu.predictor, DevicePredictor)
+        assert isinstance(gpu.predictor, EnginePredictor)
     theta = e.theta
     for img in images:
         r, q = ref.process(img)["record"], gpu.process(img)["record"]

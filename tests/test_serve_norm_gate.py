@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from grata.runtime import OrtEngine
 from grata.runtime.adaptive import AdaptiveModel
-from grata.runtime.serving_predictor import EnginePredictor
+from grata.runtime.predictors import EnginePredictor
 from serve_helpers import load_state, make_inbox, serve_args
 
 from grata.cli import main
