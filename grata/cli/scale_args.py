@@ -24,13 +24,18 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    help=f"with --scale auto: {DIAMETER_HELP}")
 
 
+def check_scale_args(args) -> None:
+    """--disc-scale without --scale auto is a mistake (one line)."""
+    if args.scale == "none" and args.disc_scale is not None:
+        raise GrataError("--disc-scale goes with --scale auto")
+
+
 def scale_choice(args, manifest: dict | None, checkpoint, quiet: bool = False
                  ) -> DiscScale | None:
     """The disc scale of a --scale auto run, None for --scale none or a model whose scale
     is unknown (its one line printed: the run goes on unscaled)."""
+    check_scale_args(args)
     if args.scale == "none":
-        if args.disc_scale is not None:
-            raise GrataError("--disc-scale goes with --scale auto")
         return None
     scale, line = model_scale(manifest, checkpoint, args.disc_scale)
     if scale is None or not quiet:
@@ -44,4 +49,4 @@ def scale_config(scale: DiscScale | None) -> dict:
                                                     "disc_scale": scale.to_json()}
 
 
-__all__ = ["add_scale_args", "scale_choice", "scale_config"]
+__all__ = ["add_scale_args", "check_scale_args", "scale_choice", "scale_config"]
