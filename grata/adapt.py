@@ -10,6 +10,11 @@ reference's protocol), `episodic` before every image, `continual` never.
 Methods are specs (`grata.specs`): ``grata`` (under the run's `norm`), ``grata@mix:0.2``,
 ``bn@sample+gate`` (the safety gate, `grata.gate`, chooses per image between the adapted
 and the source prediction). Results are keyed by the spec's key.
+
+With a disc scale (``run(..., scale=)``) the crops are read at their own resolution and
+each method's pipeline re-crops every image so the disc has the model's training size
+(`grata.scale_stage.ScaleLocator`, its running estimate reset with the method); the
+prediction is pasted back and scored in the crop's own frame.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from grata import metrics
+from grata.disc_scale import DiscScale
 from grata.domains import RoiOptions, Sample, Skipped, stream_domain
 from grata.errors import GrataError
 from grata.gate import Gate, GateConfig
 from grata.methods import create
-from grata.picture import Picture, picture_of
+from grata.picture import Picture, PictureReader, picture_of
 from grata.pipeline import ImagePipeline, Outcome
+from grata.scale_stage import ScaleLocator, source_predict
 from grata.specs import RunSpec, parse_specs
 from tqdm import tqdm
 
@@ -62,15 +69,19 @@ def check_names(methods: Iterable[str], protocol: str, norm="sample") -> list[Ru
 
 
 class Runner:
-    """One spec's method (and gate) over its own engine, through the per-image pipeline."""
+    """One spec's method (and gate) over its own engine, through the per-image pipeline;
+    with `scale` (the model's disc scale) its locate step re-crops each crop to it at the
+    model's input side `size`."""
 
     def __init__(self, spec: RunSpec, engine, seed: int, hyperparameters: dict,
-                 gate_config=None):
+                 gate_config=None, scale: DiscScale | None = None, size: int | None = None):
         self.spec = spec
         self.method = create(spec.method, engine, norm=spec.norm, seed=seed,
                              **hyperparameters)
         self.gate = Gate(gate_config or GateConfig()) if spec.gate else None
-        self.pipeline = ImagePipeline(self.method, gate=self.gate)
+        reader = None if scale is None else PictureReader(
+            size, ScaleLocator(size, scale, source_predict(engine)))
+        self.pipeline = ImagePipeline(self.method, gate=self.gate, reader=reader)
         self.pair = None
 
     @property
@@ -95,6 +106,14 @@ class Runner:
         self._keep_pair(out)
         return self.engine.to_numpy(out.logits)[0], out.decision or {}
 
+    def picture(self, sample: Sample) -> Picture:
+        """The load and locate steps of a reader's sample: a crop read at its own
+        resolution is placed by the locate step, any other comes as the reader gave it."""
+        reader = self.pipeline.reader
+        if reader is not None and sample.photo is not None and sample.photo.record is None:
+            return reader.place(sample.photo.pixels, sample.name)
+        return picture_of(sample)
+
     def process(self, picture: Picture) -> Outcome:
         """Every step of one image (its prediction pasted back)."""
         out = self.pipeline.process(picture)
@@ -111,21 +130,27 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
         on_image: Callable[[str, str, dict, np.ndarray, Sample], None] | None = None,
         on_domain: Callable[[list[Result]], None] | None = None,
         progress: bool = True, hyperparameters: dict | None = None, norm="sample",
-        gate_config=None, roi: RoiOptions | None = None) -> list[Result]:
+        gate_config=None, roi: RoiOptions | None = None,
+        scale: DiscScale | None = None) -> list[Result]:
     """Adapt every method spec over every target domain; return one Result per pair.
 
     `methods` are specs (``grata``, ``grata@mix:0.2``, ``bn+gate``); a plain name runs
     under `norm`. `hyperparameters` are keyed by spec key or method name (the key wins).
     `roi`: the images are whole photographs (see `grata.domains.stream_domain`); each is
     scored on its pasted-back full-size mask, and `pred` given to `on_image` is that mask.
+    `scale`: the model's disc scale; the images are crops of any scale, each re-cropped to
+    it and scored on its pasted-back mask at its own resolution (not with `roi`).
     `on_image(key, target, row, pred, sample)` sees every scored image (overlays);
     `on_domain(results)` is called after each domain with all results so far, so a
     caller can save partial reports and never lose finished work.
     """
     specs = check_names(methods, protocol, norm)
+    if roi is not None and scale is not None:
+        raise GrataError("the disc-scale stage is for crops; whole photographs (roi) are "
+                         "cut at the benchmark's ROI")
     hp = hyperparameters or {}
     runners = {s.key: Runner(s, engine_factory(), seed, hp.get(s.key, hp.get(s.method, {})),
-                             gate_config) for s in specs}
+                             gate_config, scale, size) for s in specs}
     methods = list(runners)
     results: list[Result] = []
     for d_index, target in enumerate(targets):
@@ -133,7 +158,7 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
             for r in runners.values():
                 r.reset()
         per_method = {m: Result(m, target) for m in methods}
-        stream = stream_domain(data_root, target, size, roi=roi)
+        stream = stream_domain(data_root, target, size, roi=roi, native=scale is not None)
         bar = _bar(stream, target, progress)
         index = 0
         for item in bar:
@@ -163,8 +188,8 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
 
 def _score(runner: Runner, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
     """The record step of `grata adapt`: one image through the pipeline, scored (a whole
-    photograph on its pasted-back mask against the full-size truth)."""
-    picture = picture_of(sample)
+    photograph, or a re-crop, on its pasted-back mask against the full-size truth)."""
+    picture = runner.picture(sample)
     out = runner.process(picture)
     if picture.placement.located:
         pred, target = out.full, sample.photo.target

@@ -59,7 +59,8 @@ class Photo:
     shape: tuple[int, int]          # (H, W) of the photograph as decoded
     target: np.ndarray              # bool [2, H, W]: disc (incl. cup), cup
     pixels: np.ndarray              # uint8 [H, W, 3]: the photograph (overlays)
-    record: dict                    # grata.roi.record: box, score, centre, radius, FOV
+    record: dict | None             # grata.roi.record: box, score, centre, radius, FOV;
+    #                                 None for a crop read whole (``native``)
 
 
 @dataclass
@@ -312,15 +313,20 @@ def domain_entries(root, domain: str, splits=_SPLITS
             [(i.name, i.reason) for i in items if isinstance(i, Skipped)])
 
 
-def stream_domain(root, domain: str, size: int, splits=_SPLITS, roi: RoiOptions | None = None
-                  ) -> Iterator[Sample | Skipped]:
+def stream_domain(root, domain: str, size: int, splits=_SPLITS, roi: RoiOptions | None = None,
+                  native: bool = False) -> Iterator[Sample | Skipped]:
     """Samples of a target domain in streaming order; a file that cannot be listed or
     read becomes a Skipped in its place instead of stopping the stream.
 
     With ``roi`` every image is a whole photograph: read at its own resolution, its disc
     localised and the benchmark's ROI cut and resized to S (`photo_sample`); the sample
     carries the full-size truth (``sample.photo``). A photograph whose disc is not found
-    is a Skipped with the reason."""
+    is a Skipped with the reason.
+
+    With ``native`` every image is a crop read at its own resolution: the sample's input
+    is the whole crop resized, and ``sample.photo`` carries the crop's pixels and truth at
+    that resolution (box the whole crop, no record) for a locate step that re-crops it
+    (`grata.scale_stage`) and scores the prediction pasted back."""
     for item in _listing(root, domain, splits):
         if isinstance(item, Skipped):
             yield item
@@ -336,6 +342,13 @@ def stream_domain(root, domain: str, size: int, splits=_SPLITS, roi: RoiOptions 
                 except GrataError as e:  # e.g. a photograph too small to be one
                     sample = Skipped(item.name, f"{quote(item.image_path)}: {e}")
                 yield sample
+                continue
+            if native:
+                pixels, full = load_photo_pair(item.image_path, item.mask_path)
+                H, W = pixels.shape[:2]
+                yield Sample(item.name, photo_input(pixels, size),
+                             resize_target(full, size).astype(np.float32), item.image_path,
+                             Photo((0, 0, W, H), (H, W), full, pixels, None))
                 continue
             image, target = load_pair(item.image_path, item.mask_path, size)
         except DataError as e:

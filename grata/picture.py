@@ -84,6 +84,14 @@ class PictureReader:
         locator cannot place is a DataError with its reason."""
         try:
             pixels = load_photo(io.BytesIO(data))
+        except DataError as exc:
+            raise DataError(name, exc.problem) from None
+        return self.place(pixels, name)
+
+    def place(self, pixels: np.ndarray, name: str) -> Picture:
+        """A decoded picture (uint8 [H, W, 3], as given) -> Picture placed by the locator;
+        a picture the locator cannot place is a DataError with its reason."""
+        try:
             img, placement = self.locator.locate(pixels, name)
         except DataError as exc:
             raise DataError(name, exc.problem) from None

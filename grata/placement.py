@@ -10,10 +10,10 @@ keeps a running estimate forgets it there; the pipeline's `reset` calls it with 
 method's). The load step that hands the locator its picture is `grata.picture`.
 
 Implementations: `grata.photo.RoiLocator` (whole photographs: the disc found, the
-benchmark's ROI cut); without a locator the picture is a crop and the input is the whole
-picture resized (`Placement.whole`). A new per-image stage that re-crops (a disc-scale
-step: the disc's centre and diameter, a crop that gives it the training size) is one more
-Locator whose record says box, factor and how.
+benchmark's ROI cut) and `grata.scale_stage.ScaleLocator` (crops of any scale: the box
+that gives the disc the model's training size; its record says box, factor and how);
+without a locator the picture is a crop and the input is the whole picture resized
+(`Placement.whole`).
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from grata import metrics, roi
 class Placement:
     """The model's input within the picture: ``box`` (x0, y0, x1, y1) in the picture's
     pixels (it may leave the picture), ``shape`` (H, W) of the picture as given,
-    ``record`` what the locate step decided (None: no locate step, the whole picture) and
-    ``pixels`` the picture itself when a locate step kept it (overlays)."""
+    ``record`` what the locate step decided (None: no locate step, the whole picture),
+    ``pixels`` the picture itself when a locate step kept it (overlays) and ``key`` the
+    record's name in report rows and serve records (``roi``, ``scale``)."""
 
     shape: tuple[int, int]
     box: tuple[int, int, int, int]
     record: dict | None = None
     pixels: Any = None
+    key: str = "roi"
 
     @classmethod
     def whole(cls, shape) -> Placement:
@@ -61,7 +63,7 @@ class Placement:
 
     def fields(self) -> dict:
         """What the locate step decided, for a report row or a serve record."""
-        return {} if self.record is None else {"roi": self.record}
+        return {} if self.record is None else {self.key: self.record}
 
 
 class Locator(Protocol):

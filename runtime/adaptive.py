@@ -24,6 +24,12 @@ its own module:
 - the lock (`grata.runtime.state_lock`): only one process may use a state folder at a
   time (an exclusive lock on ``STATE/lock``).
 
+With ``scale="auto"`` the images are crops of any scale: the locate step re-crops each so
+the disc has the model's training size (`grata.scale_stage.ScaleLocator`, the scale from
+the artifacts' manifest or `disc_scale`); the record's ``scale`` says box, factor and how,
+and the running estimate is part of the state. A model whose scale is unknown serves the
+crops as given (`scale_line` says so).
+
 `method` is a spec (`grata.specs`): ``grata``, ``grata@mix:0.2``, ``tent@ema:0.1+gate``; a
 plain name runs under `norm`. ``+gate`` judges each prediction against the source model's
 (`grata.gate`) and serves the one chosen; the decision (chosen, reason, scores) is the
@@ -41,6 +47,7 @@ import numpy as np
 from grata.atomic import remove_temp_files, write_atomic
 from grata.domains import RoiOptions
 from grata.digest import array_sha256
+from grata.disc_scale import model_scale
 from grata.engine_chooser import open_engine
 from grata.errors import GrataError
 from grata.gate import Gate, GateConfig
@@ -62,6 +69,7 @@ from grata.runtime.state_file import (
     write_state,
 )
 from grata.runtime.state_lock import exclusive_lock
+from grata.scale_stage import ScaleLocator, source_predict
 from grata.specs import parse_spec
 
 LOCK_FILE = "lock"
@@ -82,6 +90,8 @@ class AdaptiveModel:
     name runs under `norm` (a `grata.norm` rule); `gate` (a `grata.gate.GateConfig`) sets
     the gate of a ``+gate`` spec. `roi` (a `grata.domains.RoiOptions`): the images are whole
     photographs, placed by the pipeline's locate step (`grata.photo.RoiLocator`).
+    `scale` ``auto``: crops of any scale, re-cropped to the model's disc scale (the
+    manifest's, or `disc_scale`: the diameter over the crop's side); not with `roi`.
     """
 
     def __init__(self, artifacts, state_dir=None, method: str = "grata",
@@ -90,9 +100,15 @@ class AdaptiveModel:
                  max_drift: float | None = DEFAULT_MAX_DRIFT, seed: int = 0,
                  reset: bool = False, calibration=None, cache_dir=None, verify: bool = True,
                  hyperparameters: dict | None = None, norm="sample", gate=None,
-                 roi: RoiOptions | None = None):
+                 roi: RoiOptions | None = None, scale: str = "none",
+                 disc_scale: float | None = None):
         self.spec = parse_spec(method, norm)
         self.roi = roi
+        if scale not in ("none", "auto"):
+            raise GrataError(f"scale must be 'none' or 'auto', not {scale!r}")
+        if scale == "auto" and roi is not None:
+            raise GrataError("--scale auto is for crops; whole photographs (--roi auto) are "
+                             "cut at the benchmark's ROI")
         hyperparameters = resolved_hyperparameters(self.spec.method, hyperparameters)
         if int(checkpoint_every) < 1:
             raise GrataError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
@@ -115,6 +131,14 @@ class AdaptiveModel:
                 threads=threads, precision=precision, calibration=calibration,
                 cache_dir=cache_dir)
             locator = RoiLocator(self.size, roi) if roi is not None else None
+            self.disc_scale, self.scale_line = None, ""
+            if scale == "auto":
+                self.disc_scale, self.scale_line = model_scale(self.engine.manifest, None,
+                                                               disc_scale)
+            if self.disc_scale is not None:
+                locator = ScaleLocator(self.size, self.disc_scale,
+                                       source_predict(self.engine))
+            self.scale_locator = locator if self.disc_scale is not None else None
             self.pipeline = ImagePipeline(
                 self.method, gate=self.gate, predict=self._predict,
                 reader=PictureReader(self.size, locator), guard=self.guards,
@@ -128,7 +152,9 @@ class AdaptiveModel:
                 predictor=self.predictor.name, precision=self.predictor.precision,
                 max_drift=self.max_drift, checkpoint_every=self.checkpoint_every,
                 roi="auto" if roi is not None else "none",
-                **({"roi_threshold": roi.threshold} if roi is not None else {}))
+                **({"roi_threshold": roi.threshold} if roi is not None else {}),
+                scale="none" if self.disc_scale is None else "auto",
+                **({"disc_scale": self.disc_scale.to_json()} if self.disc_scale else {}))
             self.n_images = 0
             self.last_key: str | None = None
             self.resumed: dict | None = None
@@ -207,7 +233,12 @@ class AdaptiveModel:
         the current theta (``ema``: at the stream statistics it was served at), without
         adapting (the state does not change; the gate judges on a copy of its window)."""
         t0 = time.perf_counter()
-        picture = self.pipeline.load(image, name)
+        stream = None if self.scale_locator is None else self.scale_locator.stream_state()
+        try:
+            picture = self.pipeline.load(image, name)
+        finally:  # the image's scale estimate is already in the state
+            if stream is not None:
+                self.scale_locator.load_stream(stream)
         x = self.engine.to_input(picture.image)
         t_load = time.perf_counter() - t0
         out = self.pipeline.paste_back(self.pipeline.replay(x, picture.name),
@@ -237,7 +268,9 @@ class AdaptiveModel:
             "norm": str(self.method.norm), "config": self.config,
             "gate": self.gate.state() if self.gate is not None else None,
             "stats_prev": None if self.pipeline.served_stats is None
-            else self.engine.to_numpy(self.pipeline.served_stats)})
+            else self.engine.to_numpy(self.pipeline.served_stats),
+            "scale_stream": None if self.scale_locator is None
+            else self.scale_locator.stream_state()})
         self._dirty = False
 
     def _load_state(self) -> None:
@@ -251,6 +284,8 @@ class AdaptiveModel:
         self.pipeline.served_stats = serving["stats_prev"]
         if self.gate is not None and serving["gate"] is not None:
             self.gate.load_state(serving["gate"])
+        if self.scale_locator is not None and serving["scale_stream"] is not None:
+            self.scale_locator.load_stream(serving["scale_stream"])
         self.theta_version = serving["theta_version"]
         self.last_key = serving["last_key"]
         self.resumed = {"n_images": self.n_images, "theta_version": self.theta_version,

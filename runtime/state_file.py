@@ -7,7 +7,9 @@ Layout (format 2): `Method.state()`'s keys as they are (``method``, ``seed``, ``
 JSON text), and serving's: ``format_version``, ``n_images``, ``theta_version``,
 ``last_key``, ``source_sha256`` (of the artifacts' theta0), ``norm`` (the statistics rule
 it was adapted under), ``config`` (JSON), ``gate`` (the gate's window, JSON),
-``stats_prev`` (``ema``: the statistics the last image was served at), ``written``.
+``stats_prev`` (``ema``: the statistics the last image was served at), ``written``, and
+``scale_stream`` (JSON: the disc-scale stage's running estimate; absent in older states
+and without the stage).
 
 Format 1 (the first release) has the same keys, except that ``n_seen``, ``events`` and
 ``norm`` may be missing (states written before they existed); it is read as format 2 with
@@ -43,8 +45,8 @@ GOOD_FIELDS = ("theta", "m", "v", "t")
 
 def state_arrays(method_state: dict, serving: dict) -> dict[str, np.ndarray]:
     """The file's arrays of a `Method.state()` and serving's fields (`serving`: n_images,
-    theta_version, last_key, source_sha256, norm, config, and optionally gate and
-    stats_prev)."""
+    theta_version, last_key, source_sha256, norm, config, and optionally gate,
+    stats_prev and scale_stream)."""
     st = method_state
     arrays = {"format_version": np.int64(STATE_FORMAT), "method": np.array(st["method"])}
     arrays.update({k: st[k] for k in METHOD_ARRAYS})
@@ -66,6 +68,8 @@ def state_arrays(method_state: dict, serving: dict) -> dict[str, np.ndarray]:
     })
     if serving.get("gate") is not None:
         arrays["gate"] = np.array(json.dumps(serving["gate"]))
+    if serving.get("scale_stream") is not None:
+        arrays["scale_stream"] = np.array(json.dumps(serving["scale_stream"]))
     if st.get("stats") is not None and serving.get("stats_prev") is not None:
         arrays["stats_prev"] = np.asarray(serving["stats_prev"], np.float32)
     return arrays
@@ -108,7 +112,9 @@ def read_state(path: Path) -> tuple[dict, dict]:
                    "last_key": str(st["last_key"]) or None,
                    "source_sha256": str(st["source_sha256"]), "norm": str(st["norm"]),
                    "gate": json.loads(str(st["gate"])) if "gate" in st else None,
-                   "stats_prev": st.get("stats_prev"), "written": str(st.get("written", ""))}
+                   "stats_prev": st.get("stats_prev"), "written": str(st.get("written", "")),
+                   "scale_stream": json.loads(str(st["scale_stream"]))
+                   if "scale_stream" in st else None}
     except (ValueError, KeyError, TypeError) as exc:
         raise GrataError(f"state {path} cannot be read ({type(exc).__name__}); "
                          f"{RESET_HINT}") from None

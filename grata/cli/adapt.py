@@ -24,6 +24,7 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
+from grata.cli.scale_args import add_scale_args, scale_choice, scale_config
 from grata.engine_chooser import engine_factory
 from grata.errors import GrataError
 from grata.gate import GateConfig
@@ -108,6 +109,7 @@ def register(subparsers) -> dict:
     a.add_argument("--plot", action="store_true", help="write a Dice-over-stream PNG")
     add_html_args(a, "OUT")
     add_roi_args(a)
+    add_scale_args(a)
     add_quiet(a)
     a.add_argument("--out", required=True, type=Path, help="output folder")
     return {"adapt": cmd_adapt}
@@ -122,6 +124,9 @@ def cmd_adapt(args) -> int:
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
     whole, roi = roi_choice(args, not args.quiet)  # whole photographs: --roi auto / --whole
+    if roi is not None and args.scale == "auto":
+        raise GrataError("--scale auto is for crops; whole photographs (--roi auto, "
+                         "--whole) are cut at the benchmark's ROI")
     root = whole or data_root(args.data, not args.quiet)
     source = args.source
     if source is None and args.data is None:
@@ -140,6 +145,7 @@ def cmd_adapt(args) -> int:
             raise GrataError(f"artifacts {artifacts} were exported at size {probe.size}, "
                              f"not {size}; pass --size {probe.size} or export again")
         identity = {"artifacts": probe.manifest}
+        scale = scale_choice(args, probe.manifest, checkpoint, args.quiet)
         checkpoint = artifacts
     else:
         if args.artifacts is not None:
@@ -147,11 +153,12 @@ def cmd_adapt(args) -> int:
         factory = engine_factory("torch", checkpoint=checkpoint, arch=arch, device=args.device)
         factory()  # fail early on a bad checkpoint, before any work
         identity = {"checkpoint_file": checkpoint}
+        scale = scale_choice(args, None, checkpoint, args.quiet)
     config = run_config(seed=args.seed, size=size, engine=args.engine, device=args.device,
                         methods=hp, norm=args.norm, specs=specs, gate=gate, **identity,
                         protocol=args.protocol, data=str(root), source=source,
                         targets=targets, checkpoint=str(checkpoint), arch=arch,
-                        **roi_config(roi))
+                        **roi_config(roi), **scale_config(scale))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -167,7 +174,8 @@ def cmd_adapt(args) -> int:
     start = time.perf_counter()
     results = adapt.run(factory, root, targets, size, args.methods, args.protocol, args.seed,
                   on_image=on_image, on_domain=on_domain, progress=not args.quiet,
-                  hyperparameters=hp, norm=args.norm, gate_config=gate, roi=roi)
+                  hyperparameters=hp, norm=args.norm, gate_config=gate, roi=roi,
+                  scale=scale)
     report = build_report(results, config, complete=True)
     report["elapsed_s"] = time.perf_counter() - start
     write_json_atomic(out / "report.json", report)

@@ -20,6 +20,7 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import add_roi_args, roi_options
+from grata.cli.scale_args import add_scale_args, check_scale_args
 from grata.errors import GrataError
 from grata.norm import NormSpec
 from grata.product import PRODUCT_NORM, SERVE_METHOD
@@ -102,6 +103,7 @@ def register(subparsers) -> dict:
                    f"a stalled copy is served once it completes (default {DEFAULT_STABLE_S:g})")
     add_roi_args(s, whole=False, missed="rejected",
                  note=" (the record holds the box and the localisation score)")
+    add_scale_args(s)
     add_html_args(s, "OUTBOX")
     add_quiet(s, "no line per image")
     return {"serve": cmd_serve}
@@ -112,6 +114,7 @@ def cmd_serve(args) -> int:
                         ("--poll", args.poll), ("--settle", args.settle)):
         if not value >= 0:
             raise GrataError(f"{flag} must be a number >= 0, not {value}")
+    check_scale_args(args)
     check_folders(args.inbox, args.outbox)  # before loading anything
     norm, base = product_choice(args)
     args.norm = NormSpec(norm)
@@ -132,13 +135,16 @@ def _serve(args, hp: dict) -> int:
                           checkpoint_every=args.checkpoint_every,
                           max_drift=args.max_drift if args.max_drift > 0 else None,
                           seed=args.seed, reset=args.reset, calibration=args.calibration,
-                          hyperparameters=hp, norm=args.norm, roi=roi_options(args))
+                          hyperparameters=hp, norm=args.norm, roi=roi_options(args),
+                          scale=args.scale, disc_scale=args.disc_scale)
     stop = threading.Event()
     previous = {}
     try:
         fallback = getattr(model.predictor, "fallback", None)
         log_stderr(f"grata serve: {model.describe()}"
                    + (f" (tensorrt not used: {fallback})" if fallback else ""))
+        if model.scale_line:
+            log_stderr(f"grata serve: {model.scale_line}")
         r = model.resumed
         log_stderr(f"grata serve: resumed {state}: {r['n_images']} images adapted, theta "
                    f"v{r['theta_version']} {r['theta_sha256']}" if r else

@@ -1,0 +1,231 @@
+"""The disc-scale stage of the per-image pipeline (`grata.scale_stage.ScaleLocator`) against
+the hand-built source model of tests/test_scale_search.py (it segments the true disc only
+near the trained size), and `grata adapt --scale auto` scored at each crop's own
+resolution against a recomputation with the torch model itself."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grata import defaults, metrics
+from grata.cli import main
+from grata.decode import load_image, load_photo_pair, photo_input
+from grata.disc_scale import DiscScale, disc_geometry
+from grata.domains import domain_entries
+from grata.models import ResUnet, load_checkpoint, save_checkpoint, set_norm_mode
+from grata.placement import Placement
+from grata.scale_search import recrop
+from grata.scale_stage import ScaleLocator
+from grata.synth import SOURCE_DOMAIN, generate
+from test_scale_search import SCALE, SIZE, Oracle, scene
+
+
+def logits_of(oracle):
+    """The oracle's probabilities as logits (the locator takes an engine's logits)."""
+    def predict(x):
+        p = oracle(x)
+        return np.log(p) - np.log1p(-p)
+    return predict
+
+
+def true_disc(side, cx, cy, d):
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= (d / 2) ** 2
+
+
+def test_a_small_disc_is_boxed_and_its_prediction_lands_in_the_crops_frame():
+    side, cx, cy, d = 200, 80.0, 110.0, 30.0  # 0.15 of the side: the model misses it
+    img = scene(side, cx, cy, d)
+    oracle = Oracle()
+    assert not (oracle(photo_input(img, SIZE))[0] >= 0.5).any()  # as given: nothing
+    loc = ScaleLocator(SIZE, SCALE, logits_of(oracle))
+    x, pl = loc.locate(img, "small.png")
+    assert isinstance(pl, Placement) and pl.shape == (side, side)
+    x0, y0, x1, y1 = pl.box
+    assert x1 - x0 == y1 - y0 == pytest.approx(d / SCALE.diameter, rel=0.1)
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((cx, cy), abs=3)
+    assert np.array_equal(x, recrop(img, pl.box, SIZE))
+    rec = pl.fields()["scale"]
+    assert rec["box"] == list(pl.box) and rec["how"] == "per-image"
+    assert rec["factor"] == pytest.approx(side / (y1 - y0), abs=1e-3)
+    assert rec["n_forward"] >= 3 and rec["reason"] == ""  # as given, refined, the check
+    full = pl.paste(Oracle()(x))  # the model finds the disc on the box ...
+    assert full.shape == (2, side, side)
+    truth = true_disc(side, cx, cy, d)  # ... and it lands on the true disc
+    assert metrics.dice(full[0], truth) > 85
+    gx, gy, gd = disc_geometry(full[0])
+    assert (gx, gy) == pytest.approx((cx, cy), abs=2) and gd == pytest.approx(d, rel=0.15)
+
+
+def test_a_crop_at_the_models_scale_is_the_plain_resize(tmp_path):
+    img = scene(100, 50, 50, 34)
+    Image.fromarray(img).save(tmp_path / "c.png")
+    loc = ScaleLocator(SIZE, SCALE, logits_of(Oracle()))
+    x, pl = loc.locate(img, "c.png")
+    assert pl.box == (0, 0, 100, 100) and pl.record["how"] == "as-given"
+    assert pl.record["factor"] == 1.0 and pl.record["n_forward"] == 1
+    assert np.array_equal(x, load_image(tmp_path / "c.png", SIZE))  # bit for bit
+
+
+def test_a_flat_image_is_segmented_as_given_with_the_reason():
+    img = np.full((90, 120, 3), 77, np.uint8)
+    x, pl = ScaleLocator(SIZE, SCALE, logits_of(Oracle())).locate(img, "flat.png")
+    assert pl.box == (0, 0, 120, 90) and pl.shape == (90, 120)
+    assert pl.record["how"] == "fallback-none" and "flat" in pl.record["reason"]
+    assert np.array_equal(x, photo_input(img, SIZE))
+
+
+def test_reset_forgets_the_streams_estimate():
+    loc = ScaleLocator(SIZE, SCALE, logits_of(Oracle()))
+    for seed in range(3):
+        loc.locate(scene(200, 90 + 5 * seed, 100, 30, seed=seed), f"{seed}.png")
+    assert loc.stream.settled
+    assert loc.stream.estimate() == pytest.approx(30 / 200, rel=0.1)
+    _, pl = loc.locate(scene(200, 100, 95, 30, seed=9), "next.png")
+    assert pl.record["how"] == "stream"  # a settled stream skips the search
+    loc.reset()
+    assert not loc.stream.settled and loc.stream.estimate() is None
+    _, pl = loc.locate(scene(200, 100, 95, 30, seed=9), "next.png")
+    assert pl.record["how"] == "per-image"
+
+
+# ----------------------------------------------------------------------------- grata adapt
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small synthetic benchmark (crops of 160 pixels) and an untrained edge model
+    (without a disc scale)."""
+    root = tmp_path_factory.mktemp("bench")
+    generate(root / "data", seed=3, n_source=(2, 1), n_target=(2, 1), size=160, progress=False)
+    save_checkpoint(ResUnet("edge"), root / "edge.pt")
+    return root
+
+
+def adapt_args(tiny, out, *extra, model=()):
+    model = model or ["--checkpoint", str(tiny / "edge.pt"), "--arch", "edge", "--size", "64"]
+    return ["adapt", "--data", str(tiny / "data"), "--source", SOURCE_DOMAIN,
+            "--targets", "FarCrop", *model, "--engine", "torch", "--methods", "source",
+            "--norm", "source", "--quiet", "--out", str(out), *extra]
+
+
+def test_adapt_scale_auto_records_the_decision_and_scores_at_native_size(tiny, tmp_path):
+    import torch
+    # The shipped model (its disc scale beside it) on crops of another clinic's scale.
+    rc = main(adapt_args(tiny, tmp_path / "run", "--scale", "auto", model=["--size", "128"]))
+    assert rc == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["config"]["scale"] == "auto"
+    assert report["config"]["disc_scale"] == defaults.disc_scale().to_json()
+    (result,) = report["results"]
+    assert result["n_images"] == 3
+    model = load_checkpoint(defaults.checkpoint(), "edge").eval()
+    set_norm_mode(model, "running")
+    rows = {r["file"]: r for r in result["images"]}
+    entries, _ = domain_entries(tiny / "data", "FarCrop")
+    assert sorted(rows) == sorted(e.name for e in entries)
+    for e in entries:
+        row, rec = rows[e.name], rows[e.name]["scale"]
+        assert set(rec) >= {"box", "factor", "how", "n_forward", "reason"}
+        pixels, truth = load_photo_pair(e.image_path, e.mask_path)
+        assert truth.shape[1:] == (160, 160)  # the crop's own resolution, not the model's
+        # The same chain by hand: the recorded box cut, the model, pasted back, scored.
+        x = recrop(pixels, tuple(rec["box"]), 128)
+        with torch.no_grad():
+            p = torch.sigmoid(model(torch.from_numpy(x[None])))[0].numpy()
+        full = Placement((160, 160), tuple(rec["box"])).paste(p)
+        assert row["dice_od"] == pytest.approx(metrics.dice(full[0], truth[0]), abs=1e-3)
+        assert row["dice_oc"] == pytest.approx(metrics.dice(full[1], truth[1]), abs=1e-3)
+    assert any(r["scale"]["how"] != "fallback-none" for r in rows.values())
+    assert result["dice_od"] > 50  # the model found the discs
+
+
+def test_adapt_scale_unknown_runs_unscaled_and_mistakes_are_one_line(tiny, tmp_path, capsys):
+    rc = main(adapt_args(tiny, tmp_path / "plain", "--scale", "auto"))
+    assert rc == 0
+    assert "disc scale: unknown" in capsys.readouterr().err
+    report = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert report["config"]["scale"] == "none"
+    assert all("scale" not in r for r in report["results"][0]["images"])
+    for extra, words in [(["--disc-scale", "0.3"], "--disc-scale goes with --scale auto"),
+                         (["--scale", "auto", "--roi", "auto"], "--scale auto is for crops")]:
+        assert main(adapt_args(tiny, tmp_path / "bad", *extra)) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- grata serve
+
+def test_serve_scale_auto_records_the_box_and_pastes_into_the_crops_frame(tiny, tmp_path):
+    from grata.artifacts import default_artifacts
+    from grata.masks import to_mask_png
+    from grata.metrics import binarize, probs_from_logits
+    from grata.runtime import OrtEngine
+    from grata.scale_search import locate_disc, prefer_scaled
+    art = default_artifacts()[0]  # the shipped model: its disc scale in the manifest
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    entries, _ = domain_entries(tiny / "data", "FarCrop")  # discs smaller than trained
+    crops = {}
+    for k, e in enumerate(entries):
+        crops[f"c{k}.png"], _ = load_photo_pair(e.image_path, e.mask_path)
+        Image.fromarray(crops[f"c{k}.png"]).save(inbox / f"c{k}.png")
+    rc = main(["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts",
+               str(art), "--method", "source", "--predictor", "onnxruntime", "--device",
+               "cpu", "--once", "--settle", "0.1", "--poll", "0.02", "--stable-for", "0",
+               "--quiet", "--scale", "auto"])
+    assert rc == 0
+    engine = OrtEngine(art)  # the source model, independently
+    scale = DiscScale.from_json(engine.manifest["disc_scale"])
+
+    def logits(x):
+        return engine.infer(engine.to_input(x), norm="source")
+
+    records = [json.loads(r.read_text()) for r in outbox.glob("*.json")]
+    assert sorted(r["image"] for r in records) == sorted(crops)
+    for record in records:
+        img = crops[record["image"]]
+        # three images: the stream settles only after them, each is placed on its own
+        want = locate_disc(img, logits, scale, engine.size, logits=True)
+        box = want.box
+        if not want.identity and not prefer_scaled(
+                want, probs_from_logits(logits(recrop(img, box, engine.size))[0]), scale):
+            box = (0, 0, img.shape[1], img.shape[0])  # the box missed: kept as given
+        assert record["scale"]["box"] == list(box)
+        pred = binarize(probs_from_logits(logits(recrop(img, box, engine.size))[0]))
+        mask = np.asarray(Image.open(outbox / record["files"]["mask"]))
+        assert mask.shape == img.shape[:2] == (160, 160)  # the crop's own size
+        np.testing.assert_array_equal(
+            mask, to_mask_png(Placement(img.shape[:2], box).paste(pred)))
+        assert record["image_size"] == [img.shape[1], img.shape[0]]
+    assert any(r["scale"]["how"] == "per-image" and r["scale"]["factor"] > 1.2
+               for r in records)  # a disc found and magnified
+
+
+def test_serve_state_keeps_the_streams_scale_and_old_states_load(tiny, edge64, tmp_path):
+    from grata.artifacts import default_artifacts
+    from grata.runtime.adaptive import AdaptiveModel
+    art, state = default_artifacts()[0], tmp_path / "state"
+    kw = dict(method="source", predictor="onnxruntime", device="cpu", threads=1)
+    entries, _ = domain_entries(tiny / "data", "FarCrop")
+    crop_file = entries[0].image_path  # a disc the stage measures (a plausible estimate)
+    with AdaptiveModel(art, state, **kw) as plain:  # a state from before the stage
+        assert plain.scale_locator is None and plain.config["scale"] == "none"
+    with AdaptiveModel(art, state, scale="auto", **kw) as m:
+        assert m.scale_locator.stream.estimate() is None  # the old state loaded, no scale
+        for rel in (0.2, 0.21, 0.19):
+            m.scale_locator.stream.update(rel)
+        m.checkpoint()
+    with AdaptiveModel(art, state, scale="auto", **kw) as again:
+        s = again.scale_locator.stream
+        assert s.settled and list(s.accepted) == [0.2, 0.21, 0.19]
+        before = s.state()
+        again.recover(crop_file, name="c.png")  # a recovered image leaves the state as is
+        assert again.scale_locator.stream.state() == before
+        again.process(crop_file, name="c.png")  # a served one moves it
+        assert again.scale_locator.stream.state() != before
+        again.reset()
+        assert not again.scale_locator.stream.settled  # reset with the stream
+    with AdaptiveModel(edge64[1], None, scale="auto", **kw) as unknown:  # no disc scale
+        assert unknown.scale_locator is None and "unknown" in unknown.scale_line
