@@ -12,13 +12,16 @@ Methods are specs (`grata.specs`): ``grata`` (under the run's `norm`), ``grata@m
 and the source prediction). Results are keyed by the spec's key.
 
 With a disc scale (``run(..., scale=)``) the crops are read at their own resolution and
-each method's pipeline re-crops every image so the disc has the model's training size
-(`grata.scale_stage.ScaleLocator`, its running estimate reset with the method); the
-prediction is pasted back and scored in the crop's own frame.
+each image is located once, for every method (`grata.scale_stage.ScaleLocator` on an
+engine of its own: the source model decides, so the box does not depend on the method;
+its running estimate is reset with the methods); each method's pipeline adapts and
+predicts on the re-crop, and the prediction is pasted back and scored in the crop's own
+frame.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ import numpy as np
 from grata import metrics
 from grata.disc_scale import DiscScale
 from grata.domains import RoiOptions, Sample, Skipped, stream_domain
-from grata.errors import GrataError
+from grata.errors import DataError, GrataError
 from grata.gate import Gate, GateConfig
 from grata.methods import create
 from grata.picture import Picture, PictureReader, picture_of
@@ -69,19 +72,16 @@ def check_names(methods: Iterable[str], protocol: str, norm="sample") -> list[Ru
 
 
 class Runner:
-    """One spec's method (and gate) over its own engine, through the per-image pipeline;
-    with `scale` (the model's disc scale) its locate step re-crops each crop to it at the
-    model's input side `size`."""
+    """One spec's method (and gate) over its own engine, through the per-image pipeline
+    (the locate step is the run's: `locate_once`)."""
 
     def __init__(self, spec: RunSpec, engine, seed: int, hyperparameters: dict,
-                 gate_config=None, scale: DiscScale | None = None, size: int | None = None):
+                 gate_config=None):
         self.spec = spec
         self.method = create(spec.method, engine, norm=spec.norm, seed=seed,
                              **hyperparameters)
         self.gate = Gate(gate_config or GateConfig()) if spec.gate else None
-        reader = None if scale is None else PictureReader(
-            size, ScaleLocator(size, scale, source_predict(engine)))
-        self.pipeline = ImagePipeline(self.method, gate=self.gate, reader=reader)
+        self.pipeline = ImagePipeline(self.method, gate=self.gate)
         self.pair = None
 
     @property
@@ -105,14 +105,6 @@ class Runner:
         out = self.pipeline.step(x, image)
         self._keep_pair(out)
         return self.engine.to_numpy(out.logits)[0], out.decision or {}
-
-    def picture(self, sample: Sample) -> Picture:
-        """The load and locate steps of a reader's sample: a crop read at its own
-        resolution is placed by the locate step, any other comes as the reader gave it."""
-        reader = self.pipeline.reader
-        if reader is not None and sample.photo is not None and sample.photo.record is None:
-            return reader.place(sample.photo.pixels, sample.name)
-        return picture_of(sample)
 
     def process(self, picture: Picture) -> Outcome:
         """Every step of one image (its prediction pasted back)."""
@@ -150,13 +142,17 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
                          "cut at the benchmark's ROI")
     hp = hyperparameters or {}
     runners = {s.key: Runner(s, engine_factory(), seed, hp.get(s.key, hp.get(s.method, {})),
-                             gate_config, scale, size) for s in specs}
+                             gate_config) for s in specs}
+    reader = None if scale is None else PictureReader(
+        size, ScaleLocator(size, scale, source_predict(engine_factory())))
     methods = list(runners)
     results: list[Result] = []
     for d_index, target in enumerate(targets):
         if protocol == "domain" or d_index == 0:
             for r in runners.values():
                 r.reset()
+            if reader is not None:
+                reader.reset()
         per_method = {m: Result(m, target) for m in methods}
         stream = stream_domain(data_root, target, size, roi=roi, native=scale is not None)
         bar = _bar(stream, target, progress)
@@ -166,11 +162,17 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
                 for res in per_method.values():
                     res.skipped.append({"file": item.name, "reason": item.reason})
                 continue
+            try:
+                picture, item = locate_once(reader, item)
+            except DataError as e:  # the locate step refused it: no method sees it
+                for res in per_method.values():
+                    res.skipped.append({"file": item.name, "reason": e.problem})
+                continue
             index += 1
             for m, method in runners.items():
                 if protocol == "episodic":
                     method.reset()
-                row, pred = _score(method, item, index)
+                row, pred = _score(method, picture, item, index)
                 per_method[m].images.append(row)
                 if on_image is not None:
                     on_image(m, target, row, pred, item)
@@ -186,10 +188,22 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
     return results
 
 
-def _score(runner: Runner, sample: Sample, index: int) -> tuple[dict, np.ndarray]:
+def locate_once(reader: PictureReader | None, sample: Sample) -> tuple[Picture, Sample]:
+    """The load and locate steps of a reader's sample, once for every method: a crop read
+    at its own resolution is placed by `reader`'s locate step (the sample's box becomes
+    the located one, for overlays), any other comes as the reader gave it. A picture the
+    locator refuses is a DataError with its reason."""
+    if reader is None or sample.photo is None or sample.photo.record is not None:
+        return picture_of(sample), sample
+    picture = reader.place(sample.photo.pixels, sample.name)
+    photo = dataclasses.replace(sample.photo, box=tuple(picture.placement.box))
+    return picture, dataclasses.replace(sample, photo=photo)
+
+
+def _score(runner: Runner, picture: Picture, sample: Sample, index: int
+           ) -> tuple[dict, np.ndarray]:
     """The record step of `grata adapt`: one image through the pipeline, scored (a whole
     photograph, or a re-crop, on its pasted-back mask against the full-size truth)."""
-    picture = runner.picture(sample)
     out = runner.process(picture)
     if picture.placement.located:
         pred, target = out.full, sample.photo.target

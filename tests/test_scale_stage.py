@@ -141,6 +141,40 @@ def test_adapt_scale_auto_records_the_decision_and_scores_at_native_size(tiny, t
     assert result["dice_od"] > 50  # the model found the discs
 
 
+def test_adapt_locates_each_image_once_for_every_method(tiny, tmp_path, monkeypatch):
+    """Three methods, three images: three locate calls (not nine), one box per image for
+    every method, and the overlay draws the located box, not the whole crop."""
+    from grata import scale_stage
+    from grata.cli import roi_args
+    calls, boxes = [], []
+    real = scale_stage.ScaleLocator.locate
+
+    def counted(self, picture, name="image"):
+        calls.append(name)
+        return real(self, picture, name)
+
+    def drawn(pixels, pred, target, box):
+        boxes.append(tuple(box))
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(scale_stage.ScaleLocator, "locate", counted)
+    monkeypatch.setattr(roi_args, "photo_overlay", drawn)
+    args = adapt_args(tiny, tmp_path / "run", "--scale", "auto", "--overlays",
+                      model=["--size", "128"])
+    args[args.index("--methods") + 1] = "source,bn,grata"
+    assert main(args) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(calls) == 3 and len(set(calls)) == 3
+    per_file = {}
+    for result in report["results"]:
+        for r in result["images"]:
+            per_file.setdefault(r["file"], set()).add(tuple(r["scale"]["box"]))
+    assert len(per_file) == 3 and all(len(b) == 1 for b in per_file.values())
+    assert len(boxes) == 9
+    assert set(boxes) == {b for bs in per_file.values() for b in bs}
+    assert any(b != (0, 0, 160, 160) for b in boxes)  # some crop was re-cropped
+
+
 def test_adapt_scale_unknown_runs_unscaled_and_mistakes_are_one_line(tiny, tmp_path, capsys):
     rc = main(adapt_args(tiny, tmp_path / "plain", "--scale", "auto"))
     assert rc == 0
