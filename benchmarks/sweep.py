@@ -6,15 +6,20 @@ engine over every target domain of a benchmark (default: the embedded synthetic 
 reports per configuration the Dice ((OD+OC)/2) of each target, the mean over targets, and
 the worst per-target difference to the source model (the do-no-harm criterion: no target
 more than 1 point below source). ``bn`` runs under each rule (no step), ``source`` once.
-Everything goes through `grata.adapt.run` with the hyperparameters a user would give
-(``{"grata": {"beta": 1e-2, "norm": "mix:0.2"}}``), one process, seed 0.
+Everything goes through `grata.adapt.run` with the specs and hyperparameters a user would
+give (``grata@mix:0.2`` with ``{"grata@mix:0.2": {"beta": 1e-2}}``), one process, seed 0;
+the configurations of one step size share one pass over the stream.
 
     python benchmarks/sweep.py [--protocol domain|continual] [--rules sample,source,mix:0.2]
-        [--steps 1e-4,1e-3,1e-2,1e-1] [--configs grata@mix:0.2/1e-2,bn@sample]
-        [--images N] [--json out.json] [--plot out.png]
+        [--steps 1e-4,1e-3,1e-2,1e-1] [--configs grata@mix:0.2/1e-2,bn@sample+gate]
+        [--scale none|auto] [--images N] [--json out.json] [--plot out.png]
 
-``--configs`` replaces the grid with a list of ``METHOD@RULE/STEP`` (``bn@RULE``,
-``source``); source is always added, as the reference of the worst-target column.
+``--configs`` replaces the grid with a list of ``METHOD@RULE[+gate]/STEP`` (``bn@RULE``,
+``source``; ``+gate``: the safety gate judges every prediction); source is always added,
+as the reference of the worst-target column. ``--scale auto``: every configuration,
+source included, runs behind the disc-scale stage (`grata adapt --scale auto`: each crop
+re-cropped to the model's disc scale, scored in the crop's own frame); ``none`` (default)
+is the crops as given at the model's size.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from grata import adapt, defaults, domains
+from grata.disc_scale import model_scale
 from grata.errors import GrataError
 from grata.norm import NormSpec
 
@@ -38,12 +44,15 @@ HARM_POINTS = 1.0  # the do-no-harm margin, Dice points below source
 
 
 class Config:
-    """One row of the sweep: a method, its statistics rule and its step size."""
+    """One row of the sweep: a method, its statistics rule, its step size and whether the
+    safety gate judges it."""
 
-    def __init__(self, method: str, rule: str | None = None, step: float | None = None):
+    def __init__(self, method: str, rule: str | None = None, step: float | None = None,
+                 gate: bool = False):
         self.method = method
         self.rule = None if method == "source" else str(NormSpec(rule or "sample"))
         self.step = step
+        self.gate = gate and method != "source"
         if (method in STEP_NAME) != (step is not None):
             raise GrataError(f"sweep config {self.label!r}: grata and tent take a step "
                              f"(METHOD@RULE/STEP), bn and source none")
@@ -52,8 +61,15 @@ class Config:
     def label(self) -> str:
         if self.method == "source":
             return "source"
-        text = f"{self.method}@{self.rule}"
+        text = self.spec
         return text if self.step is None else f"{text}/{self.step:g}"
+
+    @property
+    def spec(self) -> str:
+        """The method spec `grata adapt --methods` takes (``grata@mix:0.2+gate``)."""
+        if self.method == "source":
+            return "source"
+        return f"{self.method}@{self.rule}" + ("+gate" if self.gate else "")
 
     def hyperparameters(self) -> dict:
         """The step size, if the config sets one (the rule goes in the run's `norm`)."""
@@ -62,6 +78,8 @@ class Config:
     @classmethod
     def parse(cls, text: str) -> "Config":
         head, _, step = text.strip().partition("/")
+        gate = head.endswith("+gate") or step.endswith("+gate")
+        head, step = head.removesuffix("+gate"), step.removesuffix("+gate")
         method, _, rule = head.partition("@")
         try:
             value = float(step) if step else None
@@ -69,7 +87,7 @@ class Config:
             raise GrataError(f"sweep config {text!r}: step {step!r} is not a number") from None
         if method not in ("source", "bn", *STEP_NAME):
             raise GrataError(f"sweep config {text!r}: method must be source, bn, grata or tent")
-        return cls(method, rule or None, value)
+        return cls(method, rule or None, value, gate)
 
 
 def grid(rules: list[str], steps: list[float], methods: list[str]) -> list[Config]:
@@ -90,34 +108,36 @@ def _engines(artifacts, n: int, threads: int):
 
 def run_configs(configs: list[Config], root, targets: list[str], size: int, artifacts,
                 protocol: str, seed: int = 0, threads: int = 1, images: int | None = None,
-                log=print) -> dict:
+                log=print, scale=None) -> dict:
     """Dice per target of each config: {label: {target: dice_mean}} (configs of the same
-    rule and step share one pass over the stream)."""
-    groups: dict[tuple, list[Config]] = {}
+    step share one pass over the stream). `scale`: the model's disc scale, every config
+    behind the disc-scale stage (None: the crops as given)."""
+    groups: dict[float | None, list[Config]] = {}
     for c in configs:
-        groups.setdefault((c.rule, c.step), []).append(c)
+        groups.setdefault(c.step, []).append(c)
     width = max(len(c) for c in groups.values())
-    pool = _engines(artifacts, width, threads)
+    pool = _engines(artifacts, width + (scale is not None), threads)
     out: dict[str, dict[str, float]] = {}
     stream = adapt.stream_domain
     if images is not None:  # a shorter stream: the first `images` items of each target
         # (adapt.run reads each target through this module-level name)
         def stream(root_, domain, size_, _full=adapt.stream_domain, **kw):
             return itertools.islice(_full(root_, domain, size_, **kw), images)
-    for (rule, step), members in groups.items():
+    for step, members in groups.items():
         t0 = time.perf_counter()
         engines = iter(pool)
-        hp = {c.method: c.hyperparameters() for c in members}
+        hp = {c.spec: c.hyperparameters() for c in members}
         saved, adapt.stream_domain = adapt.stream_domain, stream
         try:
             results = adapt.run(lambda: next(engines), root, targets, size,
-                                [c.method for c in members], protocol=protocol, seed=seed,
-                                progress=False, hyperparameters=hp, norm=rule)
+                                [c.spec for c in members], protocol=protocol, seed=seed,
+                                progress=False, hyperparameters=hp, gate_config=None,
+                                scale=scale)
         finally:
             adapt.stream_domain = saved
         for c in members:
             out[c.label] = {r.target: float(r.summary()["dice_mean"])
-                            for r in results if r.method == c.method}
+                            for r in results if r.method == c.spec}
         log(f"  {', '.join(c.label for c in members)}: "
             f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
@@ -213,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="grata,tent")
     ap.add_argument("--configs", help="METHOD@RULE/STEP list instead of the grid")
     ap.add_argument("--images", type=int, help="only the first N images of each target")
+    ap.add_argument("--scale", default="none", choices=["none", "auto"],
+                    help="auto: every configuration behind the disc-scale stage")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the results here")
@@ -245,6 +267,11 @@ def main(argv=None) -> int:
             from grata.artifacts import cached_artifacts
             artifacts = cached_artifacts(defaults.checkpoint(), defaults.DEFAULT_ARCH,
                                          args.size)
+        scale = None
+        if args.scale == "auto":
+            scale, line = model_scale(_engines(artifacts, 1, args.threads)[0].manifest)
+            if scale is None:
+                raise GrataError(line)
     except GrataError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
@@ -252,7 +279,7 @@ def main(argv=None) -> int:
     print(f"sweep: {len(configs)} configurations, {len(targets)} targets, protocol "
           f"{args.protocol}", file=sys.stderr)
     dice = run_configs(configs, root, targets, args.size, artifacts, args.protocol,
-                       args.seed, args.threads, args.images)
+                       args.seed, args.threads, args.images, scale=scale)
     summary = summarise(dice, targets)
     print_tables(summary, targets, steps)
     if args.json:
@@ -260,6 +287,7 @@ def main(argv=None) -> int:
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                 "python": platform.python_version(), "command": " ".join(sys.argv),
                 "protocol": args.protocol, "seed": args.seed, "size": args.size,
+                "scale": args.scale,
                 "images_per_target": args.images, "targets": targets,
                 "seconds": round(time.perf_counter() - t0, 1)}
         with open(args.json, "w") as f:

@@ -86,3 +86,52 @@ def test_bad_arguments_are_user_errors(sweep, capsys):
     assert "step" in capsys.readouterr().err
     assert sweep.main(["--steps", "1e-3,x"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_gated_configs_parse(sweep):
+    c = sweep.Config.parse("bn@mix:0.2+gate")
+    assert (c.spec, c.label, c.gate, c.step) == ("bn@mix:0.2+gate", "bn@mix:0.2+gate", True,
+                                                 None)
+    g = sweep.Config.parse("grata@mix:0.2+gate/1e-5")
+    assert (g.spec, g.label, g.hyperparameters()) == ("grata@mix:0.2+gate",
+                                                      "grata@mix:0.2+gate/1e-05",
+                                                      {"beta": 1e-5})
+
+
+def test_scaled_run_matches_adapt_run_with_the_scale(sweep, tmp_path, capsys):
+    """--scale auto: every configuration (source too) behind the disc-scale stage, the
+    same Dice per target as `grata.adapt.run(..., scale=)`; a gated config is judged."""
+    from grata.disc_scale import DiscScale
+    from grata.export import export_artifacts
+    from grata.models import ResUnet, save_checkpoint
+    import torch
+    torch.manual_seed(1)
+    save_checkpoint(ResUnet("edge"), tmp_path / "m.pt")
+    scale = DiscScale.given(0.34)
+    art = tmp_path / "art"
+    export_artifacts(tmp_path / "m.pt", "edge", 64, art, disc_scale=scale)
+    root = tmp_path / "d"
+    generate(root, seed=2, n_source=(1, 0), n_target=(2, 0), size=96, progress=False)
+    out = tmp_path / "s.json"
+    argv = ["--data", str(root), "--source", "Clinic", "--targets", "FarCrop",
+            "--artifacts", str(art), "--size", "64",
+            "--configs", "bn@mix:0.2,bn@mix:0.2+gate", "--json", str(out)]
+    assert sweep.main(argv + ["--scale", "auto"]) == 0
+    got = json.loads(out.read_text())
+    assert got["meta"]["scale"] == "auto"
+    ref = run(lambda: OrtEngine(art, threads=1), root, ["FarCrop"], 64,
+              ["source", "bn@mix:0.2"], seed=0, progress=False, scale=scale)
+    for r in ref:
+        assert got["configs"][r.method]["per_target"]["FarCrop"] == pytest.approx(
+            r.summary()["dice_mean"], abs=1e-9)
+    plain = run(lambda: OrtEngine(art, threads=1), root, ["FarCrop"], 64, ["source"],
+                seed=0, progress=False)
+    assert plain[0].summary()["dice_mean"] != pytest.approx(
+        got["configs"]["source"]["per_target"]["FarCrop"], abs=1e-9)  # the stage ran
+    assert "bn@mix:0.2+gate" in got["configs"]
+    capsys.readouterr()
+    edge = tmp_path / "noscale"
+    export_artifacts(tmp_path / "m.pt", "edge", 64, edge)
+    argv[argv.index(str(art))] = str(edge)
+    assert sweep.main(argv + ["--scale", "auto"]) == 2
+    assert "disc scale: unknown" in capsys.readouterr().err
