@@ -175,6 +175,19 @@ def test_adapt_locates_each_image_once_for_every_method(tiny, tmp_path, monkeypa
     assert any(b != (0, 0, 160, 160) for b in boxes)  # some crop was re-cropped
 
 
+def test_scale_auto_is_the_default_and_paper_keeps_the_crops_as_given(tiny, tmp_path):
+    """Without --scale the shipped model (its disc scale known) runs behind the stage;
+    --paper is the paper's protocol: the crops as given, scored at the model's size."""
+    assert main(adapt_args(tiny, tmp_path / "default", model=["--size", "128"])) == 0
+    report = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert report["config"]["scale"] == "auto"
+    assert all("scale" in r for r in report["results"][0]["images"])
+    assert main(adapt_args(tiny, tmp_path / "paper", "--paper", model=["--size", "128"])) == 0
+    report = json.loads((tmp_path / "paper" / "report.json").read_text())
+    assert report["config"]["scale"] == "none"
+    assert all("scale" not in r for r in report["results"][0]["images"])
+
+
 def test_adapt_scale_unknown_runs_unscaled_and_mistakes_are_one_line(tiny, tmp_path, capsys):
     rc = main(adapt_args(tiny, tmp_path / "plain", "--scale", "auto"))
     assert rc == 0
@@ -182,7 +195,10 @@ def test_adapt_scale_unknown_runs_unscaled_and_mistakes_are_one_line(tiny, tmp_p
     report = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert report["config"]["scale"] == "none"
     assert all("scale" not in r for r in report["results"][0]["images"])
-    for extra, words in [(["--disc-scale", "0.3"], "--disc-scale goes with --scale auto"),
+    for extra, words in [(["--scale", "none", "--disc-scale", "0.3"],
+                          "--disc-scale goes with --scale auto"),
+                         (["--paper", "--disc-scale", "0.3"],
+                          "--disc-scale goes with --scale auto"),
                          (["--scale", "auto", "--roi", "auto"], "--scale auto is for crops")]:
         assert main(adapt_args(tiny, tmp_path / "bad", *extra)) == 2
         err = capsys.readouterr().err

@@ -24,7 +24,12 @@ from grata.cli.common import (
 )
 from grata.cli.report import add_html_args
 from grata.cli.roi_args import ROI_HELP, add_roi_args, roi_choice, roi_config, save_overlay
-from grata.cli.scale_args import add_scale_args, scale_choice, scale_config
+from grata.cli.scale_args import (
+    add_scale_args,
+    check_scale_args,
+    scale_choice,
+    scale_config,
+)
 from grata.engine_chooser import engine_factory
 from grata.errors import GrataError
 from grata.gate import GateConfig
@@ -124,6 +129,7 @@ def cmd_adapt(args) -> int:
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
     whole, roi = roi_choice(args, not args.quiet)  # whole photographs: --roi auto / --whole
+    check_scale_args(args, photographs=roi is not None)
     if roi is not None and args.scale == "auto":
         raise GrataError("--scale auto is for crops; whole photographs (--roi auto, "
                          "--whole) are cut at the benchmark's ROI")

@@ -11,30 +11,34 @@ from grata.errors import GrataError
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:
     """--scale none|auto and --disc-scale D."""
-    p.add_argument("--scale", choices=["none", "auto"], default="none",
-                   help="none: every crop is segmented as given, resized to the model's "
-                   "input (default); auto: per image, the disc is found with the source "
+    p.add_argument("--scale", choices=["none", "auto"], default=None,
+                   help="auto (default): per image, the disc is found with the source "
                    "model and the crop re-cropped so the disc has the model's training "
                    "size, the prediction pasted back and scored at the crop's own "
                    "resolution; a crop without a disc found is segmented as given (the "
                    "report says why). Needs the model's disc scale (its manifest, its "
                    "checkpoint's .scale.json or --disc-scale); without one the crops are "
-                   "segmented as given")
+                   "segmented as given, with one line saying so. none: every crop "
+                   "segmented as given, resized to the model's input (the default with "
+                   "--paper: the paper's protocol)")
     p.add_argument("--disc-scale", type=float, default=None, metavar="D",
                    help=f"with --scale auto: {DIAMETER_HELP}")
 
 
-def check_scale_args(args) -> None:
-    """--disc-scale without --scale auto is a mistake (one line)."""
+def check_scale_args(args, photographs: bool = False) -> None:
+    """The run's --scale (auto, or none with --paper or for whole `photographs`, where not
+    given) set on `args`; --disc-scale with --scale none is a mistake (one line)."""
+    if args.scale is None:
+        args.scale = "none" if getattr(args, "paper", False) or photographs else "auto"
     if args.scale == "none" and args.disc_scale is not None:
         raise GrataError("--disc-scale goes with --scale auto")
 
 
-def scale_choice(args, manifest: dict | None, checkpoint, quiet: bool = False
-                 ) -> DiscScale | None:
+def scale_choice(args, manifest: dict | None, checkpoint, quiet: bool = False,
+                 photographs: bool = False) -> DiscScale | None:
     """The disc scale of a --scale auto run, None for --scale none or a model whose scale
     is unknown (its one line printed: the run goes on unscaled)."""
-    check_scale_args(args)
+    check_scale_args(args, photographs)
     if args.scale == "none":
         return None
     scale, line = model_scale(manifest, checkpoint, args.disc_scale)
