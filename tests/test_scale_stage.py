@@ -334,6 +334,13 @@ def test_adapt_scale_auto_bad_input_is_one_line_each_and_the_stream_goes_on(
     assert skipped["huge.png"].endswith(
         "image is 400 MP, above the decoding limit of 40 MP (GRATA_MAX_PIXELS)")
     assert all("\n" not in why for why in skipped.values())
+    # the HTML report shows each image's decision beside its overlay
+    from grata.report_html import write_adapt_html
+    page = write_adapt_html(tmp_path / "run", plots=False).read_text()
+    assert ("fallback-none \u00d71.00 box 0,0,160,160: flat image: nothing to locate"
+            in page)
+    x0, y0, x1, y1 = scored["FarCrop_test_0000.png"]["box"]
+    assert f"box {x0},{y0},{x1},{y1}<" in page
 
 
 def test_serve_scale_auto_bad_input_is_one_line_each_and_the_stream_goes_on(
@@ -376,3 +383,9 @@ def test_serve_scale_auto_bad_input_is_one_line_each_and_the_stream_goes_on(
     assert records["b_flat.png"]["scale"]["reason"] == "flat image: nothing to locate"
     assert records["d_crop.png"]["scale"]["how"] != "fallback-none"
     assert (inbox / "rejected" / "c_huge.png").exists()
+    from grata.report_html import write_serve_html
+    page = write_serve_html(outbox).read_text()
+    assert ("fallback-none \u00d71.00 box 0,0,160,160: flat image: nothing to locate"
+            in page)
+    x0, y0, x1, y1 = records["d_crop.png"]["scale"]["box"]
+    assert f"box {x0},{y0},{x1},{y1}<" in page
