@@ -117,7 +117,7 @@ def _open(path, limit: int | None = None, reduce: bool = False
             img.close()
         raise
     except Image.DecompressionBombError as e:
-        raise DataError(where, f"cannot read image: {one_line(e)}") from None
+        raise DataError(where, _bomb_reason(e, limit)) from None
     except MemoryError:
         if img is not None:
             img.close()
@@ -126,6 +126,22 @@ def _open(path, limit: int | None = None, reduce: bool = False
         if img is not None:
             img.close()
         raise DataError(where, f"cannot read image: {one_line(e)}") from None
+
+
+def _bomb_reason(e: Image.DecompressionBombError, limit: int) -> str:
+    """The reason for a file Pillow refuses at open, before its size reaches our check
+    (above twice Pillow's own limit, 179 MP): our limit's line where the file is above
+    it, else that Pillow's bound holds whatever GRATA_MAX_PIXELS says."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    if found is None:
+        return f"cannot read image: {one_line(e)}"
+    pixels = int(found.group(1))
+    if pixels > limit:
+        return (f"image is {pixels / 1e6:.0f} MP, above the decoding limit of "
+                f"{limit / 1e6:g} MP (GRATA_MAX_PIXELS)")
+    return (f"image is {pixels / 1e6:.0f} MP, above the image library's own bound of "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} MP, which GRATA_MAX_PIXELS "
+            "does not lift")
 
 
 def _image_array(img: Image.Image, size: int, path) -> np.ndarray:

@@ -42,6 +42,10 @@ DEFAULT_VCDR_THRESHOLD = 0.6  # a common referral cue for glaucoma suspicion
 ADAPT_THUMB_PX = 96
 SERVE_THUMB_PX = 112
 DICE_COLUMNS = (("dice_od", "OD"), ("dice_oc", "OC"), ("dice_mean", "mean"))
+SCALE_LEGEND = ("Scale: the disc-scale stage's decision (as-given, per-image, stream or "
+                "fallback-none), the factor (crop height / box side: above 1 magnifies) and "
+                "the box x0,y0,x1,y1 in the crop's pixels the model saw (drawn on the "
+                "overlay), then why where it says.")
 # Keys of report.json the page shows in their own sections; any other key is listed as is.
 _SHOWN = {"results", "mean_over_targets", "config"}
 
@@ -102,6 +106,29 @@ def overlay_path(run_dir: Path, method: str, target: str, row: dict) -> Path:
     stem = Path(str(row.get("file", ""))).stem
     return (run_dir / "overlays" / folder_name(method) / target
             / f"{int(row.get('index', 0)):04d}_{stem}.png")
+
+
+def scale_decision(rec) -> tuple[str, float | None]:
+    """The disc-scale stage's decision of one image (its record's ``scale``: how, factor,
+    box, reason) as one line of text, and the factor to sort by; ("", None) without one."""
+    if not isinstance(rec, dict):
+        return "", None
+    factor = rec.get("factor")
+    text = str(rec.get("how", "?"))
+    if is_number(factor):
+        text += f" \u00d7{factor:.2f}"
+    box = rec.get("box")
+    if isinstance(box, list) and len(box) == 4:
+        text += " box " + ",".join(str(v) for v in box)
+    if rec.get("reason"):
+        text += f": {rec['reason']}"
+    return text, factor if is_number(factor) else None
+
+
+def _scale_cell(rec) -> str:
+    text, factor = scale_decision(rec)
+    v = repr(float(factor)) if factor is not None else ""
+    return f'<td class="t scale" data-v="{esc(v)}">{esc(text)}</td>'
 
 
 # ------------------------------------------------------------------------- adapt page
@@ -226,6 +253,7 @@ def _image_table(report: dict, run_dir: Path) -> str:
     if not rows:
         return "<p>No scored images.</p>"
     have_overlays = (run_dir / "overlays").is_dir()
+    scaled = any("scale" in i for i in rows)  # --scale auto: each image's decision
     body = []
     for rank, i in enumerate(rows, 1):
         m, t = i["method"], i["target"]
@@ -235,7 +263,8 @@ def _image_table(report: dict, run_dir: Path) -> str:
         else:
             thumb = '<span class="missing">\u2013</span>'
         body.append(
-            "<tr>" + num_cell(rank, 0) + f"<td>{thumb}</td>" + text_cell(t, "t")
+            "<tr>" + num_cell(rank, 0) + f"<td>{thumb}</td>"
+            + (_scale_cell(i.get("scale")) if scaled else "") + text_cell(t, "t")
             + text_cell(i.get("file", ""), "t") + text_cell(m, "t") + num_cell(i.get("dice_od")) + num_cell(i.get("dice_oc"))
             + num_cell(i.get("dice_mean")) + num_cell(i.get("vcdr_pred"), 3)
             + num_cell(i.get("vcdr_gt"), 3) + num_cell(i.get("vcdr_error"), 3)
@@ -244,10 +273,12 @@ def _image_table(report: dict, run_dir: Path) -> str:
     note = ("Overlay: prediction filled (disc green, cup blue), ground truth outlined (disc "
             "yellow, cup magenta)." if have_overlays else
             "No overlays in this run (grata adapt --overlays writes them).")
+    if scaled:
+        note += " " + SCALE_LEGEND
     return (f'<p class="legend">{esc(note)} Click a column header to sort.</p>'
-            + table(["#", "overlay", "target", "image", "method", "Dice OD", "Dice OC",
-                     "Dice mean", "vCDR pred", "vCDR truth", "vCDR error", "ASD OD", "ASD OC",
-                     "ms"], body, "sortable"))
+            + table(["#", "overlay", *(["scale"] if scaled else []), "target", "image",
+                     "method", "Dice OD", "Dice OC", "Dice mean", "vCDR pred", "vCDR truth",
+                     "vCDR error", "ASD OD", "ASD OC", "ms"], body, "sortable"))
 
 
 def _events_table(report: dict) -> str:
@@ -354,11 +385,16 @@ def render_serve(records: list[dict], outbox: Path, *,
              f"ones). Flag: vertical cup-to-disc ratio above {esc(f'{vcdr_threshold:g}')}. "
              "Confidence: the mean pixel entropy of the prediction at the adaptation step "
              "(lower is more confident). Overlay: disc green, cup blue. Times in UTC.</p>")]
-    body = [_serve_row(n, r, outbox, vcdr_threshold) for n, r in enumerate(records, 1)]
+    scaled = any("scale" in r for r in records)  # --scale auto: each image's decision
+    if scaled:
+        parts.append(f'<p class="legend">{esc(SCALE_LEGEND)}</p>')
+    body = [_serve_row(n, r, outbox, vcdr_threshold, scaled)
+            for n, r in enumerate(records, 1)]
     if body:
         parts.append(table(
-            ["#", "photograph", "overlay", "disc px", "cup px", "vCDR", "entropy", "guards",
-             "adapt ms", "predict ms", "total ms", "theta", "written"], body, "sortable"))
+            ["#", "photograph", "overlay", *(["scale"] if scaled else []), "disc px",
+             "cup px", "vCDR", "entropy", "guards", "adapt ms", "predict ms", "total ms",
+             "theta", "written"], body, "sortable"))
     else:
         parts.append("<p>No photograph served yet.</p>")
     if problems:
@@ -369,7 +405,7 @@ def render_serve(records: list[dict], outbox: Path, *,
     return page(title, "".join(parts), sortable=True)
 
 
-def _serve_row(n: int, r: dict, outbox: Path, threshold: float) -> str:
+def _serve_row(n: int, r: dict, outbox: Path, threshold: float, scaled: bool = False) -> str:
     flag = vcdr_flag(r.get("vcdr"), threshold)
     files = r.get("files") or {}
     name = str(r.get("image", ""))
@@ -400,6 +436,7 @@ def _serve_row(n: int, r: dict, outbox: Path, threshold: float) -> str:
     written = str(r.get("written", ""))
     return (f'<tr class="{"flag" if flag else ""}">' + num_cell(n, 0) + text_cell(name, "t")
             + f"<td>{img_tag(thumb, name, 'big')}</td>"
+            + (_scale_cell(r.get("scale")) if scaled else "")
             + num_cell(r.get("disc_area_px"), 0) + num_cell(r.get("cup_area_px"), 0)
             + vcdr_cell
             + f'<td data-v="{esc(repr(float(ent)) if is_number(ent) else "")}" '

@@ -317,10 +317,11 @@ def _vessels(rng, size: int, origin, side: float, cup_r: float, scale: float = 1
     return out
 
 
-def render(rng: np.random.Generator, domain: str, size: int, stream_index: int = 0):
-    """One (image uint8 [S,S,3], mask uint8 [S,S]) of the domain. ``stream_index``: the
-    image's position in its stream (only a drifting domain looks at it)."""
-    d = DOMAINS[domain]
+def render(rng: np.random.Generator, domain: str | Domain, size: int, stream_index: int = 0):
+    """One (image uint8 [S,S,3], mask uint8 [S,S]) of the domain (a name of DOMAINS or a
+    Domain of one's own). ``stream_index``: the image's position in its stream (only a
+    drifting domain looks at it)."""
+    d = domain if isinstance(domain, Domain) else DOMAINS[domain]
     S = size
     px = S / 320.0  # pixel sizes of the camera model are given at S = 320
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5

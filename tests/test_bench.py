@@ -281,3 +281,73 @@ def test_onnx_variants_compute_what_the_runtime_computes(artifacts):
                                rtol=1e-4, atol=1e-7)
     with pytest.raises(GrataError, match="unknown onnx option"):
         make_onnx_engine(artifacts / "fp32", options={"arenas": "1"})
+
+
+# ----------------------------------------------------------------------------- scale stage
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model's artifacts (its disc scale in the manifest) and an engine."""
+    from grata.artifacts import default_artifacts
+    from grata.runtime import OrtEngine
+    art = default_artifacts()[0]
+    return art, OrtEngine(art, threads=1)
+
+
+def test_scale_stream_counts_the_passes_and_a_settled_stream_spends_one_extra(shipped):
+    from grata.bench.scale_stream import run_stream, scale_crops
+    from grata.disc_scale import DiscScale
+    _, engine = shipped
+    scale = DiscScale.from_json(engine.manifest["disc_scale"])
+    calls, per_image = [], []
+
+    def predict(x):  # the source model, counted here and not by the bench
+        calls.append(1)
+        return engine.infer(engine.to_input(x), norm="source")
+
+    def step(x):  # the pipeline's step comes after the locate step: close the image
+        assert x.shape == (3, engine.size, engine.size)
+        per_image.append(len(calls) - sum(per_image))
+
+    images = scale_crops(scale, engine.size, 0.5, 6)
+    assert images[0].shape == (256, 256, 3)  # at side size / factor
+    rows = run_stream("0.5x", images, predict, scale, engine.size, step)
+    assert [r["passes"] for r in rows] == per_image and len(per_image) == 6
+    assert [r["n_forward"] for r in rows] == per_image  # the record agrees with the count
+    assert [r["extra"] for r in rows] == [max(0, n - 1) for n in per_image]
+    settled = [n for r, n in zip(rows, per_image) if r["settled"]]
+    first = [n for r, n in zip(rows, per_image) if not r["settled"]]
+    assert len(first) == 3 and len(settled) == 3  # three estimates settle the stream
+    assert max(first) >= 3  # the disc at half the model's size is searched for ...
+    assert all(n - 1 <= 1 for n in settled)  # ... and once settled: one pass beyond it
+    assert all(r["how"] == "stream" for r in rows if r["settled"])
+    assert all(r["total_ms"] >= r["locate_ms"] > 0 for r in rows)
+
+
+def test_bench_scale_stage_table_and_json(shipped, artifacts, tmp_path, monkeypatch, capsys):
+    art, _ = shipped
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--artifacts", str(art), "--backends", "onnx-cpu", "--precisions",
+               "fp32", "--stages", "scale", "--images", "4", "--warmup", "0",
+               "--threads", "1", "--quiet", "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "scale stage, onnx-cpu fp32" in table and "settled streams: at most" in table
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["error"] is None, row["error"]
+    sc = row["scale"]
+    images = sc["images"]
+    assert [r["stream"] for r in images] == [s for s in ("0.5x", "1.2x", "1.6x")
+                                             for _ in range(4)]
+    assert row["stages"]["scale"]["n"] == len(images) == 12
+    settled = [r for r in images if r["settled"]]
+    assert sc["settled"]["images"] == len(settled) and \
+        sc["settled"]["extra_max"] == max(r["extra"] for r in settled) <= 1
+    assert sc["first"]["passes_max"] == max(r["passes"] for r in images if not r["settled"])
+    # a model whose disc scale is unknown: one line
+    monkeypatch.setenv("GRATA_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "--artifacts", str(artifacts / "fp32"), "--backends", "onnx-cpu",
+                 "--precisions", "fp32", "--stages", "scale", "--quiet", "--json",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--stages scale: disc scale: unknown" in err and "Traceback" not in err

@@ -122,6 +122,22 @@ def test_huge_dimensions_in_a_tiny_file_are_refused_from_the_header(tmp_path, wh
     assert grown_kb < 20_000, f"peak RSS grew by {grown_kb} KB"
 
 
+def test_a_20000_pixel_photograph_is_refused_with_the_limits_line(tmp_path, monkeypatch):
+    # Above twice Pillow's own bound (179 MP) Pillow refuses it at open, before our check
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(huge_png(20000, 20000))
+    monkeypatch.delenv("GRATA_MAX_PIXELS", raising=False)
+    for load in (lambda: decode.load_image(huge, 64), lambda: decode.load_photo(huge)):
+        with pytest.raises(DataError) as info:
+            load()
+        assert str(info.value).endswith("huge.png': image is 400 MP, above the decoding "
+                                        "limit of 40 MP (GRATA_MAX_PIXELS)")
+    monkeypatch.setenv("GRATA_MAX_PIXELS", "500000000")  # ours above Pillow's: say whose
+    with pytest.raises(DataError, match=r"400 MP, above the image library's own bound of "
+                                        r"179 MP, which GRATA_MAX_PIXELS does not lift$"):
+        decode.load_image(huge, 64)
+
+
 def test_pixel_limit_is_configurable_and_jpeg_decodes_reduced(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     smooth = np.kron(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8),

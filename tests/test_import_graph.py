@@ -40,7 +40,7 @@ LAZY_PACKAGES = {
 # what the configuration it runs needs (the onnxruntime runtime, the kernels, the method).
 KEPT_LAZY = {
     "grata.bench.workers": {"grata.augment", "grata.bench.convlimit", "grata.kernels",
-                            "grata.methods", "grata.runtime.heap"},
+                            "grata.methods", "grata.runtime.heap", "grata.bench.scale_stream"},
 }
 
 

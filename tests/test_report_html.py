@@ -455,6 +455,61 @@ def test_serve_rows_flags_and_guards_by_hand(tmp_path):
     assert rows[0]["overlay"]["imgs"] == []  # a missing overlay file is said, not broken
 
 
+SCALED = {"box": [22, 25, 102, 105], "factor": 2.0, "how": "per-image", "n_forward": 3,
+          "reason": "", "confidence": 0.99}
+FALLBACK = {"box": [0, 0, 160, 160], "factor": 1.0, "how": "fallback-none", "n_forward": 0,
+            "reason": "flat image: nothing to locate", "confidence": 0.0}
+
+
+def by_head(table) -> list[dict]:
+    head = [c["text"] for c in table["head"][0]]
+    return [{h: c for h, c in zip(head, r)} for r in table["body"]]
+
+
+def image_table(page: str) -> dict:
+    return next(t for t in Dom(page).tables.values()
+                if any(c["text"] == "overlay" for c in t["head"][0]))
+
+
+def test_adapt_images_show_the_scale_decision_beside_the_overlay(tmp_path):
+    report = hand_report()
+    plain = image_table(render_adapt(report, tmp_path, plots=False))
+    assert "scale" not in [c["text"] for c in plain["head"][0]]  # no --scale auto: none
+    a, b = report["results"][0]["images"]  # source on A
+    a["scale"], b["scale"] = SCALED, dict(FALLBACK, reason=HOSTILE)
+    page = render_adapt(report, tmp_path, plots=False)
+    table = image_table(page)
+    head = [c["text"] for c in table["head"][0]]
+    assert head[:4] == ["#", "overlay", "scale", "target"]  # beside the overlay
+    rows = {(r["method"]["text"], r["image"]["text"]): r for r in by_head(table)}
+    cell = rows[("source", "T/1.png")]["scale"]
+    assert cell["text"] == "per-image \u00d72.00 box 22,25,102,105"
+    assert cell["v"] == "2.0"  # sorted by the factor
+    # the reason says why, as text (a hostile one too)
+    assert rows[("source", "T/2.png")]["scale"]["text"] == \
+        "fallback-none \u00d71.00 box 0,0,160,160: " + HOSTILE
+    none = rows[("grata", "T/2.png")]["scale"]  # a row without a decision: empty
+    assert none["text"] == "" and none["v"] == ""
+    assert rows[("source", "T/1.png")]["Dice mean"]["text"] == "81.00"  # columns in place
+    assert "Scale: the disc-scale stage&#x27;s decision" in page
+    assert not any(i.get("src") == "x" for i in Dom(page).images)
+
+
+def test_serve_rows_show_the_scale_decision(tmp_path):
+    recs = [serve_record("a.png", 0.5, "2026-01-01T10:00:00.000+00:00"),
+            serve_record("b.png", 0.5, "2026-01-01T10:00:01.000+00:00")]
+    (plain,) = Dom(render_serve(recs, tmp_path)).tables.values()
+    assert "scale" not in [c["text"] for c in plain["head"][0]]
+    recs[0]["scale"], recs[1]["scale"] = SCALED, FALLBACK
+    (table,) = Dom(render_serve(recs, tmp_path)).tables.values()
+    assert [c["text"] for c in table["head"][0]][2:5] == ["overlay", "scale", "disc px"]
+    rows = by_head(table)
+    assert [r["scale"]["text"] for r in rows] == [
+        "per-image \u00d72.00 box 22,25,102,105",
+        "fallback-none \u00d71.00 box 0,0,160,160: flat image: nothing to locate"]
+    assert [r["disc px"]["text"] for r in rows] == ["100", "100"]  # the columns after it
+
+
 def test_serve_records_are_read_in_arrival_order(tmp_path):
     for name, written in (("z.png", "2026-01-01T10:00:00.000+00:00"),
                           ("a.png", "2026-01-01T10:00:02.000+00:00"),

@@ -4,6 +4,7 @@ near the trained size), and `grata adapt --scale auto` scored at each crop's own
 resolution against a recomputation with the torch model itself."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +280,128 @@ def test_serve_state_keeps_the_streams_scale_and_old_states_load(tiny, edge64, t
         assert not again.scale_locator.stream.settled  # reset with the stream
     with AdaptiveModel(edge64[1], None, scale="auto", **kw) as unknown:  # no disc scale
         assert unknown.scale_locator is None and "unknown" in unknown.scale_line
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def no_disc_crop(side=160, seed=0):
+    """Retina-coloured texture without a disc: nothing bright to find."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    base = np.stack([0.55 + 0.05 * np.sin(6 * xx), 0.22 + 0.02 * np.cos(5 * yy),
+                     0.09 + 0 * xx], -1)
+    img = np.clip(base + 0.02 * rng.standard_normal((side, side, 3)), 0, 1)
+    return (img * 255).astype(np.uint8)
+
+
+def test_adapt_scale_auto_bad_input_is_one_line_each_and_the_stream_goes_on(
+        tiny, tmp_path, capsys, monkeypatch):
+    """One stream: a crop without a disc, a flat one, one whose mask is missing, a
+    20000 x 20000 photograph, three FarCrop crops, then a crop without a disc again."""
+    import shutil
+
+    from hostile import huge_png
+    monkeypatch.delenv("GRATA_MAX_PIXELS", raising=False)
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data)
+    folder = data / "Bad"
+    (folder / "mask").mkdir(parents=True)
+    (folder / "image").mkdir()
+    Image.fromarray(no_disc_crop()).save(folder / "image" / "nodisc.png")
+    Image.fromarray(no_disc_crop(seed=2)).save(folder / "image" / "nodisc2.png")
+    Image.fromarray(np.full((160, 160, 3), 90, np.uint8)).save(folder / "image" / "flat.png")
+    Image.fromarray(no_disc_crop(seed=1)).save(folder / "image" / "nomask.png")
+    (folder / "image" / "huge.png").write_bytes(huge_png(20000, 20000))
+    for name in ("nodisc", "nodisc2", "flat"):
+        Image.fromarray(np.full((160, 160), 255, np.uint8)).save(folder / "mask" / f"{name}.png")
+    (folder / "mask" / "huge.png").write_bytes(huge_png(20000, 20000))
+    entries, _ = domain_entries(data, "FarCrop")
+    rows = [(f"Bad/image/{n}.png", f"Bad/mask/{n}.png") for n in ("nodisc", "flat",
+                                                                  "nomask", "huge")]
+    rows += [(e.name, e.mask_path.relative_to(data).as_posix()) for e in entries]
+    rows += [("Bad/image/nodisc2.png", "Bad/mask/nodisc2.png")]
+    (data / "Bad_test.csv").write_text("image,mask\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    args = adapt_args(tiny, tmp_path / "run", "--scale", "auto", model=["--size", "128"])
+    args[args.index("--data") + 1] = str(data)
+    args[args.index("--targets") + 1] = "Bad"
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (result,) = json.loads((tmp_path / "run" / "report.json").read_text())["results"]
+    scored = {Path(r["file"]).name: r["scale"] for r in result["images"]}
+    # the stream went on past every bad file, in order
+    assert list(scored) == ["nodisc.png", "flat.png", *(Path(e.name).name for e in entries),
+                            "nodisc2.png"]
+    rec = scored["nodisc.png"]  # a new stream: searched at every scale, not found
+    assert rec["how"] == "fallback-none" and rec["box"] == [0, 0, 160, 160], str(rec)
+    assert rec["reason"] in ("no disc found at any scale",
+                             "no plausible disc (best plausibility 0.00)"), rec
+    assert 3 <= rec["n_forward"] <= 16
+    assert (scored["flat.png"]["how"], scored["flat.png"]["n_forward"],
+            scored["flat.png"]["reason"]) == ("fallback-none", 0, "flat image: nothing to locate")
+    assert all(scored[Path(e.name).name]["how"] != "fallback-none" for e in entries)
+    # once the stream has an estimate, a crop without a disc takes the stream's scale with
+    # nothing found (confidence 0) and says so
+    rec = scored["nodisc2.png"]
+    assert rec["confidence"] == 0.0 and rec["reason"], str(rec)
+    skipped = {Path(s["file"]).name: s["reason"] for s in result["skipped"]}
+    assert set(skipped) == {"nomask.png", "huge.png"}
+    assert "mask file" in skipped["nomask.png"] and "does not exist" in skipped["nomask.png"]
+    assert skipped["huge.png"].endswith(
+        "image is 400 MP, above the decoding limit of 40 MP (GRATA_MAX_PIXELS)")
+    assert all("\n" not in why for why in skipped.values())
+    # the HTML report shows each image's decision beside its overlay
+    from grata.report_html import write_adapt_html
+    page = write_adapt_html(tmp_path / "run", plots=False).read_text()
+    assert ("fallback-none \u00d71.00 box 0,0,160,160: flat image: nothing to locate"
+            in page)
+    x0, y0, x1, y1 = scored["FarCrop_test_0000.png"]["box"]
+    assert f"box {x0},{y0},{x1},{y1}<" in page
+
+
+def test_serve_scale_auto_bad_input_is_one_line_each_and_the_stream_goes_on(
+        tiny, tmp_path, capsys, monkeypatch):
+    import os
+    import time
+
+    from grata.artifacts import default_artifacts
+    from hostile import huge_png
+    monkeypatch.delenv("GRATA_MAX_PIXELS", raising=False)
+    art = default_artifacts()[0]
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    entries, _ = domain_entries(tiny / "data", "FarCrop")
+    Image.fromarray(no_disc_crop()).save(inbox / "a_nodisc.png")
+    Image.fromarray(np.full((160, 160, 3), 90, np.uint8)).save(inbox / "b_flat.png")
+    (inbox / "c_huge.png").write_bytes(huge_png(20000, 20000))
+    Image.fromarray(load_photo_pair(entries[0].image_path, entries[0].mask_path)[0]).save(
+        inbox / "d_crop.png")
+    base = time.time_ns() - 10**12
+    for i, name in enumerate(sorted(os.listdir(inbox))):  # arrival order = name order
+        os.utime(inbox / name, ns=(base + i * 10**7, base + i * 10**7))
+    rc = main(["serve", "--inbox", str(inbox), "--outbox", str(outbox), "--artifacts",
+               str(art), "--method", "source", "--predictor", "onnxruntime", "--device",
+               "cpu", "--once", "--settle", "0.1", "--poll", "0.02", "--stable-for", "0",
+               "--scale", "auto"])
+    assert rc == 0
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.startswith("'")]
+    assert [ln.split(":")[0] for ln in lines] == \
+        ["'a_nodisc.png'", "'b_flat.png'", "'c_huge.png'", "'d_crop.png'"]
+    assert lines[2] == ("'c_huge.png': rejected: image is 400 MP, above the decoding "
+                        "limit of 40 MP (GRATA_MAX_PIXELS)")
+    assert "Traceback" not in out.err
+    records = {json.loads(p.read_text())["image"]: json.loads(p.read_text())
+               for p in outbox.glob("*.json")}
+    assert sorted(records) == ["a_nodisc.png", "b_flat.png", "d_crop.png"]
+    rec = records["a_nodisc.png"]["scale"]
+    assert rec["how"] == "fallback-none" and rec["reason"].startswith("no ")
+    assert records["b_flat.png"]["scale"]["reason"] == "flat image: nothing to locate"
+    assert records["d_crop.png"]["scale"]["how"] != "fallback-none"
+    assert (inbox / "rejected" / "c_huge.png").exists()
+    from grata.report_html import write_serve_html
+    page = write_serve_html(outbox).read_text()
+    assert ("fallback-none \u00d71.00 box 0,0,160,160: flat image: nothing to locate"
+            in page)
+    x0, y0, x1, y1 = records["d_crop.png"]["scale"]["box"]
+    assert f"box {x0},{y0},{x1},{y1}<" in page

@@ -40,6 +40,40 @@ def format_stages(report: dict) -> str:
                 f"{_ms(st['p99_ms']):>8} {_rate(tput):>7} "
                 f"{_mb(mem['peak_rss_bytes']) if k == 0 else '':>8} "
                 f"{_mb(mem.get('device_peak_bytes')) if k == 0 else '':>6}")
+    for r in report["results"]:
+        if r.get("scale"):
+            lines += ["", format_scale(r)]
+    return "\n".join(lines)
+
+
+def format_scale(row: dict) -> str:
+    """The scale stage of one backend row: per stream and over all streams, the first
+    images (the stream's estimate not yet settled) and the settled ones: images, median /
+    mean ms per image (locate and the step), the locate step's median, its source passes
+    (mean, max) and the extra ones beyond the crop as given's (mean, max), decisions."""
+    sc = row["scale"]
+    head = (f"{'stream':8} {'phase':8} {'images':>6} {'median':>8} {'mean':>8} "
+            f"{'locate':>8} {'passes':>6} {'max':>4} {'extra':>6} {'max':>4}  decisions")
+    lines = [f"scale stage, {row['backend']} {row['precision']}: per image, the locate step "
+             "(source passes counted) then the GraTa step at the box (ms); extra = passes "
+             "beyond the one on the crop as given", head, "-" * len(head)]
+    groups = [(name, p) for name, phases in sc["streams"].items() for p in phases.items()]
+    groups += [("all", ("first", sc["first"])), ("all", ("settled", sc["settled"]))]
+    for name, (phase, st) in groups:
+        if st is None:
+            lines.append(f"{name:8} {phase:8} {0:>6}")
+            continue
+        how = ", ".join(f"{k} {v}" for k, v in st["how"].items())
+        lines.append(f"{name:8} {phase:8} {st['images']:>6} {_ms(st['median_ms']):>8} "
+                     f"{_ms(st['mean_ms']):>8} {_ms(st['locate_median_ms']):>8} "
+                     f"{st['passes_mean']:6.2f} {st['passes_max']:>4} "
+                     f"{st['extra_mean']:6.2f} {st['extra_max']:>4}  {how}")
+    settled = sc["settled"]
+    if settled is not None:
+        ok = "yes" if settled["extra_max"] <= 1 else "NO"
+        lines.append(f"settled streams: at most {settled['extra_max']} extra pass(es) per "
+                     f"image (at most one: {ok}); {settled['passes_max']} source pass(es) "
+                     "in all at most")
     return "\n".join(lines)
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 STAGES = ("predict", "entropy_grad", "consistency_grad", "augment", "update", "grata")
+# Asked for by name only (--stages grata,scale): streams of crops at other scales located
+# with the source model, then the full step (`grata.bench.scale_stream`)
+SCALE_STAGE = "scale"
+STAGE_CHOICES = STAGES + (SCALE_STAGE,)
 STAGE_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch-cpu", "torch-cuda")
 ADAPT_BACKENDS = ("onnx", "torch-ref", "torch")
 # glibc malloc settings given to every worker (--malloc). "large": buffers up to 32 MiB

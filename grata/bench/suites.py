@@ -17,11 +17,13 @@ from grata.bench.settings import (
     FORMAT_VERSION,
     FORWARDS_PER_IMAGE,
     MALLOC_SETTINGS,
+    SCALE_STAGE,
     STAGE_BACKENDS,
-    STAGES,
+    STAGE_CHOICES,
 )
 from grata.bench.workers import parse_variant, run_worker
 from grata.calibration.quantize import convert_fp16, quantize_artifacts
+from grata.disc_scale import model_scale
 from grata.errors import GrataError
 from grata.export import DEVICE_TEACHER_VIEWS
 from grata.export.manifest import PRECISIONS, load_manifest
@@ -116,9 +118,16 @@ def run_stages(args) -> dict:
     backends = _csv(args.backends) if args.backends != "auto" else _available_backends()
     precisions = None if args.precisions == "auto" else _csv(args.precisions)
     stages = _csv(args.stages)
-    bad = [s for s in stages if s not in STAGES]
+    bad = [s for s in stages if s not in STAGE_CHOICES]
     if bad:
-        raise GrataError(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+        raise GrataError(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGE_CHOICES)}")
+    scale = None
+    if SCALE_STAGE in stages:
+        if args.images < 1:
+            raise GrataError("--images (per stream of the scale stage) must be at least 1")
+        scale, line = model_scale(m, args.checkpoint)
+        if scale is None:
+            raise GrataError(f"--stages {SCALE_STAGE}: {line}")
     plan = stages_plan(backends, precisions)
     threads = args.threads
     if threads is None:
@@ -128,7 +137,9 @@ def run_stages(args) -> dict:
                 "iterations": None if args.duration else args.iterations,
                 "duration_s": args.duration, "threads": threads, "seed": args.seed,
                 "malloc": {"setting": args.malloc, **MALLOC_SETTINGS[args.malloc]},
-                "checkpoint": str(args.checkpoint) if args.checkpoint else None}
+                "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                "scale_images": args.images if scale else None,
+                "disc_scale": scale.to_json() if scale else None}
     rows = []
     for backend, precision, reason in plan:
         row = {"backend": backend, "precision": precision}
@@ -149,7 +160,8 @@ def run_stages(args) -> dict:
                 "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                 "seed": args.seed, "threads": threads, "stages": stages,
                 "warmup": args.warmup, "iterations": args.iterations,
-                "duration": args.duration,
+                "duration": args.duration, "scale_images": args.images,
+                "disc_scale": scale.to_json() if scale else None,
                 "cache": str(defaults.cache_dir() / "trt-ep")}
         if not quiet:
             print(f"  {backend} {precision} ...", file=sys.stderr, flush=True)

@@ -14,11 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from grata.disc_scale import DiscScale
 from grata.engine_chooser import open_engine
 from grata.errors import GrataError
 from grata.pipeline import ImagePipeline
+from grata.scale_stage import source_predict
 from grata.bench.probes import DeviceMemoryPeak, minor_faults, peak_rss_bytes, rss_bytes
-from grata.bench.settings import ADAPT_BACKENDS, MALLOC_KEYS, MALLOC_SETTINGS, RESULT_TAG
+from grata.bench.settings import (
+    ADAPT_BACKENDS,
+    MALLOC_KEYS,
+    MALLOC_SETTINGS,
+    RESULT_TAG,
+    SCALE_STAGE,
+)
 from grata.bench.stats import measure, summarize
 
 
@@ -130,12 +138,15 @@ def _stage_worker(spec: dict) -> dict:
                "update": lambda: grata_update(state[0], state[1], state[2], host_g[0],
                                               host_g[1], 1, 1e-4),
                "grata": full}
-        stages = {}
+        stages, scale = {}, None
         for name in spec["stages"]:
-            times = measure(fns[name], spec["warmup"], spec.get("iterations"),
-                            spec.get("duration"), sync=sync)
+            if name == SCALE_STAGE:
+                times, scale = _scale_stage(spec, engine, size, sync)
+            else:
+                times = measure(fns[name], spec["warmup"], spec.get("iterations"),
+                                spec.get("duration"), sync=sync)
             stages[name] = summarize(times)
-    out = {"stages": stages, "size": size, "engine": type(engine).__name__,
+    out = {"stages": stages, "scale": scale, "size": size, "engine": type(engine).__name__,
            "memory": {"rss_start_bytes": rss0, "rss_after_setup_bytes": rss_setup,
                       "peak_rss_bytes": peak_rss_bytes(),
                       "device_peak_bytes": device_peak.peak_bytes}}
@@ -143,6 +154,26 @@ def _stage_worker(spec: dict) -> dict:
         import torch
         out["memory"]["torch_cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
     return out
+
+
+def _scale_stage(spec: dict, engine, size: int, sync) -> tuple[list[float], dict]:
+    """The scale stage (`grata.bench.scale_stream.measure_scale`) on this engine: the
+    locator's source model through it, a fresh GraTa pipeline per stream."""
+    from grata.bench.scale_stream import measure_scale  # the images: PIL, scipy
+    from grata.methods import create
+
+    def new_step():
+        pipeline = ImagePipeline(create("grata", engine, seed=spec["seed"]))
+
+        def step(x):
+            pipeline.step(engine.to_input(x), x)
+            if sync is not None:
+                sync()
+        return step
+
+    scale = DiscScale.from_json(spec["disc_scale"], "the scale stage's disc scale")
+    return measure_scale(source_predict(engine), scale, size, new_step,
+                         spec["scale_images"], spec["warmup"], spec["seed"])
 
 
 def _adapt_worker(spec: dict) -> dict:

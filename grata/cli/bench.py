@@ -8,7 +8,11 @@ Two suites:
     predict only (``infer``), each graph of one adaptation step (``entropy_grad``,
     ``consistency_grad``), the strong style view (``augment``, numpy), the parameter
     ``update``, and the full per-image GraTa cost
-    (``grata``: strong view, both gradients, update, prediction), per backend
+    (``grata``: strong view, both gradients, update, prediction), asked for by name the
+    disc-scale stage in front of it (``scale``: streams of crops whose disc is 0.5x, 1.2x
+    and 1.6x the model's, each located with the source model and then adapted on; per
+    image the time and the source passes of the locate step, before and after the
+    stream's estimate settles), per backend
     (``onnx-cpu``, ``onnx-cuda``, ``onnx-tensorrt``, ``torch-cpu``, ``torch-cuda``) and
     precision (``fp32``, ``int8`` = the QDQ artifacts of ``grata calibrate``, ``fp16``).
 ``grata bench adapt``
@@ -36,7 +40,14 @@ import argparse
 from pathlib import Path
 
 from grata.bench.reporting import format_adapt, format_stages
-from grata.bench.settings import ADAPT_BACKENDS, MALLOC_SETTINGS, STAGE_BACKENDS, STAGES
+from grata.bench.settings import (
+    ADAPT_BACKENDS,
+    MALLOC_SETTINGS,
+    SCALE_STAGE,
+    STAGE_BACKENDS,
+    STAGE_CHOICES,
+    STAGES,
+)
 from grata.bench.suites import run_adapt, run_stages
 from grata.errors import GrataError
 from grata.export.manifest import PRECISIONS
@@ -53,6 +64,8 @@ suites:
 examples:
   grata bench                                   the embedded default model, every backend
                                                 this machine has, fp32 and int8
+  grata bench --backends onnx-cpu --precisions fp32 --stages grata,scale --images 8
+                                                the disc-scale stage's cost per image
   grata bench --backends onnx-tensorrt,onnx-cuda --precisions fp32,fp16,int8 \\
       --artifacts art/edge256 --int8 runs/int8/int8 --duration 10
   grata bench adapt --archs resnet34,edge --sizes 256,512 --images 10
@@ -91,10 +104,12 @@ def register(sub) -> dict:
                    "(default onnx,torch-ref)")
     b.add_argument("--precisions", default="auto", help="stages: comma-separated from "
                    f"{', '.join(PRECISIONS)} (default fp32,int8, plus fp16 on a GPU)")
-    b.add_argument("--stages", default=",".join(STAGES), help="stages: which (default all)")
+    b.add_argument("--stages", default=",".join(STAGES), help="stages: which, from "
+                   f"{', '.join(STAGE_CHOICES)} (default all but {SCALE_STAGE})")
     b.add_argument("--archs", default="resnet34,edge", help="adapt: archs (resnet34,edge)")
     b.add_argument("--sizes", default="256,512", help="adapt: input sizes (256,512)")
-    b.add_argument("--images", type=int, default=10, help="adapt: timed images (10)")
+    b.add_argument("--images", type=int, default=10, help="adapt: timed images; stages: "
+                   f"images per stream of the {SCALE_STAGE} stage (10)")
     b.add_argument("--matmul", type=int, default=2048,
                    help="adapt: matrix size of the float32 matmul rate (2048)")
     b.add_argument("--limit-reps", type=int, default=3,
