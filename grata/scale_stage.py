@@ -47,7 +47,14 @@ class ScaleLocator:
         """A crop as given (uint8 [H, W, 3]) -> (the model's input float32 [3, S, S], the
         Placement of its box with the scale decision as record). Never raises for what
         the crop holds: a crop without a disc is the crop as given, the reason recorded."""
-        from grata.scale_search import locate_disc, prefer_scaled, recrop
+        from grata.scale_search import (
+            MIN_CONFIDENCE,
+            dominant_blob,
+            locate_disc,
+            plausibility,
+            prefer_scaled,
+            recrop,
+        )
         a = np.asarray(picture)
         H, W = a.shape[:2]
         found = locate_disc(a, self.predict, self.scale, self.size, stream=self.stream,
@@ -56,11 +63,27 @@ class ScaleLocator:
         if found.identity:
             crop_pred = found.as_given  # predicted already (None for a flat image)
         else:
-            # The source model on the box: the check that the box did not miss a disc the
-            # crop as given showed, and the stream's measurement (as benchmarks/disc_scale.py)
-            crop_pred = probs_from_logits(np.asarray(self.predict(recrop(a, box, self.size))))
-            crop_pred, n = crop_pred.reshape(crop_pred.shape[-3:]), n + 1
-            if not prefer_scaled(found, crop_pred, self.scale):
+            crop_pred = self._check(a, box)
+            n += 1
+            if found.how == "stream" and not (
+                    prefer_scaled(found, crop_pred, self.scale)
+                    and plausibility(dominant_blob(crop_pred[0]), self.size, self.scale)
+                    >= MIN_CONFIDENCE):
+                # The stream's scale did not fit this image (the camera changed?): its own
+                # search, whose estimate lets the stream switch within a few images
+                # instead of waiting for crops that happen to fit as given.
+                own = locate_disc(a, self.predict, self.scale, self.size, logits=True)
+                n += own.n_forward
+                if own.identity:
+                    found, crop_pred = own, own.as_given
+                    box, how = found.box, found.how
+                    reason = own.reason or "the stream's scale did not fit"
+                else:
+                    own_pred, n = self._check(a, own.box), n + 1
+                    if prefer_scaled(own, own_pred, self.scale):
+                        found, crop_pred, box = own, own_pred, own.box
+                        how, reason = own.how, "the stream's scale did not fit"
+            if box != found.box or not prefer_scaled(found, crop_pred, self.scale):
                 box, how = (0, 0, W, H), "fallback-none"
                 reason = "kept as given: the box showed a less plausible disc"
         # Only a plausible, uncut disc on the final box moves the stream.
@@ -69,6 +92,14 @@ class ScaleLocator:
                   "n_forward": n, "reason": reason, "confidence": round(found.confidence, 4)}
         placement = Placement((H, W), tuple(box), record, a, RECORD_KEY)
         return recrop(a, box, self.size), placement
+
+    def _check(self, a: np.ndarray, box) -> np.ndarray:
+        """The source model's probabilities [2, S, S] on `box`: the check that the box did
+        not miss a disc the crop as given showed, and the stream's measurement (as
+        benchmarks/disc_scale.py)."""
+        from grata.scale_search import recrop
+        p = probs_from_logits(np.asarray(self.predict(recrop(a, box, self.size))))
+        return p.reshape(p.shape[-3:])
 
     def reset(self) -> None:
         """A new stream: the running scale estimate forgotten."""
