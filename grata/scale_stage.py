@@ -47,14 +47,7 @@ class ScaleLocator:
         """A crop as given (uint8 [H, W, 3]) -> (the model's input float32 [3, S, S], the
         Placement of its box with the scale decision as record). Never raises for what
         the crop holds: a crop without a disc is the crop as given, the reason recorded."""
-        from grata.scale_search import (
-            MIN_CONFIDENCE,
-            dominant_blob,
-            locate_disc,
-            plausibility,
-            prefer_scaled,
-            recrop,
-        )
+        from grata.scale_search import locate_disc, prefer_scaled, recrop
         a = np.asarray(picture)
         H, W = a.shape[:2]
         found = locate_disc(a, self.predict, self.scale, self.size, stream=self.stream,
@@ -65,10 +58,7 @@ class ScaleLocator:
         else:
             crop_pred = self._check(a, box)
             n += 1
-            if found.how == "stream" and not (
-                    prefer_scaled(found, crop_pred, self.scale)
-                    and plausibility(dominant_blob(crop_pred[0]), self.size, self.scale)
-                    >= MIN_CONFIDENCE):
+            if found.how == "stream" and not prefer_scaled(found, crop_pred, self.scale):
                 # The stream's scale did not fit this image (the camera changed?): its own
                 # search, whose estimate lets the stream switch within a few images
                 # instead of waiting for crops that happen to fit as given.
