@@ -78,7 +78,9 @@ class Placement:
     None when not found), ``confidence`` (0-1), ``how`` (one of :data:`HOWS`),
     ``n_forward`` (model passes spent), ``reason`` (why not per-image, or ""),
     ``as_given`` (the model's probabilities [2, S, S] for the image as given, when the
-    locator predicted it: the unscaled prediction, for a comparison)."""
+    locator predicted it: the unscaled prediction, for a comparison), ``on_box`` (its
+    probabilities on ``box``, when the locator predicted that already: the check needs
+    no further pass)."""
 
     box: tuple[int, int, int, int]
     factor: float
@@ -90,6 +92,7 @@ class Placement:
     image_shape: tuple[int, int]
     reason: str = ""
     as_given: np.ndarray | None = field(default=None, repr=False, compare=False)
+    on_box: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def identity(self) -> bool:
@@ -97,7 +100,7 @@ class Placement:
 
     def record(self) -> dict:
         """JSON-safe summary for reports (rounded numbers; without ``as_given``)."""
-        out = {k: v for k, v in asdict(self).items() if k != "as_given"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("as_given", "on_box")}
         out["box"] = list(self.box)
         out["image_shape"] = list(self.image_shape)
         out["factor"] = round(self.factor, 4)
@@ -427,6 +430,19 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
 
     seen: list[_Seen] = []
     est = None
+    looked_around_spot = False
+    if prior is None and stream is not None and stream.settled \
+            and not _in_band(stream.estimate(), scale):
+        looked_around_spot = True
+        # A settled stream at another scale than the model's: one pass, on the box of the
+        # stream's diameter around the brightest spot, when that box shows a plausible,
+        # uncut disc near its middle; otherwise the full path below.
+        d = stream.estimate() * H
+        quick = _stream_look(look, work, k, d, size, scale)
+        if quick is not None:
+            box = tuple(int(round(v * k)) for v in quick.box) if k > 1 else quick.box
+            return Placement(box, H / (box[3] - box[1]), quick.est[:2], d, quick.score,
+                             "stream", n, (H, W), "", None, quick.pred)
     if prior is None:
         first = look((0, 0, ww, wh))
         seen.append(first)
@@ -443,7 +459,7 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
         # the prediction on that box tells (`prefer_scaled`).
         d = stream.estimate() * H
         if est is None:
-            spots = bright_spots(work)
+            spots = [] if looked_around_spot else bright_spots(work)  # (that box: no disc)
             if spots:
                 est = (spots[0][0] * k, spots[0][1] * k, d)
                 return done("stream", est, 0.0, "centred on the brightest spot", diameter=d)
@@ -474,6 +490,22 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
     reason = ("no disc found at any scale" if best.est is None
               else f"no plausible disc (best plausibility {best.score:.2f})")
     return done("fallback-none", conf=best.score, reason=reason)
+
+
+def _stream_look(look, work: np.ndarray, k: int, d: float, size: int, scale: DiscScale
+                 ) -> _Seen | None:
+    """The settled stream's one pass: the box of diameter ``d`` (image pixels) around
+    the brightest spot, kept when it shows a plausible, uncut disc near its middle."""
+    spots = bright_spots(work)
+    if not spots:
+        return None
+    seen = look(square_box(spots[0][0], spots[0][1], d / k / scale.diameter))
+    b = seen.blob
+    if b is None or b.cut or seen.score < MIN_CONFIDENCE:
+        return None
+    if math.hypot(b.cx - size / 2, b.cy - size / 2) / size > AS_GIVEN_OFFSET:
+        return None
+    return seen
 
 
 def prefer_scaled(placement: Placement, crop_pred, scale: DiscScale) -> bool:

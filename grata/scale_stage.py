@@ -5,10 +5,11 @@ Per image, label-free, `grata.scale_search.locate_disc` asks the source model wh
 disc is and how large; the model's input is that box cut from the crop as given
 (`grata.scale_search.recrop`) and the prediction is pasted back into the crop's frame
 (`grata.placement.Placement.paste`), so every metric stays there. A box other than the
-whole crop costs one more source pass: the crop as given is kept when its prediction shows
-the more plausible disc (`grata.scale_search.prefer_scaled`), and the disc measured on the
-box feeds the stream's running estimate (`grata.scale_search.StreamScale`, forgotten at
-`reset`), as benchmarks/disc_scale.py measures it. A crop is never skipped for scale: where
+whole crop is checked with a source pass on it (the locator's own, on a settled stream:
+one pass in all): the crop as given is kept when its prediction shows the more plausible
+disc (`grata.scale_search.prefer_scaled`), and the disc measured on the box feeds the
+stream's running estimate (`grata.scale_search.StreamScale`, forgotten at `reset`), as
+benchmarks/disc_scale.py measures it. A crop is never skipped for scale: where
 no disc is found the input is the crop as given and the record says why.
 
 The stage runs only for a model whose scale is known (`grata.disc_scale.model_scale`);
@@ -56,8 +57,10 @@ class ScaleLocator:
         if found.identity:
             crop_pred = found.as_given  # predicted already (None for a flat image)
         else:
-            crop_pred = self._check(a, box)
-            n += 1
+            if found.on_box is not None:  # the locator's own pass on the box checked it
+                crop_pred = found.on_box
+            else:
+                crop_pred, n = self._check(a, box), n + 1
             if found.how == "stream" and not prefer_scaled(found, crop_pred, self.scale):
                 # The stream's scale did not fit this image (the camera changed?): its own
                 # search, whose estimate lets the stream switch within a few images

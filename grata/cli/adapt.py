@@ -47,7 +47,8 @@ examples:
   grata adapt --out runs/demo
       the embedded default: a synthetic multi-centre benchmark (made on first use),
       the shipped edge model, methods source,bn,tent,grata under the product's
-      measured defaults (statistics mix:0.03, step 1e-5: see README, "Defaults");
+      measured defaults (disc scale auto, statistics mix:0.3, step 1e-5: see
+      README, "Defaults");
       a few minutes on 2 cores
   grata adapt --out runs/paper --paper
       the paper's setting: each image's own BN statistics, GraTa beta / TENT lr 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from grata import product
 from grata.disc_scale import DIAMETER_HELP, DiscScale, model_scale
 from grata.errors import GrataError
 
@@ -29,7 +30,8 @@ def check_scale_args(args, photographs: bool = False) -> None:
     """The run's --scale (auto, or none with --paper or for whole `photographs`, where not
     given) set on `args`; --disc-scale with --scale none is a mistake (one line)."""
     if args.scale is None:
-        args.scale = "none" if getattr(args, "paper", False) or photographs else "auto"
+        paper = getattr(args, "paper", False)
+        args.scale = "none" if paper or photographs else product.PRODUCT_SCALE
     if args.scale == "none" and args.disc_scale is not None:
         raise GrataError("--disc-scale goes with --scale auto")
 
