@@ -13,6 +13,11 @@ statistics) predicts every image
 - ``ceiling``: at the box that shows the TRUE disc (from the mask) at the model's median
   diameter, centred: what a perfect locator would give.
 
+``--norm RULE`` scores predictions made under a BN statistics rule instead (``bn@RULE``
+of `grata adapt`: no step; e.g. the product's ``mix:0.3``): the locator still decides
+with the source model, so the boxes are the same, and the ceiling is that rule's at the
+true disc.
+
 Every prediction is pasted back and scored in the frame of the image as given (its own
 resolution), so the four columns compare like with like. Also per domain: the share of
 the ceiling's gain the stream variant reaches, the scale error (the diameter the
@@ -21,7 +26,7 @@ after the stream settled; the image's own prediction counts as one), and which d
 lose anything against ``given``.
 
     python benchmarks/disc_scale.py [--data ROOT --source D] [--engine onnx|torch]
-                                    [--padding edge|black] [--json out.json]
+                                    [--padding edge|black] [--norm RULE] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,9 +56,10 @@ from grata.scale_search import (
 VARIANTS = ("given", "image", "stream", "ceiling")
 
 
-def make_predict(engine: str, checkpoint, arch: str, size: int, threads: int):
+def make_predict(engine: str, checkpoint, arch: str, size: int, threads: int,
+                 norm: str = "source"):
     """(predict: float32 [3, S, S] -> probabilities [2, S, S] with the stored statistics,
-    the manifest or None, a word on the model)."""
+    the manifest or None, a word on the model, the same under the statistics `norm`)."""
     if engine == "onnx":
         from grata.artifacts import cached_artifacts, default_artifacts
         from grata.engine_chooser import open_engine
@@ -61,9 +67,13 @@ def make_predict(engine: str, checkpoint, arch: str, size: int, threads: int):
             default_artifacts(size)[0]
         eng = open_engine(folder, "cpu", threads)
 
-        def predict(x):
-            return metrics.probs_from_logits(eng.infer(eng.to_input(x), norm="source"))[0]
-        return predict, eng.manifest, f"onnx {folder.name}"
+        def under(rule):
+            def predict(x):
+                return metrics.probs_from_logits(eng.infer(eng.to_input(x), norm=rule))[0]
+            return predict
+        return under("source"), eng.manifest, f"onnx {folder.name}", under(norm)
+    if norm != "source":
+        raise GrataError("--norm goes with --engine onnx")
     import torch
 
     from grata.models import load_checkpoint, set_norm_mode
@@ -74,7 +84,7 @@ def make_predict(engine: str, checkpoint, arch: str, size: int, threads: int):
     def predict(x):
         with torch.no_grad():
             return torch.sigmoid(model(torch.from_numpy(x[None])))[0].numpy()
-    return predict, None, "torch"
+    return predict, None, "torch", predict
 
 
 def score(pred, truth) -> np.ndarray:
@@ -82,8 +92,11 @@ def score(pred, truth) -> np.ndarray:
     return np.array([metrics.dice(pred[0], truth[0]), metrics.dice(pred[1], truth[1])])
 
 
-def run_domain(root, domain, predict, scale, size, padding, bar, splits=None) -> dict:
+def run_domain(root, domain, predict, scale, size, padding, bar, splits=None,
+               served=None) -> dict:
+    """One domain's row; `served` (default `predict`) makes the scored predictions."""
     entries, _ = domain_entries(root, domain, *([splits] if splits else []))
+    served = served or predict
     dice = {v: [] for v in VARIANTS}
     passes = {"image": [], "stream": [], "stream_settled": []}
     err = {"image": [], "stream": []}
@@ -97,14 +110,14 @@ def run_domain(root, domain, predict, scale, size, padding, bar, splits=None) ->
             continue
         H, W = pixels.shape[:2]
         full = (0, 0, W, H)
-        given = predict(recrop(pixels, full, size, padding))
+        given = served(recrop(pixels, full, size, padding))
         dice["given"].append(score(paste_back(given, full, (H, W)), truth))
         g = disc_geometry(truth[0])
         if g is None:  # no disc in the mask: nothing to place the ceiling on
             dice["ceiling"].append(dice["given"][-1])
         else:
             box = square_box(g[0], g[1], g[2] / scale.diameter)
-            dice["ceiling"].append(score(paste_back(predict(recrop(pixels, box, size, padding)),
+            dice["ceiling"].append(score(paste_back(served(recrop(pixels, box, size, padding)),
                                                     box, (H, W)), truth))
         for v in ("image", "stream"):
             settled = stream.settled
@@ -113,12 +126,15 @@ def run_domain(root, domain, predict, scale, size, padding, bar, splits=None) ->
             box = pl.box
             if pl.identity and pl.as_given is not None:
                 pred, extra = pl.as_given, 0  # the image as given was predicted already
+            elif pl.on_box is not None:
+                pred, extra = pl.on_box, 0  # so was the box (a settled stream's one look)
             else:
                 pred, extra = predict(recrop(pixels, box, size, padding)), 1
                 if not prefer_scaled(pl, pred, scale):  # the box missed what was found
                     pred, box = pl.as_given, full
                     hows[v]["kept as given"] += 1
-            dice[v].append(score(paste_back(pred, box, (H, W)), truth))
+            shown = pred if served is predict else served(recrop(pixels, box, size, padding))
+            dice[v].append(score(paste_back(shown, box, (H, W)), truth))
             passes[v].append(pl.n_forward + extra)
             hows[v][pl.how] += 1
             if v == "stream":
@@ -162,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="onnx", choices=["onnx", "torch"])
     ap.add_argument("--padding", default="edge", choices=["edge", "black"],
                     help="what a box outside the image is filled with (default edge)")
+    ap.add_argument("--norm", default="source", metavar="RULE",
+                    help="BN statistics of the scored predictions (bn@RULE, no step; the "
+                    "locator always uses the source's): default source")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--json", help="also write the table as JSON here")
@@ -174,8 +193,10 @@ def main(argv=None) -> int:
         if args.data is None and chosen is None:  # the generator's order, not the alphabet
             chosen = list(synth.TARGET_DOMAINS)
         targets = resolve_targets(root, source, chosen)
-        predict, manifest, model_word = make_predict(args.engine, args.checkpoint, args.arch,
-                                                     args.size, args.threads)
+        from grata.norm import NormSpec
+        norm = str(NormSpec(args.norm))
+        predict, manifest, model_word, served = make_predict(
+            args.engine, args.checkpoint, args.arch, args.size, args.threads, norm)
         scale, line = model_scale(manifest, args.checkpoint or defaults.checkpoint(),
                                   args.disc_scale)
         if scale is None:
@@ -188,19 +209,19 @@ def main(argv=None) -> int:
     if args.data is None and args.targets is None:  # the images the model was not trained on
         rows.insert(0, (f"{source} (source test)", source, ("test",)))
     total = sum(len(domain_entries(root, d, *([sp] if sp else []))[0]) for _, d, sp in rows)
-    print(f"{model_word}; {line}; padding {args.padding}", file=sys.stderr)
+    print(f"{model_word}; {line}; padding {args.padding}; statistics {norm}", file=sys.stderr)
     table = {}
     t0 = time.perf_counter()
     with tqdm(total=total, desc="disc scale", unit="img", disable=args.quiet) as bar:
         for name, domain, splits in rows:
             table[name] = run_domain(root, domain, predict, scale, args.size, args.padding, bar,
-                                     splits)
+                                     splits, served if norm != "source" else None)
     seconds = time.perf_counter() - t0
     print_table(table)
     print(f"({seconds:.0f} s, {total} images)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": model_word, "disc_scale": scale.to_json(),
+            json.dump({"model": model_word, "disc_scale": scale.to_json(), "norm": norm,
                        "padding": args.padding, "size": args.size, "table": table}, f,
                       indent=2)
     return 0

@@ -72,3 +72,41 @@ def test_a_model_without_a_scale_is_a_user_error(bench, small, tmp_path, capsys)
     rc = bench.main(["--data", str(small), "--source", "Clinic", "--checkpoint", str(ckpt),
                      "--engine", "torch", "--quiet"])
     assert rc == 2 and "unknown" in capsys.readouterr().err
+
+
+def test_served_predictions_are_scored_on_the_locators_boxes(bench, small):
+    """--norm: the scored predictions come from `served` while the source model decides
+    the boxes: the passes and decisions equal the plain run's; a `served` that answers
+    background everywhere scores 0 in every column."""
+    from grata.models import load_checkpoint, set_norm_mode
+    import torch
+    from tqdm import tqdm
+    model = load_checkpoint(defaults.checkpoint(), defaults.DEFAULT_ARCH).eval()
+    set_norm_mode(model, "running")
+
+    def predict(x):
+        with torch.no_grad():
+            return torch.sigmoid(model(torch.from_numpy(x[None])))[0].numpy()
+
+    seen = []
+
+    def nothing(x):
+        seen.append(x.shape)
+        return np.zeros((2, 128, 128), np.float32)
+
+    scale = defaults.disc_scale()
+    with tqdm(disable=True) as bar:
+        plain = bench.run_domain(small, "FarCrop", predict, scale, 128, "edge", bar)
+        blank = bench.run_domain(small, "FarCrop", predict, scale, 128, "edge", bar,
+                                 served=nothing)
+    for key in ("passes_image", "passes_stream", "how_image", "how_stream"):
+        assert blank[key] == plain[key]
+    assert all(blank[v]["od"] < 1e-3 and blank[v]["oc"] < 1e-3 for v in bench.VARIANTS)
+    assert len(seen) == 4 * 3  # given, ceiling, image, stream for each of 3 images
+    assert plain["stream"]["od"] > 50
+
+
+def test_norm_needs_the_onnx_engine(bench, small, capsys):
+    rc = bench.main(["--data", str(small), "--source", "Clinic", "--engine", "torch",
+                     "--norm", "mix:0.3", "--quiet"])
+    assert rc == 2 and "--norm goes with --engine onnx" in capsys.readouterr().err
