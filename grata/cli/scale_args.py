@@ -17,7 +17,10 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    "model and the crop re-cropped so the disc has the model's training "
                    "size, the prediction pasted back and scored at the crop's own "
                    "resolution; a crop without a disc found is segmented as given (the "
-                   "report says why). Needs the model's disc scale (its manifest, its "
+                   "report says why); with --roi auto, whole photographs: the box around "
+                   "the disc found is sized so the disc has the model's size, and a "
+                   "photograph the localiser doubts is kept when the model finds a "
+                   "plausible disc there. Needs the model's disc scale (its manifest, its "
                    "checkpoint's .scale.json or --disc-scale); without one the crops are "
                    "segmented as given")
     p.add_argument("--disc-scale", type=float, default=None, metavar="D",
