@@ -10,9 +10,12 @@ Per photograph, label-free:
    :data:`WINDOW_FOV` times the FOV's diameter so a wrong radius cannot make it absurd
    (no centre found: the FOV's bounding square, or the photograph's);
 3. the crops' disc search (`grata.scale_search.locate_disc`, the source model) runs in
-   that window, from the localiser's disc as its prior; its box, mapped back to the
-   photograph, gives the disc the model's size; the model's input is cut from the
-   photograph itself, so a box reaching past the window still shows real pixels;
+   that window, from the localiser's disc as its prior; the box is centred on the disc it
+   finds and sized so that the disc has the model's diameter, the disc's diameter being
+   the geometric mean of the model's measure and (when the localiser is sure) the
+   localiser's ``2 r``: the model alone under-measures a blurred disc
+   (benchmarks/roi_end_to_end.py --scale); the box is in the photograph's pixels and the model's input is cut
+   from the photograph itself, so a box reaching past the window still shows real pixels;
 4. one source pass on that box is the check (its disc's plausibility,
    `grata.scale_search.plausibility`, is the record's ``confidence``) and the stream's
    measurement.
@@ -130,7 +133,7 @@ class PhotoScaleLocator:
         """The crops' disc search inside the window (from the localiser's disc), the box
         mapped to the photograph, and the check pass on it: (box, the search's
         Placement, (plausibility, blob, probabilities), model passes)."""
-        from grata.scale_search import cut, locate_disc
+        from grata.scale_search import cut, locate_disc, square_box
         x0, y0, x1, y1 = window
         win = cut(a, window)
         prior = None
@@ -145,6 +148,13 @@ class PhotoScaleLocator:
                                 prior=prior, logits=True)
             bx0, by0, bx1, by1 = found.box
             box = (bx0 + x0, by0 + y0, bx1 + x0, by1 + y0)
+            if found.how != "fallback-none" and prior is not None and found.diameter \
+                    and info["score"] >= self.options.threshold:
+                # Two independent measures of one disc: the model's (which shrinks with a
+                # blurred disc) and the sure localiser's; their geometric mean sizes the box.
+                d = math.sqrt(found.diameter * prior[2])
+                box = square_box(found.centre[0] + x0, found.centre[1] + y0,
+                                 d / self.scale.diameter)
             n += found.n_forward
             if found.how == "fallback-none":  # nothing found: nothing to check
                 check = (0.0, None, None)
