@@ -17,8 +17,13 @@ holds the whole disc. ``--hostile artefact`` / ``--hostile uneven`` renders ever
 photograph with a bright reflection near the FOV rim (strength 1.5) or a strong
 illumination slope (0.9), as the last rows of ``roi_accuracy.py``.
 
+``--scale`` adds the model's disc scale (`grata.photo_scale`): ``--roi auto --scale auto``
+(share scored, Dice, how many the model's second opinion admitted) beside today's FOV rule,
+the same eyes' crops (``oracle``) and the ceiling (the box that gives the true disc the
+model's diameter).
+
     OMP_NUM_THREADS=1 python benchmarks/roi_end_to_end.py [--n 16] [--methods source,bn,grata]
-        [--hostile artefact|uneven]
+        [--hostile artefact|uneven] [--scale]
 """
 
 from __future__ import annotations
@@ -69,16 +74,23 @@ def truth_of(root) -> dict:
 
 
 def compare(factory, root, targets, size: int, methods, threshold: float | None = None,
-            seed: int = 0) -> list[dict]:
+            seed: int = 0, scale=None) -> list[dict]:
     """Per (method, target): end-to-end Dice (mean of OD and OC, whole-photograph masks)
     with the localiser's ROI (``auto``; a rejected photograph counts 0) and with the ROI
-    at the true disc (``oracle``), and the localiser's accuracy on the photographs."""
+    at the true disc (``oracle``: the same eyes' crops), and the localiser's accuracy on
+    the photographs. With `scale` (the model's disc scale) also at the model's scale:
+    ``--roi auto --scale auto`` (``scale``) and the box that gives the true disc the
+    model's diameter (``ceiling``)."""
     truth = truth_of(root)
     auto_opts = RoiOptions() if threshold is None else RoiOptions(threshold=threshold)
+    modes = [("auto", auto_opts, None), ("oracle", RoiOptions(discs=truth), None)]
+    if scale is not None:
+        modes += [("scale", auto_opts, scale), ("ceiling", RoiOptions(discs=truth), scale)]
     runs = {}
-    for mode, opts in (("auto", auto_opts), ("oracle", RoiOptions(discs=truth))):
+    for mode, opts, sc in modes:
         runs[mode] = {(r.method, r.target): r for r in adapt.run(
-            factory, root, targets, size, methods, seed=seed, progress=False, roi=opts)}
+            factory, root, targets, size, methods, seed=seed, progress=False, roi=opts,
+            scale=sc)}
     rows = []
     for (method, target), auto in runs["auto"].items():
         oracle = runs["oracle"][(method, target)]
@@ -101,7 +113,42 @@ def compare(factory, root, targets, size: int, methods, threshold: float | None 
             "err_dd": float(np.median(err)) if err else float("nan"),
             "held": float(np.sum(held) / max(n, 1)),
         })
+        for mode in ("scale", "ceiling"):
+            if mode in runs:
+                run = runs[mode][(method, target)]
+                rows[-1].update({
+                    f"dice_{mode}": float(sum(i["dice_mean"] for i in run.images) / max(n, 1)),
+                    f"rejected_{mode}": len(run.skipped),
+                    f"rejected_files_{mode}": [s["file"] for s in run.skipped]})
+        if "scale" in runs:
+            rows[-1]["second_opinion"] = sum(
+                bool(i["roi"].get("second_opinion")) for i in runs["scale"][(method, target)]
+                .images)
     return rows
+
+
+def scale_table(rows) -> str:
+    """Share scored and mean Dice per mode: today's FOV rule (``--scale none``), the
+    model's scale (``--scale auto``), the same eyes' crops and the ceiling."""
+    head = (f"{'method':8s} {'target':10s} {'n':>3s} | {'FOV rule':>14s} | {'--scale auto':>14s}"
+            f" {'2nd':>3s} | {'crops':>6s} {'ceiling':>7s}")
+    lines = [head, "-" * len(head)]
+
+    def line(m, t, mine):
+        n = sum(r["n"] for r in mine)
+        cells = []
+        for d, rej in (("dice_auto", "rejected"), ("dice_scale", "rejected_scale")):
+            scored = 100 * (1 - sum(r[rej] for r in mine) / max(n, 1))
+            cells.append(f"{float(np.mean([r[d] for r in mine])):6.2f} {scored:5.1f}%")
+        o, c = (float(np.mean([r[k] for r in mine])) for k in ("dice_oracle", "dice_ceiling"))
+        second = sum(r["second_opinion"] for r in mine)
+        return (f"{m:8s} {t[:10]:10s} {n:3d} | {cells[0]:>14s} | {cells[1]:>14s} {second:3d} | "
+                f"{o:6.2f} {c:7.2f}")
+    for r in rows:
+        lines.append(line(r["method"], r["target"], [r]))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        lines.append(line(m, "mean", [r for r in rows if r["method"] == m]))
+    return "\n".join(lines)
 
 
 def table(rows) -> str:
@@ -129,6 +176,8 @@ def main() -> None:
     ap.add_argument("--methods", default="source,bn,grata")
     ap.add_argument("--hostile", choices=sorted(HOSTILE), help="every photograph with a rim "
                     "reflection or a strong illumination slope")
+    ap.add_argument("--scale", action="store_true", help="also at the model's disc scale "
+                    "(--roi auto --scale auto, and the true disc at that scale)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -142,14 +191,21 @@ def main() -> None:
             synth_whole.generate_whole(tmp, seed=args.seed, n_source=(0, 0),
                                        n_target=(0, args.n), size=args.width, progress=False)
         rows = compare(factory, tmp, targets, defaults.DEFAULT_SIZE,
-                       [m.strip() for m in args.methods.split(",")])
+                       [m.strip() for m in args.methods.split(",")],
+                       scale=defaults.disc_scale() if args.scale else None)
     print(f"whole photographs {args.width} x {round(args.width * synth_whole.ASPECT)}, "
           f"seed {args.seed}{', all ' + args.hostile if args.hostile else ''}, source {synth.SOURCE_DOMAIN}; Dice (%) = (OD + OC) / 2 on the "
           f"whole-photograph mask")
     print(table(rows))
+    if args.scale:
+        print("\nshare scored and mean Dice (a refused photograph counts 0); 2nd: admitted "
+              "by the model's second opinion")
+        print(scale_table(rows))
     for r in rows:
-        if r["rejected_files"]:
-            print(f"rejected ({r['method']}, {r['target']}): {', '.join(r['rejected_files'])}")
+        for key, what in (("rejected_files", "rejected"),
+                          ("rejected_files_scale", "rejected at --scale auto")):
+            if r.get(key):
+                print(f"{what} ({r['method']}, {r['target']}): {', '.join(r[key])}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"({time.perf_counter() - t0:.0f} s)")

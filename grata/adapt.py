@@ -12,7 +12,8 @@ Methods are specs (`grata.specs`): ``grata`` (under the run's `norm`), ``grata@m
 and the source prediction). Results are keyed by the spec's key.
 
 With a disc scale (``run(..., scale=)``) the crops are read at their own resolution and
-each image is located once, for every method (`grata.scale_stage.ScaleLocator` on an
+each image is located once, for every method (`grata.scale_stage.ScaleLocator`, or for
+whole photographs `grata.photo_scale.PhotoScaleLocator`, on an
 engine of its own: the source model decides, so the box does not depend on the method;
 its running estimate is reset with the methods); each method's pipeline adapts and
 predicts on the re-crop, and the prediction is pasted back and scored in the crop's own
@@ -34,6 +35,7 @@ from grata.domains import RoiOptions, Sample, Skipped, stream_domain
 from grata.errors import DataError, GrataError
 from grata.gate import Gate, GateConfig
 from grata.methods import create
+from grata.photo_scale import PhotoScaleLocator
 from grata.picture import Picture, PictureReader, picture_of
 from grata.pipeline import ImagePipeline, Outcome
 from grata.scale_stage import ScaleLocator, source_predict
@@ -131,20 +133,22 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
     `roi`: the images are whole photographs (see `grata.domains.stream_domain`); each is
     scored on its pasted-back full-size mask, and `pred` given to `on_image` is that mask.
     `scale`: the model's disc scale; the images are crops of any scale, each re-cropped to
-    it and scored on its pasted-back mask at its own resolution (not with `roi`).
+    it and scored on its pasted-back mask at its own resolution; with `roi` they are whole
+    photographs, each placed at the model's scale (`grata.photo_scale.PhotoScaleLocator`:
+    a photograph neither the localiser nor the model places is a skipped row).
     `on_image(key, target, row, pred, sample)` sees every scored image (overlays);
     `on_domain(results)` is called after each domain with all results so far, so a
     caller can save partial reports and never lose finished work.
     """
     specs = check_names(methods, protocol, norm)
-    if roi is not None and scale is not None:
-        raise GrataError("the disc-scale stage is for crops; whole photographs (roi) are "
-                         "cut at the benchmark's ROI")
     hp = hyperparameters or {}
     runners = {s.key: Runner(s, engine_factory(), seed, hp.get(s.key, hp.get(s.method, {})),
                              gate_config) for s in specs}
-    reader = None if scale is None else PictureReader(
-        size, ScaleLocator(size, scale, source_predict(engine_factory())))
+    reader = None
+    if scale is not None:
+        predict = source_predict(engine_factory())
+        reader = PictureReader(size, ScaleLocator(size, scale, predict) if roi is None
+                               else PhotoScaleLocator(size, scale, predict, roi))
     methods = list(runners)
     results: list[Result] = []
     for d_index, target in enumerate(targets):
@@ -154,7 +158,10 @@ def run(engine_factory: Callable[[], object], data_root, targets: list[str], siz
             if reader is not None:
                 reader.reset()
         per_method = {m: Result(m, target) for m in methods}
-        stream = stream_domain(data_root, target, size, roi=roi, native=scale is not None)
+        # At the model's scale the locate step reads whole photographs too (native pixels,
+        # full truth): the reader's ROI cut would refuse what the model may still find.
+        stream = stream_domain(data_root, target, size, roi=None if scale else roi,
+                               native=scale is not None)
         bar = _bar(stream, target, progress)
         index = 0
         for item in bar:

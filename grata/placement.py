@@ -11,7 +11,8 @@ method's). The load step that hands the locator its picture is `grata.picture`.
 
 Implementations: `grata.photo.RoiLocator` (whole photographs: the disc found, the
 benchmark's ROI cut) and `grata.scale_stage.ScaleLocator` (crops of any scale: the box
-that gives the disc the model's training size; its record says box, factor and how);
+that gives the disc the model's training size; its record says box, factor and how),
+`grata.photo_scale.PhotoScaleLocator` (whole photographs at the model's disc scale);
 without a locator the picture is a crop and the input is the whole picture resized
 (`Placement.whole`).
 """

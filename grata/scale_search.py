@@ -279,6 +279,15 @@ class StreamScale:
     rejected: list = field(default_factory=list)
     n_seen: int = 0
 
+    def rescaled(self, factor: float) -> StreamScale:
+        """A copy whose estimates are in another unit (each times ``factor``): a whole
+        photograph's stream kept in FOV diameters, read in its window's side."""
+        s = StreamScale(self.window, self.settle, self.outlier, self.switch,
+                        n_seen=self.n_seen)
+        s.accepted = deque((v * factor for v in self.accepted), maxlen=self.window)
+        s.rejected = [v * factor for v in self.rejected]
+        return s
+
     def reset(self) -> None:
         self.accepted.clear()
         self.rejected.clear()

@@ -27,8 +27,11 @@ its own module:
 With ``scale="auto"`` the images are crops of any scale: the locate step re-crops each so
 the disc has the model's training size (`grata.scale_stage.ScaleLocator`, the scale from
 the artifacts' manifest or `disc_scale`); the record's ``scale`` says box, factor and how,
-and the running estimate is part of the state. A model whose scale is unknown serves the
-crops as given (`scale_line` says so).
+and the running estimate is part of the state. With ``roi`` too the images are whole
+photographs placed at that scale (`grata.photo_scale.PhotoScaleLocator`; the record's
+``roi`` holds the box, the localiser's fields and the scale decision). A model whose
+scale is unknown serves the crops as given, the photographs at the benchmark's ROI
+(`scale_line` says so).
 
 `method` is a spec (`grata.specs`): ``grata``, ``grata@mix:0.2``, ``tent@ema:0.1+gate``; a
 plain name runs under `norm`. ``+gate`` judges each prediction against the source model's
@@ -54,6 +57,7 @@ from grata.gate import Gate, GateConfig
 from grata.methods import create, resolved_hyperparameters
 from grata.norm import NormSpec
 from grata.photo import RoiLocator
+from grata.photo_scale import PhotoScaleLocator
 from grata.picture import PictureReader
 from grata.pipeline import ImagePipeline
 from grata.run_config import run_config
@@ -91,7 +95,8 @@ class AdaptiveModel:
     the gate of a ``+gate`` spec. `roi` (a `grata.domains.RoiOptions`): the images are whole
     photographs, placed by the pipeline's locate step (`grata.photo.RoiLocator`).
     `scale` ``auto``: crops of any scale, re-cropped to the model's disc scale (the
-    manifest's, or `disc_scale`: the diameter over the crop's side); not with `roi`.
+    manifest's, or `disc_scale`: the diameter over the crop's side); with `roi`, whole
+    photographs placed at that scale (`grata.photo_scale.PhotoScaleLocator`).
     """
 
     def __init__(self, artifacts, state_dir=None, method: str = "grata",
@@ -106,9 +111,6 @@ class AdaptiveModel:
         self.roi = roi
         if scale not in ("none", "auto"):
             raise GrataError(f"scale must be 'none' or 'auto', not {scale!r}")
-        if scale == "auto" and roi is not None:
-            raise GrataError("--scale auto is for crops; whole photographs (--roi auto) are "
-                             "cut at the benchmark's ROI")
         hyperparameters = resolved_hyperparameters(self.spec.method, hyperparameters)
         if int(checkpoint_every) < 1:
             raise GrataError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
@@ -136,8 +138,9 @@ class AdaptiveModel:
                 self.disc_scale, self.scale_line = model_scale(self.engine.manifest, None,
                                                                disc_scale)
             if self.disc_scale is not None:
-                locator = ScaleLocator(self.size, self.disc_scale,
-                                       source_predict(self.engine))
+                predict = source_predict(self.engine)
+                locator = ScaleLocator(self.size, self.disc_scale, predict) if roi is None \
+                    else PhotoScaleLocator(self.size, self.disc_scale, predict, roi)
             self.scale_locator = locator if self.disc_scale is not None else None
             self.pipeline = ImagePipeline(
                 self.method, gate=self.gate, predict=self._predict,

@@ -84,10 +84,12 @@ def _adapt(root, out, *extra, targets=TARGET):
 
 
 def test_roi_auto_scores_the_pasted_back_whole_photograph(whole, model, tmp_path):
-    assert _adapt(whole, tmp_path / "run", "--roi", "auto", "--methods", "source,grata",
-                  "--overlays") == 0
+    # the localiser's ROI rule (--scale none); the default places the box at the model's
+    # disc scale (tests/test_photo_scale.py)
+    assert _adapt(whole, tmp_path / "run", "--roi", "auto", "--scale", "none", "--methods",
+                  "source,grata", "--overlays") == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["config"]["roi"] == "auto"
+    assert report["config"]["roi"] == "auto" and report["config"]["scale"] == "none"
     rows = _rows(report, "source")
     assert len(rows) == 2
     for row in rows:
@@ -133,9 +135,11 @@ def test_roi_none_is_todays_run(tmp_path, model):
     root = tmp_path / "crops"
     generate(root, seed=3, n_source=(1, 0), n_target=(2, 0), size=SIZE, progress=False)
     target = "Handheld"
-    assert _adapt(root, tmp_path / "a", "--methods", "source,bn", targets=target) == 0
-    assert _adapt(root, tmp_path / "b", "--methods", "source,bn", "--roi", "none",
+    # crops as given (--scale none: the disc-scale stage has its own tests)
+    assert _adapt(root, tmp_path / "a", "--methods", "source,bn", "--scale", "none",
                   targets=target) == 0
+    assert _adapt(root, tmp_path / "b", "--methods", "source,bn", "--roi", "none",
+                  "--scale", "none", targets=target) == 0
     a = json.loads((tmp_path / "a" / "report.json").read_text())
     b = json.loads((tmp_path / "b" / "report.json").read_text())
     assert a["config"]["roi"] == b["config"]["roi"] == "none"

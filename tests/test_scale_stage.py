@@ -226,11 +226,17 @@ def test_adapt_scale_unknown_runs_unscaled_and_mistakes_are_one_line(tiny, tmp_p
     for extra, words in [(["--scale", "none", "--disc-scale", "0.3"],
                           "--disc-scale goes with --scale auto"),
                          (["--paper", "--disc-scale", "0.3"],
-                          "--disc-scale goes with --scale auto"),
-                         (["--scale", "auto", "--roi", "auto"], "--scale auto is for crops")]:
+                          "--disc-scale goes with --scale auto")]:
         assert main(adapt_args(tiny, tmp_path / "bad", *extra)) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
+    # --scale auto with --roi auto is no longer refused: whole photographs at the model's
+    # scale (tests/test_photo_scale.py); a model without a scale cuts the benchmark's ROI
+    assert main(adapt_args(tiny, tmp_path / "whole", "--scale", "auto", "--roi", "auto")) == 0
+    err = capsys.readouterr().err
+    assert "is for crops" not in err and "disc scale: unknown" in err
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["config"]["roi"] == "auto" and report["config"]["scale"] == "none"
 
 
 # ----------------------------------------------------------------------------- grata serve

@@ -130,10 +130,7 @@ def cmd_adapt(args) -> int:
     gate = GateConfig() if any(s.gate for s in specs) else None
     checkpoint, arch, size = model_choice(args)
     whole, roi = roi_choice(args, not args.quiet)  # whole photographs: --roi auto / --whole
-    check_scale_args(args, photographs=roi is not None)
-    if roi is not None and args.scale == "auto":
-        raise GrataError("--scale auto is for crops; whole photographs (--roi auto, "
-                         "--whole) are cut at the benchmark's ROI")
+    check_scale_args(args)
     root = whole or data_root(args.data, not args.quiet)
     source = args.source
     if source is None and args.data is None:

@@ -21,6 +21,11 @@ whole photographs:
       real whole photographs (CSV or DoFE layout, full-size masks); a photograph
       whose disc is not found (score below --roi-threshold) is skipped with its
       reason; report.json has each image's box and score under "roi"
+  grata adapt --data /data/photos --roi auto --scale auto --out runs/scaled ...
+      the box around the disc found is sized so the disc has the model's
+      training size; a photograph the localiser doubts is kept when the model
+      finds a plausible disc there ("second_opinion" under "roi"), skipped
+      only when both fail
 """
 
 

@@ -17,7 +17,10 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    "model and the crop re-cropped so the disc has the model's training "
                    "size, the prediction pasted back and scored at the crop's own "
                    "resolution; a crop without a disc found is segmented as given (the "
-                   "report says why). Needs the model's disc scale (its manifest, its "
+                   "report says why); with --roi auto, whole photographs: the box around "
+                   "the disc found is sized so the disc has the model's size, and a "
+                   "photograph the localiser doubts is kept when the model finds a "
+                   "plausible disc there. Needs the model's disc scale (its manifest, its "
                    "checkpoint's .scale.json or --disc-scale); without one the crops are "
                    "segmented as given, with one line saying so. none: every crop "
                    "segmented as given, resized to the model's input (the default with "
@@ -26,21 +29,20 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
                    help=f"with --scale auto: {DIAMETER_HELP}")
 
 
-def check_scale_args(args, photographs: bool = False) -> None:
-    """The run's --scale (auto, or none with --paper or for whole `photographs`, where not
-    given) set on `args`; --disc-scale with --scale none is a mistake (one line)."""
+def check_scale_args(args) -> None:
+    """The run's --scale (the product's, or none with --paper, where not given) set on
+    `args`; --disc-scale with --scale none is a mistake (one line)."""
     if args.scale is None:
-        paper = getattr(args, "paper", False)
-        args.scale = "none" if paper or photographs else product.PRODUCT_SCALE
+        args.scale = "none" if getattr(args, "paper", False) else product.PRODUCT_SCALE
     if args.scale == "none" and args.disc_scale is not None:
         raise GrataError("--disc-scale goes with --scale auto")
 
 
-def scale_choice(args, manifest: dict | None, checkpoint, quiet: bool = False,
-                 photographs: bool = False) -> DiscScale | None:
+def scale_choice(args, manifest: dict | None, checkpoint, quiet: bool = False
+                 ) -> DiscScale | None:
     """The disc scale of a --scale auto run, None for --scale none or a model whose scale
     is unknown (its one line printed: the run goes on unscaled)."""
-    check_scale_args(args, photographs)
+    check_scale_args(args)
     if args.scale == "none":
         return None
     scale, line = model_scale(manifest, checkpoint, args.disc_scale)

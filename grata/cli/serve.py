@@ -114,7 +114,7 @@ def cmd_serve(args) -> int:
                         ("--poll", args.poll), ("--settle", args.settle)):
         if not value >= 0:
             raise GrataError(f"{flag} must be a number >= 0, not {value}")
-    check_scale_args(args, photographs=roi_options(args) is not None)
+    check_scale_args(args)
     check_folders(args.inbox, args.outbox)  # before loading anything
     norm, base = product_choice(args)
     args.norm = NormSpec(norm)
