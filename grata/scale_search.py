@@ -366,11 +366,11 @@ class StreamScale:
 
 # ----------------------------------------------------------------------------- the locator
 
-def _in_band(rel: float, scale: DiscScale) -> bool:
+def _in_band(rel: float, scale: DiscScale, margin: float = 1) -> bool:
     """A disc of ``rel`` times the side is within the model's training spread (widened
-    by AS_GIVEN_TOLERANCE)."""
-    return (scale.low * math.exp(-AS_GIVEN_TOLERANCE) <= rel
-            <= scale.high * math.exp(AS_GIVEN_TOLERANCE))
+    by ``margin`` times AS_GIVEN_TOLERANCE)."""
+    widen = math.exp(margin * AS_GIVEN_TOLERANCE)
+    return scale.low / widen <= rel <= scale.high * widen
 
 
 def _fits_as_given(seen: _Seen, size: int, scale: DiscScale) -> bool:
@@ -441,9 +441,11 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
     est = None
     looked_around_spot = False
     if prior is None and stream is not None and stream.settled \
-            and not _in_band(stream.estimate(), scale):
+            and not _in_band(stream.estimate(), scale, margin=2):
         looked_around_spot = True
-        # A settled stream at another scale than the model's: one pass, on the box of the
+        # A settled stream clearly at another scale than the model's (beyond twice the
+        # as-given margin: a stream near the band keeps the comparison with the crop as
+        # given, so a matching camera loses nothing): one pass, on the box of the
         # stream's diameter around the brightest spot, when that box shows a plausible,
         # uncut disc near its middle; otherwise the full path below.
         d = stream.estimate() * H

@@ -345,6 +345,19 @@ def test_a_settled_stream_at_another_scale_looks_once_around_the_brightest_spot(
     assert "on_box" not in pl.record()
 
 
+def test_a_stream_near_the_models_scale_keeps_the_comparison_with_the_crop_as_given():
+    """A settled stream just below the model's band (0.25 against 0.26-0.46) is no camera
+    clearly at another scale: its crop whose disc fits as given stays as given (one
+    pass), where the one-look shortcut would have re-cropped it."""
+    side = 300
+    stream = StreamScale()
+    for v in (0.25, 0.25, 0.25):
+        stream.update(v)
+    img = scene(side, 150, 150, 0.3 * side)
+    pl = locate_disc(img, Oracle(), SCALE, SIZE, stream=stream)
+    assert pl.how == "as-given" and pl.identity and pl.n_forward == 1
+
+
 def test_a_settled_streams_look_that_misses_takes_the_full_path(monkeypatch):
     """The brightest spot is not the disc (a glare, by hand: the cue is made to point at
     empty retina): the box around it shows no plausible disc, so the image as given and
