@@ -19,14 +19,18 @@ with the source model, so the boxes are the same, and the ceiling is that rule's
 true disc.
 
 Every prediction is pasted back and scored in the frame of the image as given (its own
-resolution), so the four columns compare like with like. Also per domain: the share of
+resolution), so the four columns compare like with like. ``--paste nearest`` (default)
+pastes as `grata adapt` and `grata serve` do (`grata.placement.Placement.paste`: the
+thresholded mask, nearest neighbour), ``bilinear`` upsamples the probabilities first
+(`grata.scale_search.paste_back`). Also per domain: the share of
 the ceiling's gain the stream variant reaches, the scale error (the diameter the
 placement used against the true one), the model passes per image (all images, and those
 after the stream settled; the image's own prediction counts as one), and which domains
 lose anything against ``given``.
 
     python benchmarks/disc_scale.py [--data ROOT --source D] [--engine onnx|torch]
-                                    [--padding edge|black] [--norm RULE] [--json out.json]
+                                    [--padding edge|black] [--norm RULE]
+                                    [--paste nearest|bilinear] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from grata.decode import load_photo_pair
 from grata.domains import domain_entries, resolve_targets
 from grata.disc_scale import disc_geometry, model_scale
 from grata.errors import GrataError
+from grata.placement import Placement
 from grata.scale_search import (
     StreamScale,
     locate_disc,
@@ -92,8 +97,16 @@ def score(pred, truth) -> np.ndarray:
     return np.array([metrics.dice(pred[0], truth[0]), metrics.dice(pred[1], truth[1])])
 
 
+def pasted(pred, box, shape, how: str = "nearest") -> np.ndarray:
+    """A [2, S, S] prediction on `box` as bool [2, H, W] of the image as given: as the
+    product pastes (``nearest``) or with the probabilities upsampled (``bilinear``)."""
+    if how == "bilinear":
+        return paste_back(pred, box, shape)
+    return Placement(tuple(shape), tuple(box)).paste(pred)
+
+
 def run_domain(root, domain, predict, scale, size, padding, bar, splits=None,
-               served=None) -> dict:
+               served=None, paste: str = "nearest") -> dict:
     """One domain's row; `served` (default `predict`) makes the scored predictions."""
     entries, _ = domain_entries(root, domain, *([splits] if splits else []))
     served = served or predict
@@ -111,14 +124,14 @@ def run_domain(root, domain, predict, scale, size, padding, bar, splits=None,
         H, W = pixels.shape[:2]
         full = (0, 0, W, H)
         given = served(recrop(pixels, full, size, padding))
-        dice["given"].append(score(paste_back(given, full, (H, W)), truth))
+        dice["given"].append(score(pasted(given, full, (H, W), paste), truth))
         g = disc_geometry(truth[0])
         if g is None:  # no disc in the mask: nothing to place the ceiling on
             dice["ceiling"].append(dice["given"][-1])
         else:
             box = square_box(g[0], g[1], g[2] / scale.diameter)
-            dice["ceiling"].append(score(paste_back(served(recrop(pixels, box, size, padding)),
-                                                    box, (H, W)), truth))
+            dice["ceiling"].append(score(pasted(served(recrop(pixels, box, size, padding)),
+                                                box, (H, W), paste), truth))
         for v in ("image", "stream"):
             settled = stream.settled
             pl = locate_disc(pixels, predict, scale, size, stream=stream if v == "stream"
@@ -134,7 +147,7 @@ def run_domain(root, domain, predict, scale, size, padding, bar, splits=None,
                     pred, box = pl.as_given, full
                     hows[v]["kept as given"] += 1
             shown = pred if served is predict else served(recrop(pixels, box, size, padding))
-            dice[v].append(score(paste_back(shown, box, (H, W)), truth))
+            dice[v].append(score(pasted(shown, box, (H, W), paste), truth))
             passes[v].append(pl.n_forward + extra)
             hows[v][pl.how] += 1
             if v == "stream":
@@ -181,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--norm", default="source", metavar="RULE",
                     help="BN statistics of the scored predictions (bn@RULE, no step; the "
                     "locator always uses the source's): default source")
+    ap.add_argument("--paste", default="nearest", choices=["nearest", "bilinear"],
+                    help="how a prediction goes back into the image as given: as the "
+                    "product does (nearest, default) or its probabilities upsampled")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--json", help="also write the table as JSON here")
@@ -209,19 +225,21 @@ def main(argv=None) -> int:
     if args.data is None and args.targets is None:  # the images the model was not trained on
         rows.insert(0, (f"{source} (source test)", source, ("test",)))
     total = sum(len(domain_entries(root, d, *([sp] if sp else []))[0]) for _, d, sp in rows)
-    print(f"{model_word}; {line}; padding {args.padding}; statistics {norm}", file=sys.stderr)
+    print(f"{model_word}; {line}; padding {args.padding}; statistics {norm}; paste "
+          f"{args.paste}", file=sys.stderr)
     table = {}
     t0 = time.perf_counter()
     with tqdm(total=total, desc="disc scale", unit="img", disable=args.quiet) as bar:
         for name, domain, splits in rows:
             table[name] = run_domain(root, domain, predict, scale, args.size, args.padding, bar,
-                                     splits, served if norm != "source" else None)
+                                     splits, served if norm != "source" else None, args.paste)
     seconds = time.perf_counter() - t0
     print_table(table)
     print(f"({seconds:.0f} s, {total} images)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": model_word, "disc_scale": scale.to_json(), "norm": norm,
+                       "paste": args.paste,
                        "padding": args.padding, "size": args.size, "table": table}, f,
                       indent=2)
     return 0
