@@ -143,7 +143,8 @@ def run_domain(root, domain, predict, scale, size, padding, bar, splits=None,
                 pred, extra = pl.on_box, 0  # so was the box (a settled stream's one look)
             else:
                 pred, extra = predict(recrop(pixels, box, size, padding)), 1
-                if not prefer_scaled(pl, pred, scale):  # the box missed what was found
+                if not pl.seen_at_scale and not prefer_scaled(pl, pred, scale):
+                    # the box missed what was found as given
                     pred, box = pl.as_given, full
                     hows[v]["kept as given"] += 1
             shown = pred if served is predict else served(recrop(pixels, box, size, padding))

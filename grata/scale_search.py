@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -80,7 +80,8 @@ class Placement:
     ``as_given`` (the model's probabilities [2, S, S] for the image as given, when the
     locator predicted it: the unscaled prediction, for a comparison), ``on_box`` (its
     probabilities on ``box``, when the locator predicted that already: the check needs
-    no further pass)."""
+    no further pass), ``seen_at_scale`` (the box is centred on a disc the model saw whole
+    and plausible at its own scale in the image as given: that look was the check)."""
 
     box: tuple[int, int, int, int]
     factor: float
@@ -93,6 +94,7 @@ class Placement:
     reason: str = ""
     as_given: np.ndarray | None = field(default=None, repr=False, compare=False)
     on_box: np.ndarray | None = field(default=None, repr=False, compare=False)
+    seen_at_scale: bool = field(default=False, compare=False)
 
     @property
     def identity(self) -> bool:
@@ -100,7 +102,8 @@ class Placement:
 
     def record(self) -> dict:
         """JSON-safe summary for reports (rounded numbers; without ``as_given``)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("as_given", "on_box")}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("as_given", "on_box", "seen_at_scale")}
         out["box"] = list(self.box)
         out["image_shape"] = list(self.image_shape)
         out["factor"] = round(self.factor, 4)
@@ -477,6 +480,11 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
         else:
             if prior is None and _matches(d / H, est, W, H, scale):
                 return done("as-given", est, first.score)
+            seen = _plausible_but_placed(first, size, scale) if prior is None else 0.0
+            if seen >= MIN_CONFIDENCE:
+                # Seen whole and plausible at the model's scale, only off centre: centred on
+                # it at its own size; that look was the check (one pass in all).
+                return replace(done("per-image", est, seen), seen_at_scale=True)
             return done("stream", est, first.score if first else 0.0, diameter=d)
 
     # Refine the estimate at the model's scale; search the zooms when that finds no
@@ -501,6 +509,16 @@ def locate_disc(image, predict, scale: DiscScale, size: int, stream: StreamScale
     reason = ("no disc found at any scale" if best.est is None
               else f"no plausible disc (best plausibility {best.score:.2f})")
     return done("fallback-none", conf=best.score, reason=reason)
+
+
+def _plausible_but_placed(seen: _Seen, size: int, scale: DiscScale) -> float:
+    """The plausibility of a window's disc as if it sat in the middle (0 when it is cut by
+    the window or outside the model's size band): a disc at the model's scale that is
+    only off centre."""
+    b = seen.blob
+    if b is None or b.cut or not _in_band(b.d / size, scale):
+        return 0.0
+    return plausibility(replace(b, cx=size / 2, cy=size / 2), size, scale)
 
 
 def _stream_look(look, work: np.ndarray, k: int, d: float, size: int, scale: DiscScale

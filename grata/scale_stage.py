@@ -59,9 +59,12 @@ class ScaleLocator:
         else:
             if found.on_box is not None:  # the locator's own pass on the box checked it
                 crop_pred = found.on_box
+            elif found.seen_at_scale:  # the disc was seen at the model's scale: no check
+                crop_pred = None
             else:
                 crop_pred, n = self._check(a, box), n + 1
-            if found.how == "stream" and not prefer_scaled(found, crop_pred, self.scale):
+            if crop_pred is not None and found.how == "stream" and \
+                    not prefer_scaled(found, crop_pred, self.scale):
                 # The stream's scale did not fit this image (the camera changed?): its own
                 # search, whose estimate lets the stream switch within a few images
                 # instead of waiting for crops that happen to fit as given.
@@ -76,7 +79,8 @@ class ScaleLocator:
                     if prefer_scaled(own, own_pred, self.scale):
                         found, crop_pred, box = own, own_pred, own.box
                         how, reason = own.how, "the stream's scale did not fit"
-            if box != found.box or not prefer_scaled(found, crop_pred, self.scale):
+            if box != found.box or (crop_pred is not None
+                                    and not prefer_scaled(found, crop_pred, self.scale)):
                 box, how = (0, 0, W, H), "fallback-none"
                 reason = "kept as given: the box showed a less plausible disc"
         # Only a plausible, uncut disc on the final box moves the stream.

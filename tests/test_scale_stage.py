@@ -92,6 +92,31 @@ def test_reset_forgets_the_streams_estimate():
     assert pl.record["how"] == "per-image"
 
 
+def test_a_settled_stream_at_the_models_scale_centres_an_off_centre_disc_in_one_pass():
+    """One camera at the model's scale whose discs sit far off centre: once settled, the
+    pass on the crop as given sees the disc whole and plausible but for its place, so the
+    box is centred on it at its own size without a check (one pass per image), and the
+    disc lands where it is."""
+    oracle = Oracle()
+    loc = ScaleLocator(SIZE, SCALE, logits_of(oracle))
+    side, d = 200, 0.34 * 200
+    for i in range(3):
+        loc.locate(scene(side, 100, 100, d, seed=i), f"centred{i}.png")
+    assert loc.stream.settled
+    cx, cy = 150.0, 60.0  # a third of the side off centre
+    img = scene(side, cx, cy, d, seed=7)
+    before = oracle.calls
+    x, pl = loc.locate(img, "off.png")
+    rec = pl.record
+    assert oracle.calls - before == 1 and rec["n_forward"] == 1
+    assert rec["how"] == "per-image"
+    x0, y0, x1, y1 = pl.box
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((cx, cy), abs=3)
+    assert x1 - x0 == pytest.approx(d / SCALE.diameter, rel=0.1)
+    full = pl.paste(Oracle()(x))
+    assert metrics.dice(full[0], true_disc(side, cx, cy, d)) > 85
+
+
 def test_a_stream_whose_scale_stops_fitting_switches_within_a_few_images():
     """A settled stream of small discs (0.15 of the side), then crops whose disc is larger
     than the model's training discs (0.5 of the side, seen as given by a model that finds
