@@ -22,9 +22,9 @@ serve` runs). The measurements (BENCHMARKS.md, "Do no harm at the model's scale"
 - `PRODUCT_NORM` ``mix:0.3``: the source's running statistics mixed with the image's own
   with weight 0.3. Behind the scale stage it gains 3.0 points on the mean of twelve
   targets over the source in both protocols (largest on the camera shifts: Widefield
-  +11), and its worst target is 0.2 above the source; 0.5 gains 0.07 more with a reset
-  but drops below the source on FarCrop (and 0.4 below on MidCrop over the long
-  stream); per-image statistics (the paper's ``sample``) still lose up to 3.1 points.
+  +11), and its worst target is 0.2 above the source; 0.5 gains 0.08 more with a reset
+  but drops below the source on FarCrop (0.2 below over the long stream); per-image
+  statistics (the paper's ``sample``) still lose up to 3 points.
 - `PRODUCT_HP`: GraTa's beta and TENT's lr 1e-5. On this benchmark the step changes the
   mean by less than 0.05 point at 1e-5 and 1e-4 under mix:0.3 (everything the defaults
   gain comes from the scale stage and the statistics); 1e-5 is kept because larger
