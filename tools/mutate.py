@@ -262,8 +262,8 @@ MUTANTS = [
            "        if False:",
            "tests/test_scale_search.py -k models_scale_is_left"),
     Mutant("scale stage: a stale stream never searches on its own", "grata/scale_stage.py",
-           '            if found.how == "stream" and not prefer_scaled(found, crop_pred, '
-           'self.scale):',
+           '            if crop_pred is not None and found.how == "stream" and \\\n'
+           "                    not prefer_scaled(found, crop_pred, self.scale):",
            "            if False:",
            "tests/test_scale_stage.py -k switches"),
     Mutant("scale search: the one look near the model's band", "grata/scale_search.py",
